@@ -1,0 +1,178 @@
+"""torch -> ONNX for the four served graphs, with names, dtypes and dynamic axes from service.contract."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from service.contract import (
+    ITEM_TOWER,
+    RANKER_CANDIDATES,
+    RANKER_HISTORY,
+    USER_TOWER,
+    ModelDims,
+    ModelSpec,
+    model_specs,
+    onnx_path,
+)
+from training.models import HSTURanker, TwoTower
+
+OPSET = 18
+
+
+class ItemTowerGraph(nn.Module):
+    def __init__(self, towers: TwoTower):
+        super().__init__()
+        self.m = towers
+
+    def forward(self, content_emb: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        return self.m.item_vec(content_emb, item_idx[:, 0])
+
+
+class UserTowerGraph(nn.Module):
+    def __init__(self, towers: TwoTower):
+        super().__init__()
+        self.m = towers
+
+    def forward(self, hist_emb, hist_item, hist_valid) -> torch.Tensor:
+        return self.m.user_seq(hist_emb, hist_item, hist_valid)[:, -1]
+
+
+class RankerHistoryGraph(nn.Module):
+    def __init__(self, ranker: HSTURanker):
+        super().__init__()
+        self.m = ranker
+
+    def forward(self, hist_emb, hist_item, hist_ts, hist_valid):
+        hidden, k, v = self.m.history(hist_emb, hist_item, hist_ts, hist_valid)
+        return k, v, self.m.next_item_query(hidden[:, -1])
+
+
+class RankerCandidatesGraph(nn.Module):
+    """Every candidate sits at the serving position L (after the whole history), at the query time."""
+
+    def __init__(self, ranker: HSTURanker):
+        super().__init__()
+        self.m = ranker
+
+    def forward(self, hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_emb, cand_item):
+        ones = torch.ones_like(cand_item)
+        pos = ones * hist_ts.shape[1]
+        q = hist_q.unsqueeze(1) * ones.unsqueeze(-1).to(hist_q.dtype)  # [B,M,d]
+        return self.m.candidates(hist_k, hist_v, q, hist_ts, hist_valid, cand_emb, cand_item, pos, ones * query_ts)
+
+
+def example_inputs(
+    spec: ModelSpec, dims: ModelDims, batch: int = 2, hist: int = 7, cands: int = 5, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random inputs of the right names/dtypes; dynamic dims take distinct sizes so export can't fold them."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        shape = list(t.shape)
+        shape[0] = batch
+        if t.name.startswith("hist_") and t.name != "hist_q":
+            shape[2 if t.name in ("hist_k", "hist_v") else 1] = hist
+        if t.name.startswith("cand_"):
+            shape[1] = cands
+        if t.name in ("hist_item", "cand_item", "item_idx"):
+            out[t.name] = rng.integers(0, dims.num_items + 1, size=shape).astype(np.int64)
+        elif t.name == "hist_ts":
+            out[t.name] = np.sort(rng.integers(10**9, 10**9 + 10**7, size=shape), axis=-1).astype(np.int64)
+        elif t.name == "query_ts":
+            out[t.name] = np.full(shape, 10**9 + 2 * 10**7, dtype=np.int64)
+        elif t.name == "hist_valid":
+            v = np.ones(shape, np.float32)
+            v[0, :2] = 0.0  # left padding in the first row
+            out[t.name] = v
+        else:
+            out[t.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def _dynamic_shapes(spec: ModelSpec) -> dict[str, dict[int, object]]:
+    Dim = torch.export.Dim
+    batch, hist, cand = Dim("batch", min=1, max=65536), Dim("hist", min=2, max=4096), Dim("cand", min=1, max=65536)
+    names = {"batch": batch, "hist": hist, "cand": cand}
+    dyn: dict[str, dict[int, object]] = {}
+    for t in spec.inputs:
+        axes = {0: names["batch"]}
+        if t.name in ("hist_k", "hist_v"):
+            axes[2] = names["hist"]
+        elif t.name.startswith("hist_") and t.name != "hist_q":
+            axes[1] = names["hist"]
+        elif t.name.startswith("cand_"):
+            axes[1] = names["cand"]
+        dyn[t.name] = axes
+    return dyn
+
+
+def export_graph(module: nn.Module, spec: ModelSpec, dims: ModelDims, path: Path) -> Path:
+    module = module.eval()
+    ex = example_inputs(spec, dims)
+    args = tuple(torch.from_numpy(ex[t.name]) for t in spec.inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            module,
+            args,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=_dynamic_shapes(spec),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    prog.optimize()
+    prog.save(str(path), external_data=False)
+    check_onnx_against_spec(path, spec)
+    return path
+
+
+def check_onnx_against_spec(path: Path, spec: ModelSpec) -> None:
+    """Fail at export, not at request time, when a graph's I/O differs from the contract."""
+    m = onnx.load(str(path), load_external_data=False)
+    got = {
+        "inputs": [
+            (
+                i.name,
+                onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name,
+                len(i.type.tensor_type.shape.dim),
+            )
+            for i in m.graph.input
+        ],
+        "outputs": [
+            (
+                o.name,
+                onnx.helper.tensor_dtype_to_np_dtype(o.type.tensor_type.elem_type).name,
+                len(o.type.tensor_type.shape.dim),
+            )
+            for o in m.graph.output
+        ],
+    }
+    want = {
+        "inputs": [(t.name, t.dtype, len(t.shape)) for t in spec.inputs],
+        "outputs": [(t.name, t.dtype, len(t.shape)) for t in spec.outputs],
+    }
+    if got != want:
+        raise RuntimeError(f"{path}: graph I/O {got} does not match the contract for {spec.name}: {want}")
+
+
+def export_all(towers: TwoTower, ranker: HSTURanker, dims: ModelDims, repo: Path) -> dict[str, Path]:
+    specs = model_specs(dims)
+    graphs = {
+        ITEM_TOWER: ItemTowerGraph(towers),
+        USER_TOWER: UserTowerGraph(towers),
+        RANKER_HISTORY: RankerHistoryGraph(ranker),
+        RANKER_CANDIDATES: RankerCandidatesGraph(ranker),
+    }
+    return {name: export_graph(g, specs[name], dims, onnx_path(repo, name)) for name, g in graphs.items()}

@@ -1,0 +1,234 @@
+"""`falconrec` command line. Offline commands import training/exporters (torch) lazily, so a serving-only
+install (no `train` extra) still runs `serve`, `load-redis` and `loadtest`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="build config: tiny, ml1m, ml1m-large or a .toml path")]
+ArtifactsOpt = Annotated[Path, typer.Option(help="where artifacts/<config>/ live")]
+RepoOpt = Annotated[Path, typer.Option("--repo", help="Triton model repository to write/serve")]
+
+
+def _default_config() -> str:
+    return os.environ.get("FALCONREC_CONFIG", "ml1m")
+
+
+def _offline():
+    try:
+        from training.config import load_config
+        from training.pipeline import Builder
+    except ImportError as e:  # torch & co. live in the `train` extra
+        console.print(f"[red]offline commands need the train extra ({e}); pip install -e '.[train]'[/red]")
+        raise typer.Exit(2) from e
+    return load_config, Builder
+
+
+def _builder(
+    config: str,
+    artifacts: Path,
+    repo: Path,
+    data_dir: Path | None = None,
+    download: bool = False,
+    force: bool = False,
+    tensorrt: bool = False,
+):
+    load_config, Builder = _offline()
+    try:
+        cfg = load_config(config)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    return Builder(
+        cfg,
+        artifacts,
+        repo,
+        data_dir=data_dir,
+        download=download,
+        force=force,
+        log=lambda m: console.print(m),
+        tensorrt=tensorrt,
+    )
+
+
+def _print_summary(results) -> None:
+    from training.pipeline import summary_rows
+
+    t = Table(title="falconrec build")
+    for col in ("step", "status", "time", "size", "result"):
+        t.add_column(col)
+    for row in summary_rows(results):
+        t.add_row(*row)
+    Console().print(t)
+
+
+def _run_steps(b, until: str) -> None:
+    from training.data import DatasetError
+
+    order = ["data", "embed", "train", "export", "index"]
+    try:
+        ds = b.data()
+        if order.index(until) >= 1:
+            emb, meta = b.embed(ds)
+        if order.index(until) >= 2:
+            b.train(ds, emb)
+        if order.index(until) >= 3:
+            manifest = b.export(ds, emb, meta)
+        if order.index(until) >= 4:
+            b.index(ds, emb, manifest)
+    except DatasetError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    _print_summary(b.results)
+
+
+@app.command()
+def build(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    data_dir: Annotated[Path | None, typer.Option(help="MovieLens-1M directory (default: FALCONREC_DATA_DIR)")] = None,
+    download: Annotated[bool, typer.Option(help="download ml-1m.zip (SHA-256 checked) if missing")] = False,
+    force: Annotated[bool, typer.Option(help="re-run every step")] = False,
+    tensorrt: Annotated[bool, typer.Option(help="add the TensorRT FP16 accelerator to config.pbtxt")] = False,
+) -> None:
+    """Data -> LLM embeddings -> train towers, HSTU, SASRec -> ONNX + config.pbtxt -> FAISS index."""
+    _run_steps(_builder(config, artifacts, repo, data_dir, download, force, tensorrt), "index")
+
+
+@app.command()
+def embed(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Item text -> frozen text model -> mean-pooled content embeddings (float16, cached by text hash)."""
+    _run_steps(_builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "embed")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Train the LEARN towers, the HSTU ranker and the SASRec baseline (after data and embed)."""
+    _run_steps(_builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "train")
+
+
+@app.command()
+def export(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    tensorrt: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Write the Triton model repository (ONNX + config.pbtxt) and the FAISS index."""
+    _run_steps(_builder(config, artifacts, repo, tensorrt=tensorrt), "index")
+
+
+@app.command("eval")
+def eval_(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    max_users: Annotated[int | None, typer.Option(help="evaluate the first N users only")] = None,
+) -> None:
+    """HR@10, NDCG@10, HR@50, HR@200: ranker (full catalog), served cascade, SASRec, beside the paper."""
+    _offline()
+    from training.evaluate import evaluate
+
+    out = evaluate(config, artifacts, repo, max_users, log=lambda m: console.print(m))
+    t = Table(title=f"{out['dataset']} leave-one-out test, {out['users']} users, {out['items']} items")
+    for col in ("model", "HR@10", "NDCG@10", "HR@50", "HR@200"):
+        t.add_column(col)
+    rows = {**out["results"], **out["paper"]}
+    for name, m in rows.items():
+        t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
+    Console().print(t)
+    console.print(f"wrote {artifacts / 'eval.json'}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = _default_config(),
+    host: Annotated[str | None, typer.Option(help="HTTP host (FALCONREC_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (FALCONREC_PORT)")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 = off (FALCONREC_GRPC_PORT)")] = None,
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    redis_url: Annotated[str | None, typer.Option(help="read embeddings/histories from Redis")] = None,
+    build_if_missing: Annotated[bool, typer.Option(help="run `build` first when artifacts are missing")] = False,
+) -> None:
+    """Serve /v1/recommend and /v1/score over HTTP and Recommend/ScoreBatch over gRPC."""
+    from service.app import run
+    from service.contract import Manifest
+    from service.settings import Settings
+
+    overrides = {
+        k: v
+        for k, v in {
+            "config": config,
+            "host": host,
+            "port": port,
+            "grpc_port": grpc_port,
+            "artifacts_dir": artifacts,
+            "model_repository": repo,
+            "redis_url": redis_url,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    from service.artifacts import ArtifactPaths
+    from service.contract import MANIFEST
+
+    ready = (Path(repo) / MANIFEST).exists() and ArtifactPaths.for_config(config, artifacts).index_dir.exists()
+    ready = ready and Manifest.read(Path(repo)).config == config
+    if not ready:
+        if not build_if_missing:
+            console.print(
+                f"[red]no built artifacts for {config!r} in {repo}; run `falconrec build --config {config}` "
+                "or pass --build-if-missing[/red]"
+            )
+            raise typer.Exit(2)
+        _run_steps(_builder(config, artifacts, repo), "index")
+    run(settings)
+
+
+@app.command("load-redis")
+def load_redis_cmd(
+    config: ConfigOpt = _default_config(),
+    redis_url: Annotated[
+        str, typer.Option(envvar="FALCONREC_REDIS_URL", help="redis://host:port/db")
+    ] = "redis://127.0.0.1:6379/0",
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    keep_old: Annotated[bool, typer.Option(help="keep the previous version's keys")] = False,
+) -> None:
+    """Write content embeddings (float16) and user histories to Redis, then flip the version pointer."""
+    from exporters.redis_loader import load_redis
+
+    out = load_redis(redis_url, config, artifacts, repo, keep_old=keep_old)
+    console.print(out)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("falconrec").setLevel(os.environ.get("FALCONREC_LOG_LEVEL", "INFO"))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The one contract between offline and online: model names, tensor names, dtypes and shapes.
+
+Exporters write ONNX graphs and Triton `config.pbtxt` files from these specs; the service builds its
+inputs from them; tests check every ONNX file against them. Nothing else restates a tensor name.
+
+Shapes are given with the batch dimension first. `-1` is dynamic; other dims are resolved from
+`ModelDims`, which the build writes into `manifest.json` next to the repository.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+ITEM_TOWER = "item_tower"
+USER_TOWER = "user_tower"
+RANKER_HISTORY = "ranker_history"
+RANKER_CANDIDATES = "ranker_candidates"
+MODEL_NAMES = (ITEM_TOWER, USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES)
+
+MANIFEST = "falconrec.json"  # written at the repository root by the exporter
+ONNX_FILE = "model.onnx"
+MODEL_VERSION_DIR = "1"
+
+# Triton's names for numpy dtypes (config.pbtxt `data_type`).
+TRITON_DTYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "float16": "TYPE_FP16"}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    content_dim: int  # E: LLM content-embedding width
+    tower_dim: int  # retrieval space width
+    max_len: int  # longest history the ranker and user tower take
+    d_model: int
+    num_layers: int
+    num_heads: int
+    dqk: int
+    dv: int
+    num_items: int  # items with a learned ID embedding (indices 1..num_items); 0 = cold/padding
+
+    @property
+    def k_width(self) -> int:
+        return self.num_heads * self.dqk
+
+    @property
+    def v_width(self) -> int:
+        return self.num_heads * self.dv
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]  # batch first; -1 = dynamic
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+
+def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
+    B, L, M = -1, -1, -1  # batch, history length, candidates: all dynamic
+    E, T, NL = d.content_dim, d.tower_dim, d.num_layers
+    f32, i64 = "float32", "int64"
+    hist = (
+        TensorSpec("hist_emb", f32, (B, L, E)),
+        TensorSpec("hist_item", i64, (B, L)),
+    )
+    kv = (
+        TensorSpec("hist_k", f32, (B, NL, L, d.k_width)),
+        TensorSpec("hist_v", f32, (B, NL, L, d.v_width)),
+        TensorSpec("hist_q", f32, (B, d.d_model)),  # next-item query of the whole history
+    )
+    specs = [
+        ModelSpec(
+            ITEM_TOWER,
+            (TensorSpec("content_emb", f32, (B, E)), TensorSpec("item_idx", i64, (B, 1))),
+            (TensorSpec("item_vec", f32, (B, T)),),
+        ),
+        ModelSpec(
+            USER_TOWER,
+            (*hist, TensorSpec("hist_valid", f32, (B, L))),
+            (TensorSpec("user_vec", f32, (B, T)),),
+        ),
+        ModelSpec(
+            RANKER_HISTORY,
+            (*hist, TensorSpec("hist_ts", i64, (B, L)), TensorSpec("hist_valid", f32, (B, L))),
+            kv,
+        ),
+        ModelSpec(
+            RANKER_CANDIDATES,
+            (
+                *kv,
+                TensorSpec("hist_ts", i64, (B, L)),
+                TensorSpec("hist_valid", f32, (B, L)),
+                TensorSpec("query_ts", i64, (B, 1)),
+                TensorSpec("cand_emb", f32, (B, M, E)),
+                TensorSpec("cand_item", i64, (B, M)),
+            ),
+            (TensorSpec("scores", f32, (B, M)),),
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a built repository holds: which config and data it came from, and its dims."""
+
+    config: str
+    model_version: str
+    dims: ModelDims
+    embedding_model: str
+    embedding_version: str  # keys in Redis carry it; changes when the content embeddings change
+    num_candidates: int
+    microbatch: int
+
+    def write(self, repo: Path) -> None:
+        (repo / MANIFEST).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def read(cls, repo: Path) -> Manifest:
+        path = repo / MANIFEST
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} missing: {repo} is not a built falconrec repository (run `falconrec build`)"
+            )
+        raw = json.loads(path.read_text())
+        raw["dims"] = ModelDims(**raw["dims"])
+        return cls(**raw)
+
+
+def onnx_path(repo: Path, model: str) -> Path:
+    return repo / model / MODEL_VERSION_DIR / ONNX_FILE

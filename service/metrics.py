@@ -1,0 +1,45 @@
+"""Prometheus metrics, in a registry per app (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.request_latency = Histogram(
+            "falconrec_request_seconds",
+            "request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "falconrec_stage_seconds",
+            "pipeline stage latency",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "falconrec_degraded_total", "responses marked degraded", ["endpoint"], registry=self.registry
+        )
+        self.shed = Counter(
+            "falconrec_shed_total", "requests refused with 503 (overload)", ["endpoint"], registry=self.registry
+        )
+        self.cache_lookups = Counter(
+            "falconrec_cache_lookups_total", "cache lookups", ["cache", "result"], registry=self.registry
+        )
+
+    def cache(self, name: str, hit: bool) -> None:
+        self.cache_lookups.labels(name, "hit" if hit else "miss").inc()
+
+    def stages(self, stages: dict[str, float]) -> None:
+        for k, ms in stages.items():
+            self.stage_latency.labels(k).observe(ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

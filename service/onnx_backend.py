@@ -1,0 +1,90 @@
+"""In-process ONNX Runtime backend. Providers in order TensorRT -> CUDA -> CPU, whichever this build has."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.contract import ITEM_TOWER, MODEL_NAMES, ModelDims, model_specs, onnx_path
+from service.inference import InferenceBackend
+
+log = logging.getLogger("falconrec.onnx")
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(requested: list[str] | None = None, trt_cache: Path | None = None) -> list:
+    available = ort.get_available_providers()
+    names = [p for p in (requested or PREFERRED) if p in available] or ["CPUExecutionProvider"]
+    out: list = []
+    for p in names:
+        if p == "TensorrtExecutionProvider":
+            opts = {"trt_fp16_enable": True}
+            if trt_cache:
+                trt_cache.mkdir(parents=True, exist_ok=True)
+                opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache)}
+            out.append((p, opts))
+        else:
+            out.append(p)
+    return out
+
+
+class OnnxBackend(InferenceBackend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        repo: Path,
+        dims: ModelDims,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 1,
+        workers: int | None = None,
+        trt_cache: Path | None = None,
+    ):
+        self.repo = Path(repo)
+        self.specs = model_specs(dims)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = intra_op_threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        chosen = choose_providers(providers, trt_cache)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for m in MODEL_NAMES:
+            path = onnx_path(self.repo, m)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} missing: build the repository first (`falconrec build`)")
+            self.sessions[m] = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+        self.providers = self.sessions[MODEL_NAMES[0]].get_providers()
+        log.info("onnxruntime %s providers %s", ort.__version__, self.providers)
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="ort")
+
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[model]
+        outs = self.sessions[model].run([t.name for t in spec.outputs], inputs)
+        return {t.name: o for t, o in zip(spec.outputs, outs, strict=True)}
+
+    async def infer(self, model, inputs, timeout_s=None):
+        # Off the event loop: ORT releases the GIL while it computes.
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self.run, model, inputs)
+        return await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
+
+    def item_vectors(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self.run(
+            ITEM_TOWER, {"content_emb": content.astype(np.float32), "item_idx": ids.reshape(-1, 1).astype(np.int64)}
+        )["item_vec"]
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "onnxruntime": ort.__version__,
+            "providers": self.providers,
+            "repository": str(self.repo),
+        }
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

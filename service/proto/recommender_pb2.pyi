@@ -1,0 +1,147 @@
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HistoryEvent(_message.Message):
+    __slots__ = ("item_id", "ts")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    ts: int
+    def __init__(self, item_id: int | None = ..., ts: int | None = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("user_id", "history", "k", "exclude_seen", "num_candidates", "budget_ms", "query_ts")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TS_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
+    k: int
+    exclude_seen: bool
+    num_candidates: int
+    budget_ms: float
+    query_ts: int
+    def __init__(
+        self,
+        user_id: int | None = ...,
+        history: _Iterable[HistoryEvent | _Mapping] | None = ...,
+        k: int | None = ...,
+        exclude_seen: bool | None = ...,
+        num_candidates: int | None = ...,
+        budget_ms: float | None = ...,
+        query_ts: int | None = ...,
+    ) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score", "title")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    score: float
+    title: str
+    def __init__(self, item_id: int | None = ..., score: float | None = ..., title: str | None = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = (
+        "items",
+        "model_version",
+        "degraded",
+        "degraded_reasons",
+        "timings_ms",
+        "candidates_recalled",
+        "candidates_ranked",
+    )
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
+
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_RECALLED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_RANKED_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: str
+    degraded: bool
+    degraded_reasons: _containers.RepeatedScalarFieldContainer[str]
+    timings_ms: _containers.ScalarMap[str, float]
+    candidates_recalled: int
+    candidates_ranked: int
+    def __init__(
+        self,
+        items: _Iterable[ScoredItem | _Mapping] | None = ...,
+        model_version: str | None = ...,
+        degraded: bool | None = ...,
+        degraded_reasons: _Iterable[str] | None = ...,
+        timings_ms: _Mapping[str, float] | None = ...,
+        candidates_recalled: int | None = ...,
+        candidates_ranked: int | None = ...,
+    ) -> None: ...
+
+class ScoreUser(_message.Message):
+    __slots__ = ("request_id", "user_id", "history", "item_ids", "query_ts")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    user_id: int
+    history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
+    item_ids: _containers.RepeatedScalarFieldContainer[int]
+    query_ts: int
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        user_id: int | None = ...,
+        history: _Iterable[HistoryEvent | _Mapping] | None = ...,
+        item_ids: _Iterable[int] | None = ...,
+        query_ts: int | None = ...,
+    ) -> None: ...
+
+class ScoreBatchRequest(_message.Message):
+    __slots__ = ("users", "budget_ms")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[ScoreUser]
+    budget_ms: float
+    def __init__(self, users: _Iterable[ScoreUser | _Mapping] | None = ..., budget_ms: float | None = ...) -> None: ...
+
+class UserScores(_message.Message):
+    __slots__ = ("request_id", "scores", "degraded", "error", "error_code")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    degraded: bool
+    error: str
+    error_code: str
+    def __init__(
+        self,
+        request_id: str | None = ...,
+        scores: _Iterable[float] | None = ...,
+        degraded: bool | None = ...,
+        error: str | None = ...,
+        error_code: str | None = ...,
+    ) -> None: ...

@@ -1,0 +1,300 @@
+"""The online pipeline (no torch): history -> content embeddings -> user tower -> FAISS recall ->
+HSTU ranking with M-FALCON (history K/V once per user, cached; candidates in microbatches) -> top K.
+
+Every stage reads the request's Deadline. When time runs short, ranking covers fewer candidates or is
+skipped (recall order), and the result says `degraded` with the reasons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.catalog import Catalog
+from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.deadline import Deadline, StageTimer
+from service.inference import BackendUnavailable, InferenceBackend
+from service.lru import LRU
+from service.metrics import Metrics
+from service.retrieval import Retriever
+from service.settings import Settings
+from service.stores import FeatureStore, StoreUnavailable
+
+log = logging.getLogger("falconrec.pipeline")
+
+
+class UnknownUser(LookupError):
+    pass
+
+
+class BadRequest(ValueError):
+    """Input the models cannot use (e.g. unknown item ids); the API answers 422 with this message."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class History:
+    items: np.ndarray  # raw ids, oldest first, at most max_len
+    ts: np.ndarray
+    user_id: int | None
+
+
+@dataclass
+class UserState:
+    """Everything ranking needs about the user, computed once per request (or taken from the cache)."""
+
+    hist_idx: np.ndarray  # [1, L] model indices
+    hist_emb: np.ndarray  # [1, L, E]
+    hist_ts: np.ndarray  # [1, L]
+    hist_valid: np.ndarray  # [1, L]
+    kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
+
+
+@dataclass
+class Result:
+    items: list[dict]
+    degraded: list[str] = field(default_factory=list)
+    timings: StageTimer = field(default_factory=StageTimer)
+    candidates_ranked: int = 0
+    candidates_recalled: int = 0
+
+
+class Recommender:
+    def __init__(
+        self,
+        settings: Settings,
+        manifest: Manifest,
+        catalog: Catalog,
+        backend: InferenceBackend,
+        store: FeatureStore,
+        retriever: Retriever,
+        metrics: Metrics,
+        fallback_backend: InferenceBackend | None = None,
+    ):
+        self.s = settings
+        self.manifest = manifest
+        self.dims = manifest.dims
+        self.catalog = catalog
+        self.backend = backend
+        self.fallback = fallback_backend
+        self.store = store
+        self.retriever = retriever
+        self.metrics = metrics
+        self.kv_cache: LRU[tuple, dict[str, np.ndarray]] = LRU(settings.kv_cache_users, settings.kv_cache_ttl_s)
+        self.num_candidates = settings.num_candidates or manifest.num_candidates
+        self.microbatch = settings.microbatch or manifest.microbatch
+        self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
+
+    # --- inference with fallback ---------------------------------------------------------------------
+    async def _infer(self, model: str, inputs: dict, deadline: Deadline, degraded: list[str]) -> dict:
+        try:
+            return await self.backend.infer(model, inputs, timeout_s=max(1e-3, deadline.remaining()))
+        except (BackendUnavailable, TimeoutError) as e:
+            if self.fallback is None:
+                raise
+            reason = f"{self.backend.name} unavailable ({type(e).__name__}); fell back to {self.fallback.name}"
+            if reason not in degraded:
+                degraded.append(reason)
+            return await self.fallback.infer(model, inputs)
+
+    # --- stages --------------------------------------------------------------------------------------
+    async def resolve_history(
+        self, user_id: int | None, history: list[tuple[int, int]] | None, deadline: Deadline, degraded: list[str]
+    ) -> History:
+        if history:
+            items = np.array([h[0] for h in history], np.int64)
+            ts = np.array([h[1] for h in history], np.int64)
+            unknown = [int(i) for i in items if int(i) not in self.catalog.index_of]
+            if unknown:
+                raise BadRequest("history", f"unknown item ids in history: {unknown[:10]}")
+            order = np.argsort(ts, kind="stable")
+            items, ts = items[order], ts[order]
+        else:
+            if user_id is None:
+                raise BadRequest("user_id", "give a user_id or a non-empty history")
+            try:
+                found = await self.store.history(user_id, deadline.remaining())
+            except StoreUnavailable as e:
+                raise UnknownUser(f"history of user {user_id} unavailable: {e}; send the history in the request") from e
+            if found is None or len(found[0]) == 0:
+                raise UnknownUser(f"unknown user {user_id} and no history in the request")
+            items, ts = found
+        L = self.dims.max_len
+        return History(items[-L:], ts[-L:], user_id)
+
+    async def user_state(self, h: History, deadline: Deadline, degraded: list[str]) -> UserState:
+        emb = await self.store.embeddings(h.items, deadline.remaining())
+        if emb.degraded:
+            degraded.append(emb.degraded)
+        keep = emb.found
+        if not keep.all():
+            if not keep.any():
+                raise UnknownUser("no content embedding available for any history item")
+            degraded.append(f"{int((~keep).sum())} history items without embeddings were dropped")
+        items, ts, vecs = h.items[keep], h.ts[keep], emb.vectors[keep]
+        return UserState(
+            hist_idx=self.catalog.to_index(items)[None, :],
+            hist_emb=vecs[None, :, :],
+            hist_ts=ts[None, :],
+            hist_valid=np.ones((1, len(items)), np.float32),
+        )
+
+    def _kv_key(self, h: History, st: UserState) -> tuple:
+        fp = hashlib.blake2b(st.hist_idx.tobytes() + st.hist_ts.tobytes(), digest_size=12).digest()
+        return (h.user_id, fp, self.manifest.model_version)
+
+    async def history_kv(self, h: History, st: UserState, deadline: Deadline, degraded: list[str]) -> None:
+        key = self._kv_key(h, st)
+        kv = self.kv_cache.get(key)
+        self.metrics.cache("kv", kv is not None)
+        if kv is None:
+            kv = await self._infer(
+                RANKER_HISTORY,
+                {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_ts": st.hist_ts, "hist_valid": st.hist_valid},
+                deadline,
+                degraded,
+            )
+            self.kv_cache.put(key, kv)
+        st.kv = kv
+
+    async def rank(
+        self,
+        st: UserState,
+        cand_idx: np.ndarray,
+        cand_emb: np.ndarray,
+        query_ts: int,
+        deadline: Deadline,
+        degraded: list[str],
+    ) -> np.ndarray:
+        """Scores for the candidates, microbatches run concurrently (each one isolated: M-FALCON)."""
+        assert st.kv is not None
+        base = {
+            "hist_k": st.kv["hist_k"],
+            "hist_v": st.kv["hist_v"],
+            "hist_q": st.kv["hist_q"],
+            "hist_ts": st.hist_ts,
+            "hist_valid": st.hist_valid,
+            "query_ts": np.array([[query_ts]], np.int64),
+        }
+        bm = self.microbatch
+        calls = [
+            self._infer(
+                RANKER_CANDIDATES,
+                {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_idx[None, a : a + bm]},
+                deadline,
+                degraded,
+            )
+            for a in range(0, len(cand_idx), bm)
+        ]
+        outs = await asyncio.gather(*calls)
+        return np.concatenate([o["scores"][0] for o in outs])
+
+    # --- the whole request ---------------------------------------------------------------------------
+    async def recommend(
+        self,
+        user_id: int | None,
+        history: list[tuple[int, int]] | None,
+        k: int,
+        exclude_seen: bool,
+        num_candidates: int | None,
+        deadline: Deadline,
+        query_ts: int | None = None,
+    ) -> Result:
+        res = Result(items=[])
+        deg, tm = res.degraded, res.timings
+        h = await self.resolve_history(user_id, history, deadline, deg)
+        tm.mark("history")
+        st = await self.user_state(h, deadline, deg)
+        tm.mark("embeddings")
+        uv = await self._infer(
+            USER_TOWER, {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid}, deadline, deg
+        )
+        tm.mark("user_tower")
+        n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
+        seen = set(self.catalog.to_index(h.items).tolist()) if exclude_seen else set()
+        ids, sims = self.retriever.search(uv["user_vec"], n + len(seen))
+        keep = [(i, s) for i, s in zip(ids[0].tolist(), sims[0].tolist(), strict=True) if i > 0 and i not in seen][:n]
+        cand_idx = np.array([i for i, _ in keep], np.int64)
+        recall_scores = np.array([s for _, s in keep], np.float32)
+        res.candidates_recalled = len(cand_idx)
+        tm.mark("retrieval")
+
+        scores = recall_scores
+        qts = int(query_ts if query_ts is not None else (st.hist_ts[0, -1] if st.hist_ts.size else 0))
+        # Ranking needs the history K/V plus the candidates; shrink to what the budget allows.
+        budget_for_rank = deadline.remaining() - 0.0015  # leave time to build the response
+        affordable = int(budget_for_rank / self._rank_cost_s) if budget_for_rank > 0 else 0
+        m = min(len(cand_idx), max(affordable, 0))
+        if m < len(cand_idx):
+            deg.append(
+                f"budget: ranked {m} of {len(cand_idx)} candidates"
+                if m >= k
+                else "budget: ranking skipped, recall order"
+            )
+        if m >= k and m > 0:
+            cand_raw = self.catalog.raw_ids[cand_idx[:m] - 1]
+            emb = await self.store.embeddings(cand_raw, deadline.remaining())
+            if emb.degraded:
+                deg.append(emb.degraded)
+            tm.mark("candidate_embeddings")
+            t0 = deadline.elapsed()
+            try:
+                await self.history_kv(h, st, deadline, deg)
+                tm.mark("ranker_history")
+                ranked = await self.rank(st, cand_idx[:m], emb.vectors, qts, deadline, deg)
+                # Candidates without an embedding cannot be ranked fairly: keep them after the ranked ones.
+                ranked = np.where(emb.found, ranked, -np.inf)
+                scores = ranked
+                cand_idx = cand_idx[:m]
+                res.candidates_ranked = m
+                per = (deadline.elapsed() - t0) / max(m, 1)
+                self._rank_cost_s = 0.8 * self._rank_cost_s + 0.2 * per
+            except (TimeoutError, BackendUnavailable) as e:
+                deg.append(f"ranking failed ({type(e).__name__}); recall order")
+            tm.mark("ranking")
+        top = np.argsort(-scores, kind="stable")[:k]
+        res.items = [
+            {
+                "item_id": int(self.catalog.raw_ids[cand_idx[i] - 1]),
+                "score": float(scores[i]),
+                "title": str(self.catalog.titles[cand_idx[i] - 1]),
+            }
+            for i in top
+        ]
+        tm.mark("topk")
+        return res
+
+    async def score(
+        self,
+        user_id: int | None,
+        history: list[tuple[int, int]] | None,
+        item_ids: list[int],
+        deadline: Deadline,
+        query_ts: int | None = None,
+    ) -> tuple[np.ndarray, list[str], StageTimer]:
+        """Ranker scores of given items (no recall, no filtering, no shrinking: the caller asked for these)."""
+        deg: list[str] = []
+        tm = StageTimer()
+        unknown = [i for i in item_ids if i not in self.catalog.index_of]
+        if unknown:
+            raise BadRequest("item_ids", f"unknown item ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        h = await self.resolve_history(user_id, history, deadline, deg)
+        st = await self.user_state(h, deadline, deg)
+        tm.mark("embeddings")
+        await self.history_kv(h, st, deadline, deg)
+        tm.mark("ranker_history")
+        raw = np.array(item_ids, np.int64)
+        emb = await self.store.embeddings(raw, deadline.remaining())
+        if not emb.found.all():
+            raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
+        qts = int(query_ts if query_ts is not None else st.hist_ts[0, -1])
+        scores = await self.rank(st, self.catalog.to_index(raw), emb.vectors, qts, deadline, deg)
+        tm.mark("ranking")
+        return scores, deg, tm

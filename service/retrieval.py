@@ -1,0 +1,44 @@
+"""FAISS recall over item-tower vectors (moved to GPU where faiss-gpu finds one)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("falconrec.faiss")
+INDEX_FILE = "items.faiss"  # written by exporters/faiss_index.py
+INDEX_META = "index.json"
+
+
+class Retriever:
+    def __init__(self, index_dir: Path, use_gpu: bool = True):
+        path = Path(index_dir) / INDEX_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: build the index first (`falconrec build`)")
+        self.meta = json.loads((Path(index_dir) / INDEX_META).read_text())
+        self.index = faiss.read_index(str(path))
+        self.device = "cpu"
+        if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            try:
+                self._res = faiss.StandardGpuResources()
+                self.index = faiss.index_cpu_to_gpu(self._res, 0, self.index)
+                self.device = "gpu:0"
+            except Exception as e:  # noqa: BLE001 - e.g. HNSW has no GPU version: stay on CPU
+                log.warning("FAISS index stays on CPU: %s", e)
+        log.info("FAISS %s index of %d items on %s", self.meta.get("kind"), self.index.ntotal, self.device)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, user_vec: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n item indices (1..N) and similarities per row; -1 padding removed by the caller."""
+        scores, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32), min(n, self.size))
+        return ids, scores
+
+    def describe(self) -> dict:
+        return {**self.meta, "device": self.device}

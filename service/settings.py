@@ -1,0 +1,50 @@
+"""Typed settings: FALCONREC_* environment variables, overridable by `falconrec serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FALCONREC_", extra="ignore")
+
+    config: str = "ml1m"
+    artifacts_dir: Path = Path("artifacts")
+    model_repository: Path = Path("model_repository")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051  # 0 = no gRPC server
+
+    # Stores: no URL -> in-process store loaded from the artifacts (the embedded default).
+    redis_url: str | None = None
+    redis_timeout_ms: float = Field(5.0, gt=0)
+    redis_retry_s: float = Field(1.0, gt=0, description="how often to retry a dead Redis")
+    embedding_cache_items: int = Field(200_000, ge=0, description="in-process LRU in front of Redis")
+
+    backend: Literal["onnx", "triton"] = "onnx"
+    onnx_providers: list[str] | None = None  # default: TensorRT -> CUDA -> CPU, whichever exist
+    intra_op_threads: int = Field(1, ge=0)
+    inference_workers: int | None = None
+
+    # Budget: a request never waits past it.
+    budget_ms: float = Field(20.0, gt=0)
+    max_budget_ms: float = Field(1000.0, gt=0)
+    num_candidates: int | None = Field(None, ge=1, description="default: the build config's")
+    max_candidates: int = Field(2000, ge=1)
+    microbatch: int | None = Field(None, ge=1)
+
+    # API limits.
+    max_k: int = 200
+    max_history: int = 2000  # longer request histories are refused; the models read the last max_len
+    max_score_items: int = 1000
+    max_body_bytes: int = 1 << 20
+    max_concurrency: int = Field(64, ge=1, description="in-flight requests; beyond it: 503 at once")
+
+    # Per-user cache of the ranker's history K/V.
+    kv_cache_users: int = Field(10_000, ge=0)
+    kv_cache_ttl_s: float = Field(300.0, gt=0)

@@ -1,0 +1,214 @@
+"""Where content embeddings and user histories come from: in-process (the embedded default) or Redis.
+
+Redis layout (one place for it; exporters/redis_loader.py writes it):
+    falconrec:version            -> the live data version (flipped last, atomically)
+    emb:{version}:{item_id}      -> float16 bytes of the item's content embedding
+    hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.catalog import Catalog
+from service.lru import LRU
+
+log = logging.getLogger("falconrec.store")
+
+VERSION_KEY = "falconrec:version"
+
+
+def emb_key(version: str, item_id: int) -> str:
+    return f"emb:{version}:{item_id}"
+
+
+def hist_key(version: str, user_id: int) -> str:
+    return f"hist:{version}:{user_id}"
+
+
+def pack_history(items: np.ndarray, ts: np.ndarray) -> bytes:
+    return items.astype("<i8").tobytes() + ts.astype("<i8").tobytes()
+
+
+def unpack_history(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    a = np.frombuffer(raw, dtype="<i8")
+    n = len(a) // 2
+    return a[:n].astype(np.int64), a[n:].astype(np.int64)
+
+
+class StoreUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32 [n, E]; zeros where missing
+    found: np.ndarray  # bool [n]
+    degraded: str | None = None  # why some could not be fetched
+
+
+class FeatureStore(ABC):
+    name = "abstract"
+
+    @abstractmethod
+    async def embeddings(self, item_ids: np.ndarray, timeout_s: float) -> Embeddings: ...
+
+    @abstractmethod
+    async def history(self, user_id: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """(raw item ids, timestamps) oldest first, or None for an unknown user. Raises StoreUnavailable."""
+
+    @abstractmethod
+    def status(self) -> dict: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class InProcessStore(FeatureStore):
+    """Everything in memory from the built artifacts: no network, used when no Redis is configured."""
+
+    name = "in-process"
+
+    def __init__(self, catalog: Catalog, content_emb: np.ndarray):
+        self.catalog = catalog
+        self.table = np.zeros((content_emb.shape[0] + 1, content_emb.shape[1]), np.float32)
+        self.table[1:] = content_emb
+
+    async def embeddings(self, item_ids, timeout_s):
+        idx = self.catalog.to_index(item_ids)
+        return Embeddings(self.table[idx], idx > 0)
+
+    async def history(self, user_id, timeout_s):
+        return self.catalog.user_histories.get(int(user_id))
+
+    def status(self) -> dict:
+        return {"store": self.name, "ok": True, "items": self.catalog.num_items}
+
+
+class RedisStore(FeatureStore):
+    """Redis with one MGET per request for embeddings, a bounded LRU in front, and a short timeout.
+
+    When Redis is down or slow, requests are answered from the LRU and the request's own history
+    (degraded); a background task reconnects and re-reads the version pointer.
+    """
+
+    name = "redis"
+
+    def __init__(self, url: str, dim: int, timeout_s: float, cache_items: int, retry_s: float = 1.0):
+        import redis.asyncio as aredis
+
+        self.url = url
+        self.dim = dim
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.client = aredis.Redis.from_url(
+            url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0, retry_on_timeout=False
+        )
+        self.cache: LRU[tuple[str, int], np.ndarray] = LRU(cache_items)
+        self.hist_cache: LRU[tuple[str, int], tuple[np.ndarray, np.ndarray]] = LRU(min(cache_items, 50_000), 60.0)
+        self.version: str | None = None
+        self.ok = False
+        self.last_error: str | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._refresh()
+        self._task = asyncio.create_task(self._watch())
+
+    async def _refresh(self) -> None:
+        try:
+            v = await asyncio.wait_for(self.client.get(VERSION_KEY), 1.0)
+            if v is None:
+                raise StoreUnavailable(f"{VERSION_KEY} not set in {self.url}: run `falconrec load-redis` first")
+            v = v.decode()
+            if v != self.version:
+                log.info("redis data version %s", v)
+            self.version, self.ok, self.last_error = v, True, None
+        except Exception as e:  # noqa: BLE001 - any failure means "not reachable right now"
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.ok or self.last_error is None:
+            log.warning("redis unavailable: %r", e)
+        self.ok = False
+        self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        # Drop the pooled sockets: after a restart they are dead, and a stalled server keeps them busy.
+        pool = self.client.connection_pool
+        asyncio.get_running_loop().create_task(pool.disconnect(inuse_connections=True))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_s)
+            await self._refresh()
+
+    async def _call(self, coro, timeout_s: float):
+        if not self.ok or self.version is None:
+            coro.close()
+            raise StoreUnavailable(self.last_error or "redis not connected")
+        try:
+            return await asyncio.wait_for(coro, max(1e-4, min(timeout_s, self.timeout_s)))
+        except Exception as e:  # noqa: BLE001
+            self._fail(e)
+            raise StoreUnavailable(self.last_error) from e
+
+    async def embeddings(self, item_ids, timeout_s):
+        n = len(item_ids)
+        out = np.zeros((n, self.dim), np.float32)
+        found = np.zeros(n, bool)
+        version = self.version or ""
+        todo = []
+        for i, it in enumerate(item_ids.tolist()):
+            v = self.cache.get((version, it))
+            if v is None:
+                todo.append(i)
+            else:
+                out[i], found[i] = v, True
+        if not todo:
+            return Embeddings(out, found)
+        try:
+            vals = await self._call(self.client.mget([emb_key(version, int(item_ids[i])) for i in todo]), timeout_s)
+        except StoreUnavailable as e:
+            return Embeddings(out, found, f"redis: {e}; {len(todo)} of {n} embeddings not in the local cache")
+        for i, raw in zip(todo, vals, strict=True):
+            if raw is not None:
+                vec = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+                out[i], found[i] = vec, True
+                self.cache.put((version, int(item_ids[i])), vec)
+        return Embeddings(out, found)
+
+    async def history(self, user_id, timeout_s):
+        key = (self.version or "", int(user_id))
+        try:
+            raw = await self._call(self.client.get(hist_key(self.version or "", int(user_id))), timeout_s)
+        except StoreUnavailable:
+            cached = self.hist_cache.get(key)
+            if cached is not None:
+                return cached
+            raise
+        if raw is None:
+            return None
+        h = unpack_history(raw)
+        self.hist_cache.put(key, h)
+        return h
+
+    def status(self) -> dict:
+        return {
+            "store": self.name,
+            "ok": self.ok,
+            "url": self.url.split("@")[-1],
+            "version": self.version,
+            "error": self.last_error,
+            "cached_embeddings": len(self.cache),
+            "checked_at": time.time(),
+        }
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.client.aclose()

@@ -1,0 +1,109 @@
+"""Shared fixtures: one tiny build per session (real text model, real training, real ONNX export)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+ML1M = ROOT.parent / "shared" / "data" / "ml-1m"
+
+
+class TinyBuild:
+    def __init__(self, base: Path):
+        self.artifacts = base / "artifacts"
+        self.repo = base / "model_repository"
+        self.config = "tiny"
+        self.seconds = 0.0
+        self.results = []
+
+    @property
+    def paths(self):
+        from service.artifacts import ArtifactPaths
+
+        return ArtifactPaths.for_config(self.config, self.artifacts)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory) -> TinyBuild:
+    from training.config import load_config
+    from training.pipeline import Builder
+
+    tb = TinyBuild(tmp_path_factory.mktemp("tiny"))
+    t = time.time()
+    tb.results = Builder(load_config("tiny"), tb.artifacts, tb.repo, log=lambda m: None).build()
+    tb.seconds = time.time() - t
+    return tb
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """A real uvicorn + gRPC server in a background thread, on free loopback ports."""
+
+    def __init__(self, settings):
+        import threading
+
+        import uvicorn
+
+        from service.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False)
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{settings.port}"
+
+    @property
+    def components(self):
+        return self.app.state.components
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def server_settings(tiny_build, **overrides):
+    from service.settings import Settings
+
+    base = dict(
+        config="tiny",
+        artifacts_dir=tiny_build.artifacts,
+        model_repository=tiny_build.repo,
+        port=free_port(),
+        grpc_port=free_port(),
+        budget_ms=2000.0,
+        max_budget_ms=5000.0,
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_build):
+    s = RunningServer(server_settings(tiny_build))
+    yield s
+    s.stop()
+
+
+REDIS_URL = os.environ.get("FALCONREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

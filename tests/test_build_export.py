@@ -1,0 +1,154 @@
+"""The tiny config end to end: build, ONNX parity with torch, Triton configs, FAISS index, eval."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from exporters.faiss_index import INDEX_FILE, INDEX_META
+from exporters.onnx_export import (
+    ItemTowerGraph,
+    RankerCandidatesGraph,
+    RankerHistoryGraph,
+    UserTowerGraph,
+    example_inputs,
+)
+from exporters.triton_config import PLATFORM, parse
+from service.contract import MODEL_NAMES, TRITON_DTYPES, Manifest, model_specs, onnx_path
+from training import train as T
+from training.config import load_config
+from training.models import HSTURanker, TwoTower
+from training.pipeline import Builder
+
+
+def test_tiny_builds_end_to_end_under_two_minutes(tiny_build):
+    ran = {r.name for r in tiny_build.results if r.ran}
+    assert {"data", "embed", "train-towers", "train-ranker", "train-sasrec", "export", "index"} <= ran
+    print(f"tiny build took {tiny_build.seconds:.1f}s")
+    assert tiny_build.seconds < 120
+
+
+def test_second_build_skips_every_step(tiny_build):
+    results = Builder(load_config("tiny"), tiny_build.artifacts, tiny_build.repo, log=lambda m: None).build()
+    assert [r.name for r in results if r.ran] == []
+
+
+def _graphs(tiny_build):
+    towers = T.load_checkpoint(tiny_build.paths.towers, TwoTower)
+    ranker = T.load_checkpoint(tiny_build.paths.ranker, HSTURanker)
+    return {
+        "item_tower": ItemTowerGraph(towers),
+        "user_tower": UserTowerGraph(towers),
+        "ranker_history": RankerHistoryGraph(ranker),
+        "ranker_candidates": RankerCandidatesGraph(ranker),
+    }
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_torch_vs_onnxruntime_parity(tiny_build, model):
+    manifest = Manifest.read(tiny_build.repo)
+    spec = model_specs(manifest.dims)[model]
+    graph = _graphs(tiny_build)[model]
+    sess = ort.InferenceSession(str(onnx_path(tiny_build.repo, model)), providers=["CPUExecutionProvider"])
+    # Shapes other than the export example's, so a folded dynamic axis would show.
+    for batch, hist, cands in ((1, 5, 3), (3, 17, 64)):
+        ex = example_inputs(spec, manifest.dims, batch=batch, hist=hist, cands=cands, seed=batch)
+        got = sess.run(None, ex)
+        with torch.no_grad():
+            want = graph(*[torch.from_numpy(ex[t.name]) for t in spec.inputs])
+        want = want if isinstance(want, tuple) else (want,)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == tuple(w.shape)
+            assert np.abs(g - w.numpy()).max() <= 1e-4
+
+
+def test_onnx_cached_microbatches_equal_single_call(tiny_build):
+    manifest = Manifest.read(tiny_build.repo)
+    specs = model_specs(manifest.dims)
+    hist_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_history")))
+    cand_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_candidates")))
+    ex = example_inputs(specs["ranker_history"], manifest.dims, batch=1, hist=20)
+    k, v, q = hist_s.run(None, ex)
+    cex = example_inputs(specs["ranker_candidates"], manifest.dims, batch=1, hist=20, cands=500, seed=3)
+    feeds = {**cex, "hist_k": k, "hist_v": v, "hist_q": q, "hist_ts": ex["hist_ts"], "hist_valid": ex["hist_valid"]}
+    (whole,) = cand_s.run(None, feeds)
+    parts = [
+        cand_s.run(
+            None,
+            {**feeds, "cand_emb": feeds["cand_emb"][:, a : a + 64], "cand_item": feeds["cand_item"][:, a : a + 64]},
+        )[0]
+        for a in range(0, 500, 64)
+    ]
+    assert np.abs(np.concatenate(parts, 1) - whole).max() <= 1e-5
+    (alone,) = cand_s.run(
+        None, {**feeds, "cand_emb": feeds["cand_emb"][:, 123:124], "cand_item": feeds["cand_item"][:, 123:124]}
+    )
+    assert abs(float(alone[0, 0]) - float(whole[0, 123])) <= 1e-5
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_config_pbtxt_parses_and_matches_onnx(tiny_build, model):
+    cfg = parse((tiny_build.repo / model / "config.pbtxt").read_text())
+    assert cfg.name == model and cfg.platform == PLATFORM and cfg.max_batch_size > 0
+    assert cfg.HasField("dynamic_batching") and len(cfg.instance_group) == 1
+    g = onnx.load(str(onnx_path(tiny_build.repo, model))).graph
+    onnx_io = {
+        t.name: (
+            onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
+            len(t.type.tensor_type.shape.dim),
+        )
+        for t in [*g.input, *g.output]
+    }
+    dtype_name = {v: k for k, v in TRITON_DTYPES.items()}
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    for t in [*cfg.input, *cfg.output]:
+        assert t.name in onnx_io, f"{model}: {t.name} not in the ONNX graph"
+        np_dtype, rank = onnx_io[t.name]
+        assert dtype_name[mc.DataType.Name(t.data_type)] == np_dtype
+        assert len(t.dims) + 1 == rank  # + the batch dim implied by max_batch_size
+    assert {t.name for t in [*cfg.input, *cfg.output]} == set(onnx_io)
+
+
+def test_tensorrt_block_parses():
+    from exporters.triton_config import TritonOptions, render
+    from service.contract import ModelDims
+
+    dims = ModelDims(8, 8, 10, 8, 1, 1, 8, 8, 5)
+    cfg = parse(render(model_specs(dims)["ranker_candidates"], TritonOptions(tensorrt=True, instance_kind="KIND_GPU")))
+    acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+
+
+def test_faiss_index_matches_item_tower(tiny_build):
+    meta = json.loads((tiny_build.paths.index_dir / INDEX_META).read_text())
+    manifest = Manifest.read(tiny_build.repo)
+    assert meta["model_version"] == manifest.model_version and meta["kind"] == "flat"
+    index = faiss.read_index(str(tiny_build.paths.index_dir / INDEX_FILE))
+    assert index.ntotal == manifest.dims.num_items
+    towers = T.load_checkpoint(tiny_build.paths.towers, TwoTower)
+    emb = np.load(tiny_build.paths.content_emb).astype(np.float32)
+    ids = torch.arange(1, 6)
+    with torch.no_grad():
+        vecs = towers.item_vec(torch.from_numpy(emb[:5]), ids).numpy()
+    _, found = index.search(vecs, 1)
+    assert found[:, 0].tolist() == ids.tolist()  # each item is its own nearest neighbour
+
+
+def test_eval_writes_metrics_for_all_three(tiny_build):
+    from training.evaluate import evaluate
+
+    out = evaluate("tiny", tiny_build.artifacts, tiny_build.repo, max_users=120, log=lambda m: None)
+    assert (tiny_build.artifacts / "eval.json").is_file()
+    assert len(out["results"]) == 3
+    for m in out["results"].values():
+        assert set(m) >= {"hr@10", "ndcg@10", "hr@50", "hr@200"}
+        assert 0.0 <= m["hr@10"] <= m["hr@50"] <= m["hr@200"] <= 1.0
+    # planted structure: the trained ranker beats chance (10/400 for HR@10) by a wide margin
+    assert out["results"]["HSTU ranker, full catalog"]["hr@10"] > 0.1

@@ -1,0 +1,172 @@
+"""HTTP end to end on the tiny artifacts: real uvicorn, real ONNX Runtime, real FAISS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from service.catalog import Catalog
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_build):
+    return Catalog.load(tiny_build.paths.data)
+
+
+def _user(catalog):
+    return next(iter(catalog.user_histories))
+
+
+def test_health_ready_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz").json()
+    assert r["status"] == "ok" and r["backend"]["providers"] == ["CPUExecutionProvider"]
+    assert r["index"]["count"] > 0 and r["store"]["store"] == "in-process"
+    client.post("/v1/recommend", json={"user_id": 1})
+    text = client.get("/metrics").text
+    assert "falconrec_request_seconds_bucket" in text and 'stage="ranking"' in text
+
+
+def test_recommend_by_user(client, catalog):
+    uid = _user(catalog)
+    r = client.post("/v1/recommend", json={"user_id": uid, "k": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 7 and not body["degraded"]
+    scores = [i["score"] for i in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    seen = set(catalog.user_histories[uid][0].tolist())
+    assert not seen & {i["item_id"] for i in body["items"]}  # exclude_seen by default
+    assert all(i["title"] for i in body["items"])
+    assert body["candidates_ranked"] == body["candidates_recalled"] > 7
+    timing = r.headers["server-timing"]
+    for stage in ("history", "user_tower", "retrieval", "ranking"):
+        assert stage in timing and stage in body["timings_ms"]
+
+
+def test_recommend_with_explicit_history_matches_stored_user(client, catalog):
+    uid = _user(catalog)
+    items, ts = catalog.user_histories[uid]
+    a = client.post("/v1/recommend", json={"user_id": uid, "k": 5}).json()
+    b = client.post(
+        "/v1/recommend", json={"history": [{"item_id": int(i), "ts": int(t)} for i, t in zip(items, ts, strict=True)], "k": 5}
+    ).json()
+    assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+    assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-5)
+
+
+def test_exclude_seen_false_allows_seen(client, catalog):
+    uid = _user(catalog)
+    body = client.post("/v1/recommend", json={"user_id": uid, "k": 50, "exclude_seen": False}).json()
+    assert len(body["items"]) == 50
+
+
+def test_score_batch_invariance_through_the_api(client, catalog):
+    uid = _user(catalog)
+    items = catalog.raw_ids[:300].tolist()
+    among = client.post("/v1/score", json={"user_id": uid, "item_ids": items}).json()
+    alone = client.post("/v1/score", json={"user_id": uid, "item_ids": [items[123]]}).json()
+    assert among["scores"][123]["item_id"] == items[123]
+    assert abs(among["scores"][123]["score"] - alone["scores"][0]["score"]) <= 1e-5
+
+
+def test_score_agrees_with_recommend(client, catalog):
+    uid = _user(catalog)
+    rec = client.post("/v1/recommend", json={"user_id": uid, "k": 3}).json()["items"]
+    sc = client.post("/v1/score", json={"user_id": uid, "item_ids": [i["item_id"] for i in rec]}).json()["scores"]
+    assert np.allclose([i["score"] for i in rec], [s["score"] for s in sc], atol=1e-5)
+
+
+def test_tiny_budget_degrades_but_answers(client, catalog):
+    r = client.post("/v1/recommend", json={"user_id": _user(catalog), "k": 5, "budget_ms": 0.5})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["degraded"] is True and body["degraded_reasons"]
+    assert len(body["items"]) == 5  # recall order still answers
+
+
+@pytest.mark.parametrize(
+    "payload, field, needle",
+    [
+        ({"user_id": 1, "k": 0}, "k", "greater than or equal to 1"),
+        ({"user_id": 1, "k": 201}, "k", "limit of 200"),
+        ({"user_id": 1, "k": "ten"}, "k", "integer"),
+        ({}, "user_id", "give a user_id or a history"),
+        ({"history": []}, "history", "empty"),
+        ({"history": [{"item_id": 1, "ts": 1}] * 2001}, "history", "limit is 2000"),
+        ({"history": [{"item_id": 99999999, "ts": 1}]}, "history", "unknown item ids"),
+        ({"user_id": 1, "budget_ms": 10_000}, "budget_ms", "cap"),
+        ({"user_id": 1, "num_candidates": 10**6}, "num_candidates", "over"),
+        ({"user_id": 1, "bogus": 1}, "bogus", "Extra inputs"),
+    ],
+)
+def test_recommend_422(client, payload, field, needle):
+    r = client.post("/v1/recommend", json=payload)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert any(field in map(str, d["loc"]) and needle in d["msg"] for d in detail), detail
+
+
+@pytest.mark.parametrize(
+    "payload, field, needle",
+    [
+        ({"user_id": 1, "item_ids": []}, "item_ids", "at least 1"),
+        ({"user_id": 1, "item_ids": [1] * 1001}, "item_ids", "limit is 1000"),
+        ({"user_id": 1, "item_ids": [123456789]}, "item_ids", "unknown item ids"),
+    ],
+)
+def test_score_422(client, payload, field, needle):
+    r = client.post("/v1/score", json=payload)
+    assert r.status_code == 422, r.text
+    assert any(field in map(str, d["loc"]) and needle in d["msg"] for d in r.json()["detail"])
+
+
+def test_unknown_user_is_404(client):
+    r = client.post("/v1/recommend", json={"user_id": 987654321})
+    assert r.status_code == 404 and "unknown user" in r.json()["detail"]
+
+
+def test_body_over_cap_is_refused(client):
+    r = client.post(
+        "/v1/recommend",
+        content=b'{"user_id": 1, "pad": "' + b"x" * (2 << 20) + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+
+
+def test_malformed_json_is_422_without_trace(client):
+    r = client.post("/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "Traceback" not in r.text
+
+
+def test_overload_gives_fast_503(tiny_build, catalog):
+    from tests.conftest import RunningServer, server_settings
+
+    srv = RunningServer(server_settings(tiny_build, max_concurrency=2, grpc_port=0))
+    try:
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                reqs = [
+                    c.post("/v1/recommend", json={"user_id": _user(catalog), "num_candidates": 400}) for _ in range(40)
+                ]
+                return await asyncio.gather(*reqs)
+
+        rs = asyncio.run(burst())
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
+        shed = [r for r in rs if r.status_code == 503]
+        assert all(r.headers.get("retry-after") == "1" for r in shed)
+        assert all(r.elapsed.total_seconds() < 1.0 for r in shed)  # refused at once, not queued
+    finally:
+        srv.stop()

@@ -1,0 +1,120 @@
+"""Build configs: TOML files in training/configs/, loaded into typed dataclasses (stdlib only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    source: str = "synthetic"  # "synthetic" | "ml1m"
+    num_users: int = 300
+    num_items: int = 400
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedCfg:
+    model: str = "minilm"  # "minilm" | "smollm2" | a local Hugging Face model directory
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class RankerCfg:
+    max_len: int = 200
+    d_model: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    dqk: int = 50
+    dv: int = 50
+    dropout: float = 0.2
+    num_time_buckets: int = 64
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    negatives: int = 128  # sampled-softmax negatives of the next-item loss (every position)
+    target_positions: int = 4  # positions per sequence trained through the candidate path
+    cand_negatives: int = 32  # negatives per such position (each one is a candidate token: costly)
+    temperature: float = 0.05
+    aux_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TowersCfg:
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    temperature: float = 0.05
+
+
+@dataclass(frozen=True)
+class SasrecCfg:
+    epochs: int = 30
+
+
+@dataclass(frozen=True)
+class IndexCfg:
+    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf"
+    hnsw_m: int = 32
+    exact_below: int = 50_000
+
+
+@dataclass(frozen=True)
+class ServeCfg:
+    num_candidates: int = 1000
+    microbatch: int = 256
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    name: str
+    data: DataCfg = field(default_factory=DataCfg)
+    embed: EmbedCfg = field(default_factory=EmbedCfg)
+    ranker: RankerCfg = field(default_factory=RankerCfg)
+    towers: TowersCfg = field(default_factory=TowersCfg)
+    sasrec: SasrecCfg = field(default_factory=SasrecCfg)
+    index: IndexCfg = field(default_factory=IndexCfg)
+    serve: ServeCfg = field(default_factory=ServeCfg)
+    seed: int = 0
+
+    def section_hash(self, *sections: str) -> str:
+        payload = {s: asdict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_config(name_or_path: str) -> BuildConfig:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no build config {name_or_path!r}; choose one of {', '.join(available_configs())} or give a .toml path"
+        )
+    raw = tomllib.loads(path.read_text())
+    kwargs: dict = {"name": path.stem, "seed": int(raw.pop("seed", 0))}
+    for f in fields(BuildConfig):
+        if f.name in ("name", "seed"):
+            continue
+        section = raw.pop(f.name, {})
+        cls = f.default_factory  # type: ignore[misc]
+        known = {x.name for x in fields(cls)}
+        unknown = set(section) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys in [{f.name}]: {', '.join(sorted(unknown))}")
+        kwargs[f.name] = cls(**section)
+    if raw:
+        raise ValueError(f"{path}: unknown sections {', '.join(sorted(raw))}")
+    return BuildConfig(**kwargs)

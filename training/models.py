@@ -1,0 +1,357 @@
+"""Torch modules: item representation, LEARN towers, the target-aware HSTU ranker, and SASRec.
+
+HSTU layer (arXiv 2402.17152):  LN(x) -> Linear -> SiLU -> split U,V,Q,K;
+    A = SiLU(Q K^T + rab(pos, dt)) / max_len   (masked, no softmax);
+    y = x + Linear(dropout(U * LN(A V))).
+Target-aware (M-FALCON): candidate tokens come after the history; each attends to the history
+positions before its target position and to itself, never to another candidate. History K/V do not
+depend on candidates, so serving computes them once (`history_kv`) and scores microbatches with
+`score_candidates`. Dividing by the constant max_len (not the actual length) keeps scores independent
+of padding and of which candidates share a batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_BUCKET = 0.301  # HSTU's log-time bucket width
+
+
+class ItemEmbedding(nn.Module):
+    """Item token = projected LLM content embedding + learned ID embedding (zero for cold items, id 0).
+
+    Decoder-LLM hidden states are highly anisotropic (SmolLM2 mean-pooled titles: mean cosine 0.94,
+    a few dimensions 50x the rest), so content is standardised per dimension with catalog statistics
+    (buffers, exported with the graph) before the projection.
+    """
+
+    def __init__(self, content_dim: int, d: int, num_items: int, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("content_mean", torch.zeros(content_dim))
+        self.register_buffer("content_std", torch.ones(content_dim))
+        self.proj = nn.Linear(content_dim, d)
+        self.ids = nn.Embedding(num_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.ids.weight, std=0.02)
+        with torch.no_grad():
+            self.ids.weight[0].zero_()
+        self.drop = nn.Dropout(dropout)
+
+    def set_content_stats(self, table: torch.Tensor) -> None:
+        """Standardisation statistics from the catalog's content embeddings (rows 1..N; row 0 is padding)."""
+        with torch.no_grad():
+            self.content_mean.copy_(table[1:].mean(0))
+            self.content_std.copy_(table[1:].std(0).clamp(min=1e-3))
+
+    def forward(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = (content - self.content_mean) / self.content_std
+        return self.drop(self.proj(z) + self.ids(idx))
+
+
+class RelativeBias(nn.Module):
+    """rab(pos, dt): a learned scalar per relative position and per log-time bucket."""
+
+    def __init__(self, max_len: int, num_buckets: int):
+        super().__init__()
+        self.max_len = max_len
+        self.num_buckets = num_buckets
+        self.pos_w = nn.Parameter(torch.zeros(max_len + 1))
+        self.ts_w = nn.Parameter(torch.zeros(num_buckets + 1))
+
+    def bucket(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = dt.abs().clamp(min=1).to(torch.float32)
+        return (torch.log(dt) / LOG_BUCKET).floor().clamp(0, self.num_buckets).to(torch.int64)
+
+    def forward(self, dist: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        return self.pos_w[dist.clamp(0, self.max_len)] + self.ts_w[self.bucket(dt)]
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, d: int, heads: int, dqk: int, dv: int, dropout: float):
+        super().__init__()
+        self.h, self.dqk, self.dv = heads, dqk, dv
+        self.ln_in = nn.LayerNorm(d)
+        self.uvqk = nn.Linear(d, heads * (2 * dv + 2 * dqk))
+        self.ln_attn = nn.LayerNorm(heads * dv)
+        self.out = nn.Linear(heads * dv, d)
+        self.drop = nn.Dropout(dropout)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, dv, dqk = self.h, self.dv, self.dqk
+        u, v, q, k = torch.split(F.silu(self.uvqk(self.ln_in(x))), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        return u, v, q, k
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return x + self.out(self.drop(u * self.ln_attn(attn)))
+
+
+class HSTURanker(nn.Module):
+    def __init__(
+        self,
+        content_dim: int,
+        num_items: int,
+        max_len: int,
+        d_model: int,
+        num_layers: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        dropout: float = 0.2,
+        num_time_buckets: int = 64,
+        temperature: float = 0.05,
+    ):
+        super().__init__()
+        self.max_len, self.h, self.dqk, self.dv = max_len, num_heads, dqk, dv
+        self.temperature = temperature
+        self.items = ItemEmbedding(content_dim, d_model, num_items, dropout)
+        self.cand_type = nn.Parameter(torch.zeros(d_model))
+        self.rab = RelativeBias(max_len, num_time_buckets)
+        self.layers = nn.ModuleList(HSTULayer(d_model, num_heads, dqk, dv, dropout) for _ in range(num_layers))
+        self.ln_out = nn.LayerNorm(d_model)
+        self.score_proj = nn.Linear(d_model, d_model)
+        # Target-aware correction read off the candidate token after it has attended to the history.
+        self.cand_head = nn.Sequential(nn.Linear(d_model, d_model), nn.SiLU(), nn.Linear(d_model, 1))
+
+    # --- helpers -----------------------------------------------------------------------------------
+    def _heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t.reshape(*t.shape[:-1], self.h, dim)
+
+    def _pointwise(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.silu(logits) / self.max_len
+
+    def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Item side of the score: the same item representation, L2-normalised."""
+        return F.normalize(self.items(content, idx), dim=-1)
+
+    # --- history (causal) --------------------------------------------------------------------------
+    def history(
+        self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_ts: torch.Tensor, hist_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the history stack. Returns (final hidden [B,L,d], K [B,NL,L,H*dqk], V [B,NL,L,H*dv])."""
+        B, L = hist_item.shape
+        x = self.items(hist_emb, hist_item) * hist_valid.unsqueeze(-1)
+        pos = torch.arange(L, device=x.device)
+        dist = pos.unsqueeze(1) - pos.unsqueeze(0)  # i - j
+        rab = self.rab(dist.unsqueeze(0), hist_ts.unsqueeze(2) - hist_ts.unsqueeze(1))  # [B,L,L]
+        mask = (dist >= 0).unsqueeze(0).to(x.dtype) * hist_valid.unsqueeze(1)  # causal, valid keys
+        ks, vs = [], []
+        for layer in self.layers:
+            u, v, q, k = layer.project(x)
+            ks.append(k)
+            vs.append(v)
+            logits = torch.einsum("bihd,bjhd->bhij", self._heads(q, self.dqk), self._heads(k, self.dqk))
+            a = self._pointwise(logits + rab.unsqueeze(1)) * mask.unsqueeze(1)
+            attn = torch.einsum("bhij,bjhd->bihd", a, self._heads(v, self.dv)).reshape(B, L, -1)
+            x = layer.finish(x, u, attn)
+        return x, torch.stack(ks, 1), torch.stack(vs, 1)
+
+    # --- candidates (M-FALCON) ---------------------------------------------------------------------
+    def candidates(
+        self,
+        hist_k: torch.Tensor,  # [B,NL,L,H*dqk]
+        hist_v: torch.Tensor,  # [B,NL,L,H*dv]
+        hist_q: torch.Tensor,  # [B,M,d] next-item query of the history prefix each candidate sees
+        hist_ts: torch.Tensor,  # [B,L]
+        hist_valid: torch.Tensor,  # [B,L]
+        cand_emb: torch.Tensor,  # [B,M,E]
+        cand_item: torch.Tensor,  # [B,M]
+        cand_pos: torch.Tensor,  # [B,M] index of the target position: attends to history j < cand_pos
+        cand_ts: torch.Tensor,  # [B,M]
+    ) -> torch.Tensor:
+        """Scores [B,M]. Each candidate sees history j < cand_pos and itself, nothing else."""
+        B, M = cand_item.shape
+        L = hist_ts.shape[1]
+        e = self.items(cand_emb, cand_item)
+        x = e + self.cand_type
+        j = torch.arange(L, device=x.device)
+        dist = cand_pos.unsqueeze(-1) - j  # [B,M,L]
+        rab = self.rab(dist, cand_ts.unsqueeze(-1) - hist_ts.unsqueeze(1))  # [B,M,L]
+        mask = (dist > 0).to(x.dtype) * hist_valid.unsqueeze(1)
+        self_rab = self.rab(torch.zeros_like(cand_item), torch.zeros_like(cand_item))  # [B,M]
+        for li, layer in enumerate(self.layers):
+            u, v, q, k = layer.project(x)
+            qh, kh, vh = self._heads(q, self.dqk), self._heads(k, self.dqk), self._heads(v, self.dv)
+            hk = self._heads(hist_k[:, li], self.dqk)
+            hv = self._heads(hist_v[:, li], self.dv)
+            logits = torch.einsum("bmhd,bjhd->bhmj", qh, hk)
+            a = self._pointwise(logits + rab.unsqueeze(1)) * mask.unsqueeze(1)
+            a_self = self._pointwise((qh * kh).sum(-1) + self_rab.unsqueeze(-1))  # [B,M,H]
+            attn = torch.einsum("bhmj,bjhd->bmhd", a, hv) + a_self.unsqueeze(-1) * vh
+            x = layer.finish(x, u, attn.reshape(B, M, -1))
+        # Score = HSTU's next-item score (history query . item) + a target-aware term from the candidate
+        # token, which has attended to the history with its own query and gated it with its own U.
+        base = (hist_q * F.normalize(e, dim=-1)).sum(-1) / self.temperature
+        return base + self.cand_head(self.ln_out(x)).squeeze(-1)
+
+    def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Autoregressive head on history outputs (auxiliary training signal, as in plain HSTU)."""
+        return F.normalize(self.score_proj(self.ln_out(hidden)), dim=-1)
+
+    def score_full(
+        self,
+        hist_emb: torch.Tensor,
+        hist_item: torch.Tensor,
+        hist_ts: torch.Tensor,
+        hist_valid: torch.Tensor,
+        query_ts: torch.Tensor,
+        cand_emb: torch.Tensor,
+        cand_item: torch.Tensor,
+    ) -> torch.Tensor:
+        """Reference path: one pass over history + all candidates with the M-FALCON mask."""
+        hidden, k, v = self.history(hist_emb, hist_item, hist_ts, hist_valid)
+        B, M = cand_item.shape
+        L = hist_item.shape[1]
+        pos = torch.full((B, M), L, dtype=torch.int64, device=cand_item.device)
+        q = self.next_item_query(hidden[:, -1]).unsqueeze(1).expand(B, M, -1)
+        return self.candidates(k, v, q, hist_ts, hist_valid, cand_emb, cand_item, pos, query_ts.expand(B, M))
+
+
+# --------------------------------------------------------------------------------------------------
+# Softmax-attention encoder shared by SASRec and the LEARN user tower.
+# --------------------------------------------------------------------------------------------------
+class CausalBlock(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.h = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(B, L, 3, self.h, D // self.h).unbind(2)
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D // self.h) + bias.unsqueeze(1)
+        a = torch.softmax(logits, dim=-1)
+        x = x + self.drop(self.proj(torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, L, D)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+
+class CausalEncoder(nn.Module):
+    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float):
+        super().__init__()
+        self.pos = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(CausalBlock(d, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+        self.max_len = max_len
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        # Positions count back from the newest item so left padding does not shift them.
+        pos = (L - 1 - torch.arange(L, device=x.device)).clamp(max=self.max_len - 1)
+        x = self.drop(x + self.pos(pos)) * valid.unsqueeze(-1)
+        i = torch.arange(L, device=x.device)
+        allowed = (i.unsqueeze(1) >= i.unsqueeze(0)).unsqueeze(0) & (valid.unsqueeze(1) > 0)
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device).unsqueeze(0)  # no empty rows
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -1e9)
+        for b in self.blocks:
+            x = b(x, bias)
+        return self.ln(x)
+
+
+class SASRec(nn.Module):
+    """Baseline ranker: causal softmax attention over item tokens; next item = dot with item embeddings."""
+
+    def __init__(
+        self,
+        content_dim: int,
+        num_items: int,
+        max_len: int,
+        d: int,
+        layers: int,
+        heads: int,
+        dropout: float = 0.2,
+        temperature: float = 0.05,
+    ):
+        super().__init__()
+        self.items = ItemEmbedding(content_dim, d, num_items, dropout)
+        self.enc = CausalEncoder(d, layers, heads, max_len, dropout)
+        self.temperature = temperature
+
+    def forward(self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.enc(self.items(hist_emb, hist_item), hist_valid), dim=-1)
+
+    def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.items(content, idx), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """LEARN towers: item = MLP(content + id); user = causal transformer over history items, last position."""
+
+    def __init__(
+        self,
+        content_dim: int,
+        num_items: int,
+        max_len: int,
+        d: int,
+        layers: int,
+        heads: int,
+        dropout: float = 0.1,
+        temperature: float = 0.05,
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.item_in = ItemEmbedding(content_dim, d, num_items, dropout)
+        self.item_mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.user_in = ItemEmbedding(content_dim, d, num_items, dropout)
+        self.user_enc = CausalEncoder(d, layers, heads, max_len, dropout)
+        self.user_out = nn.Linear(d, d)
+
+    def item_vec(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.item_mlp(self.item_in(content, idx)), dim=-1)
+
+    def user_seq(self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor) -> torch.Tensor:
+        """User vector at every position [B,L,d] (training uses all; serving the last)."""
+        h = self.user_enc(self.user_in(hist_emb, hist_item), hist_valid)
+        return F.normalize(self.user_out(h), dim=-1)
+
+
+def one_pass(
+    model: HSTURanker,
+    hist_emb: torch.Tensor,
+    hist_item: torch.Tensor,
+    hist_ts: torch.Tensor,
+    hist_valid: torch.Tensor,
+    query_ts: torch.Tensor,
+    cand_emb: torch.Tensor,
+    cand_item: torch.Tensor,
+    mask: str = "falcon",
+) -> torch.Tensor:
+    """Scores from ONE pass over the concatenated sequence [history; candidates] with an explicit mask.
+
+    Written independently of `history`/`candidates` so tests can check the cached M-FALCON path against
+    it. mask="falcon": candidates see the history and themselves only. mask="causal": the naive way,
+    candidates also see the candidates before them (scores then depend on the batch); for benchmarks.
+    """
+    B, L = hist_item.shape
+    M = cand_item.shape[1]
+    T = L + M
+    hidden_h = model.items(hist_emb, hist_item) * hist_valid.unsqueeze(-1)
+    e = model.items(cand_emb, cand_item)
+    x = torch.cat([hidden_h, e + model.cand_type], 1)
+    ts = torch.cat([hist_ts, query_ts.expand(B, M)], 1)
+    pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(hist_item.device)
+    dist = pos.unsqueeze(1) - pos.unsqueeze(0)
+    rab = model.rab(dist.unsqueeze(0).expand(B, T, T), ts.unsqueeze(2) - ts.unsqueeze(1))
+    valid = torch.cat([hist_valid, torch.ones(B, M, dtype=hist_valid.dtype, device=hist_valid.device)], 1)
+    idx = torch.arange(T, device=hist_item.device)
+    allowed = idx.unsqueeze(1) >= idx.unsqueeze(0)  # causal
+    if mask == "falcon":
+        is_cand = idx >= L
+        allowed = allowed & ~(is_cand.unsqueeze(1) & is_cand.unsqueeze(0) & (idx.unsqueeze(1) != idx.unsqueeze(0)))
+    m = allowed.unsqueeze(0).to(x.dtype) * valid.unsqueeze(1)
+    for layer in model.layers:
+        u, v, q, k = layer.project(x)
+        logits = torch.einsum("bihd,bjhd->bhij", model._heads(q, model.dqk), model._heads(k, model.dqk))
+        a = model._pointwise(logits + rab.unsqueeze(1)) * m.unsqueeze(1)
+        attn = torch.einsum("bhij,bjhd->bihd", a, model._heads(v, model.dv)).reshape(B, T, -1)
+        x = layer.finish(x, u, attn)
+    q_user = model.next_item_query(x[:, L - 1]).unsqueeze(1)
+    base = (q_user * F.normalize(e, dim=-1)).sum(-1) / model.temperature
+    return base + model.cand_head(model.ln_out(x[:, L:])).squeeze(-1)

@@ -1,0 +1,249 @@
+"""`falconrec build`: data -> embed -> train -> export -> index, skipping steps whose inputs did not change.
+
+Each step records the hash of its inputs in artifacts/<config>/build.json; a step runs again only when
+that hash changes or its outputs are missing. Ends with a summary table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.artifacts import ArtifactPaths
+from service.contract import MODEL_NAMES, Manifest, ModelDims, onnx_path
+from training.config import BuildConfig
+from training.data import Dataset, default_ml1m_dir, load_ml1m, make_synthetic, sha256_file
+
+
+def _h(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    return sha256_file(path)[:16]
+
+
+@dataclass
+class StepResult:
+    name: str
+    ran: bool
+    seconds: float
+    outputs: list[Path]
+    info: dict = field(default_factory=dict)
+
+
+class Builder:
+    def __init__(
+        self,
+        cfg: BuildConfig,
+        artifacts: Path,
+        repo: Path,
+        data_dir: Path | None = None,
+        download: bool = False,
+        force: bool = False,
+        log: Callable[[str], None] = print,
+        tensorrt: bool = False,
+    ):
+        self.cfg = cfg
+        self.paths = ArtifactPaths.for_config(cfg.name, artifacts)
+        self.repo = Path(repo)
+        self.data_dir = data_dir
+        self.download = download
+        self.force = force
+        self.log = log
+        self.tensorrt = tensorrt
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.state: dict = json.loads(self.paths.build_state.read_text()) if self.paths.build_state.exists() else {}
+        self.results: list[StepResult] = []
+
+    # --- step bookkeeping --------------------------------------------------------------------------
+    def _step(self, name: str, inputs: str, outputs: list[Path], run: Callable[[], dict]) -> StepResult:
+        prev = self.state.get(name, {})
+        fresh = prev.get("inputs") == inputs and all(p.exists() for p in outputs)
+        if fresh and not self.force:
+            res = StepResult(name, False, 0.0, outputs, prev.get("info", {}))
+            self.log(f"[{name}] up to date")
+        else:
+            self.log(f"[{name}] running")
+            t = time.time()
+            info = run()
+            res = StepResult(name, True, time.time() - t, outputs, info)
+            self.state[name] = {"inputs": inputs, "info": info, "seconds": res.seconds}
+            self.paths.build_state.write_text(json.dumps(self.state, indent=2))
+        self.results.append(res)
+        return res
+
+    # --- steps ---------------------------------------------------------------------------------------
+    def data(self) -> Dataset:
+        c = self.cfg.data
+        if c.source == "ml1m":
+            d = Path(self.data_dir) if self.data_dir else default_ml1m_dir()
+            src = (
+                [file_hash(d / f) for f in ("ratings.dat", "movies.dat")] if (d / "ratings.dat").exists() else [str(d)]
+            )
+        else:
+            src = []
+        inputs = _h(self.cfg.section_hash("data"), src)
+
+        def run() -> dict:
+            if c.source == "ml1m":
+                ds = load_ml1m(self.data_dir, download=self.download)
+            elif c.source == "synthetic":
+                ds = make_synthetic(c.num_users, c.num_items, seed=c.seed)
+            else:
+                raise ValueError(f"unknown data source {c.source!r}: use ml1m or synthetic")
+            ds.save(self.paths.data)
+            return {
+                "users": ds.num_users,
+                "items": ds.num_items,
+                "interactions": int(sum(map(len, ds.seqs))),
+                "fingerprint": ds.fingerprint(),
+            }
+
+        self._step("data", inputs, [self.paths.data], run)
+        return Dataset.load(self.paths.data)
+
+    def embed(self, ds: Dataset) -> tuple[np.ndarray, dict]:
+        from training.embed import embed_texts, load_embeddings, save_embeddings, texts_hash
+
+        inputs = _h(self.cfg.section_hash("embed"), texts_hash(ds.item_texts))
+
+        def run() -> dict:
+            emb, meta = embed_texts(
+                ds.item_texts, self.cfg.embed.model, self.paths.embed_cache, self.cfg.embed.batch_size
+            )
+            save_embeddings(self.paths.content_emb, emb, meta)
+            return meta
+
+        self._step("embed", inputs, [self.paths.content_emb], run)
+        return load_embeddings(self.paths.content_emb, ds.item_texts)
+
+    def train(self, ds: Dataset, emb: np.ndarray) -> None:
+        from training import train as T
+
+        base = _h(self.state["data"]["info"]["fingerprint"], file_hash(self.paths.content_emb), self.cfg.seed)
+        jobs = [
+            ("towers", ("towers", "ranker"), self.paths.towers, T.train_towers),
+            ("ranker", ("ranker",), self.paths.ranker, T.train_ranker),
+            ("sasrec", ("ranker", "sasrec"), self.paths.sasrec, T.train_sasrec),
+        ]
+        for name, sections, path, fn in jobs:
+
+            def run(fn=fn, path=path) -> dict:
+                model, kwargs, info = fn(self.cfg, ds, emb, log=self.log)
+                T.save_checkpoint(path, model, kwargs, {"train": info})
+                return {k: v for k, v in info.items() if k != "epochs"}
+
+            self._step(f"train-{name}", _h(base, self.cfg.section_hash(*sections)), [path], run)
+
+    def dims(self, ds: Dataset, emb: np.ndarray) -> ModelDims:
+        r, t = self.cfg.ranker, self.cfg.towers
+        return ModelDims(
+            content_dim=int(emb.shape[1]),
+            tower_dim=t.d_model,
+            max_len=r.max_len,
+            d_model=r.d_model,
+            num_layers=r.num_layers,
+            num_heads=r.num_heads,
+            dqk=r.dqk,
+            dv=r.dv,
+            num_items=ds.num_items,
+        )
+
+    def model_version(self) -> str:
+        return _h(file_hash(self.paths.towers), file_hash(self.paths.ranker))[:12]
+
+    def export(self, ds: Dataset, emb: np.ndarray, emb_meta: dict) -> Manifest:
+        from exporters.onnx_export import export_all
+        from exporters.triton_config import TritonOptions, write_configs
+        from training import train as T
+        from training.models import HSTURanker, TwoTower
+
+        dims = self.dims(ds, emb)
+        version = self.model_version()
+        manifest = Manifest(
+            config=self.cfg.name,
+            model_version=version,
+            dims=dims,
+            embedding_model=emb_meta["model"],
+            embedding_version=_h(emb_meta["model"], emb_meta["texts_hash"])[:12],
+            num_candidates=self.cfg.serve.num_candidates,
+            microbatch=self.cfg.serve.microbatch,
+        )
+        outputs = [onnx_path(self.repo, m) for m in MODEL_NAMES] + [self.repo / n / "config.pbtxt" for n in MODEL_NAMES]
+
+        def run() -> dict:
+            towers = T.load_checkpoint(self.paths.towers, TwoTower)
+            ranker = T.load_checkpoint(self.paths.ranker, HSTURanker)
+            for m in MODEL_NAMES:  # a half-written repository must never look complete
+                shutil.rmtree(self.repo / m, ignore_errors=True)
+            export_all(towers, ranker, dims, self.repo)
+            write_configs(self.repo, dims, TritonOptions(tensorrt=self.tensorrt))
+            manifest.write(self.repo)
+            return {
+                "model_version": version,
+                "onnx_bytes": sum(onnx_path(self.repo, m).stat().st_size for m in MODEL_NAMES),
+            }
+
+        inputs = _h(
+            version, str(self.repo.resolve()), self.tensorrt, manifest.embedding_version, self.cfg.section_hash("serve")
+        )
+        res = self._step("export", inputs, outputs, run)
+        if not res.ran and not (self.repo / "falconrec.json").exists():
+            manifest.write(self.repo)
+        return manifest
+
+    def index(self, ds: Dataset, emb: np.ndarray, manifest: Manifest) -> None:
+        from exporters.faiss_index import INDEX_FILE, build_index, save_index
+        from service.onnx_backend import OnnxBackend
+
+        def run() -> dict:
+            # Vectors come from the exported ONNX item tower: exactly what the service would compute.
+            backend = OnnxBackend(self.repo, manifest.dims, providers=["CPUExecutionProvider"])
+            ids = np.arange(1, ds.num_items + 1, dtype=np.int64)
+            vecs = np.concatenate(
+                [
+                    backend.item_vectors(emb[a - 1 : a - 1 + 4096].astype(np.float32), ids[a - 1 : a - 1 + 4096])
+                    for a in range(1, ds.num_items + 1, 4096)
+                ]
+            )
+            index, kind = build_index(vecs, ids, self.cfg.index.kind, self.cfg.index.exact_below, self.cfg.index.hnsw_m)
+            save_index(index, self.paths.index_dir, kind, manifest.model_version)
+            return {"kind": kind, "count": int(index.ntotal)}
+
+        inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
+        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE], run)
+
+    def build(self) -> list[StepResult]:
+        ds = self.data()
+        emb, meta = self.embed(ds)
+        self.train(ds, emb)
+        manifest = self.export(ds, emb, meta)
+        self.index(ds, emb, manifest)
+        return self.results
+
+
+def summary_rows(results: list[StepResult]) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for r in results:
+        size = sum(p.stat().st_size for p in r.outputs if p.exists())
+        metric = ""
+        if "best_valid_ndcg@10" in r.info:
+            metric = f"valid NDCG@10 {r.info['best_valid_ndcg@10']:.4f}"
+        elif "users" in r.info:
+            metric = f"{r.info['users']} users, {r.info['items']} items, {r.info['interactions']} events"
+        elif "dim" in r.info:
+            metric = f"{r.info['model']} dim {r.info['dim']}"
+        elif "kind" in r.info:
+            metric = f"{r.info['kind']} over {r.info['count']} items"
+        elif "model_version" in r.info:
+            metric = f"version {r.info['model_version']}"
+        rows.append((r.name, "ran" if r.ran else "cached", f"{r.seconds:.1f}s", f"{size / 1e6:.2f} MB", metric))
+    return rows
