@@ -25,10 +25,11 @@ def _tensor(t: TensorSpec) -> str:
     return f'  {{\n    name: "{t.name}"\n    data_type: {TRITON_DTYPES[t.dtype]}\n    dims: [ {dims} ]\n  }}'
 
 
-def render(spec: ModelSpec, opts: TritonOptions = TritonOptions()) -> str:
+def render(spec: ModelSpec, opts: TritonOptions = TritonOptions(), backend: str | None = None) -> str:
+    """config.pbtxt text; `backend="python"` swaps the ONNX Runtime platform for the Python backend."""
     parts = [
         f'name: "{spec.name}"',
-        f'platform: "{PLATFORM}"',
+        f'backend: "{backend}"' if backend else f'platform: "{PLATFORM}"',
         f"max_batch_size: {opts.max_batch_size}",
         "input [\n" + ",\n".join(_tensor(t) for t in spec.inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(t) for t in spec.outputs) + "\n]",

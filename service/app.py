@@ -70,7 +70,8 @@ async def build_components(settings: Settings) -> Components:
     if settings.backend == "triton":
         from service.triton_backend import TritonBackend
 
-        backend, fallback = TritonBackend.from_settings(settings, manifest.dims), onnx
+        backend = TritonBackend.from_settings(settings, manifest.dims)
+        fallback = onnx if settings.triton_fallback else None
     store: FeatureStore
     if settings.redis_url:
         store = RedisStore(

@@ -224,6 +224,66 @@ def load_redis_cmd(
     console.print(out)
 
 
+@app.command()
+def loadtest(
+    host: Annotated[str, typer.Option(help="running server")] = "http://127.0.0.1:8000",
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    rate: Annotated[float, typer.Option(help="requests per second, total")] = 50.0,
+    duration: Annotated[int, typer.Option(help="seconds")] = 60,
+    users: Annotated[int, typer.Option(help="Locust users (concurrency)")] = 20,
+    budget_ms: Annotated[float, typer.Option(help="p99 SLO in ms")] = 20.0,
+    num_candidates: Annotated[int | None, typer.Option(help="candidates ranked per request")] = None,
+    out: Annotated[Path, typer.Option(help="where CSV, PNG and summary.md go")] = Path("loadtest/results"),
+) -> None:
+    """Fixed-rate headless Locust run; exits 1 when p99 > budget or errors > 0.1 %."""
+    from loadtest.run import run_loadtest
+    from service.artifacts import ArtifactPaths
+
+    rc, md = run_loadtest(
+        host,
+        ArtifactPaths.for_config(config, artifacts).data,
+        rate,
+        duration,
+        users,
+        out,
+        budget_ms,
+        num_candidates=num_candidates,
+    )
+    Console().print(md)
+    raise typer.Exit(rc)
+
+
+@app.command()
+def bench(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    requests: Annotated[int, typer.Option(help="requests for the per-stage breakdown")] = 50,
+    repeat: Annotated[int, typer.Option(help="timed repeats per ranking cell (median)")] = 3,
+) -> None:
+    """Per-stage latency of one request; M-FALCON vs naive vs per-candidate; ORT vs torch eager."""
+    _offline()
+    from service.contract import Manifest
+    from training.bench import ranking_table, stage_breakdown
+
+    stages = stage_breakdown(config, artifacts, repo, requests)
+    t = Table(title=f"one /v1/recommend, in-process ({config}), median of {requests} users")
+    t.add_column("stage")
+    t.add_column("ms", justify="right")
+    for k, v in stages.items():
+        t.add_row(k, f"{v:.2f}" if "candidates" not in k else f"{v:.0f}")
+    Console().print(t)
+    mb = Manifest.read(repo).microbatch
+    rows = ranking_table(config, artifacts, repo, mb, repeat)
+    t = Table(title=f"ranking m candidates after n history items (microbatch {mb}, 1 thread, median ms)")
+    for col in rows[0]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(*(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()))
+    Console().print(t)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("falconrec").setLevel(os.environ.get("FALCONREC_LOG_LEVEL", "INFO"))

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     embedding_cache_items: int = Field(200_000, ge=0, description="in-process LRU in front of Redis")
 
     backend: Literal["onnx", "triton"] = "onnx"
+    triton_url: str = "127.0.0.1:8001"  # host:port (gRPC) or host:port (HTTP)
+    triton_protocol: Literal["grpc", "http"] = "grpc"
+    triton_timeout_ms: float = Field(50.0, gt=0, description="per call, also capped by the request budget")
+    triton_retry_s: float = Field(2.0, gt=0, description="after a failure, skip Triton this long")
+    triton_fallback: bool = Field(True, description="fall back to in-process ONNX Runtime when Triton fails")
     onnx_providers: list[str] | None = None  # default: TensorRT -> CUDA -> CPU, whichever exist
     intra_op_threads: int = Field(1, ge=0)
     inference_workers: int | None = None

@@ -58,7 +58,8 @@ def test_recommend_with_explicit_history_matches_stored_user(client, catalog):
     items, ts = catalog.user_histories[uid]
     a = client.post("/v1/recommend", json={"user_id": uid, "k": 5}).json()
     b = client.post(
-        "/v1/recommend", json={"history": [{"item_id": int(i), "ts": int(t)} for i, t in zip(items, ts, strict=True)], "k": 5}
+        "/v1/recommend",
+        json={"history": [{"item_id": int(i), "ts": int(t)} for i, t in zip(items, ts, strict=True)], "k": 5},
     ).json()
     assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
     assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-5)

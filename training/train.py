@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +35,12 @@ def seed_all(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def train_device() -> torch.device:
+    """FALCONREC_TRAIN_DEVICE, else CUDA when present, else CPU (the ml1m configs fit either)."""
+    name = os.environ.get("FALCONREC_TRAIN_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def content_table(emb16: np.ndarray) -> torch.Tensor:
     """[N+1, E] float32 with row 0 = zeros (padding), from the float16 [N, E] embeddings."""
     t = torch.zeros(emb16.shape[0] + 1, emb16.shape[1])
@@ -45,7 +52,7 @@ def content_table(emb16: np.ndarray) -> torch.Tensor:
 # checkpoints (safetensors + JSON kwargs, never pickle)
 # --------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model: torch.nn.Module, kwargs: dict, extra: dict | None = None) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps({"kwargs": kwargs, **(extra or {})}, indent=2))
 
 
@@ -63,14 +70,15 @@ def history_tensors(ds: Dataset, users: list[int], split: str, max_len: int, tab
     ex = [ds.valid_example(u) if split == "valid" else ds.test_example(u) for u in users]
     items, valid = left_pad([e[0] for e in ex], max_len)
     ts, _ = left_pad([e[1] for e in ex], max_len)
-    item_t = torch.from_numpy(items)
+    dev = table.device
+    item_t = torch.from_numpy(items).to(dev)
     return (
         table[item_t],
         item_t,
-        torch.from_numpy(ts),
-        torch.from_numpy(valid),
+        torch.from_numpy(ts).to(dev),
+        torch.from_numpy(valid).to(dev),
         np.array([e[2] for e in ex]),
-        torch.from_numpy(np.array([e[3] for e in ex], dtype=np.int64)),
+        torch.from_numpy(np.array([e[3] for e in ex], dtype=np.int64)).to(dev),
     )
 
 
@@ -82,11 +90,12 @@ def ranker_scores_full(model: HSTURanker, hist, table: torch.Tensor, chunk: int 
     U, L = item.shape
     q = model.next_item_query(hidden[:, -1]).unsqueeze(1)
     N = table.shape[0] - 1
-    out = torch.empty(U, N)
+    dev = table.device
+    out = torch.empty(U, N, device=dev)
     for a in range(1, N + 1, chunk):
-        ids = torch.arange(a, min(a + chunk, N + 1))
+        ids = torch.arange(a, min(a + chunk, N + 1), device=dev)
         c_item = ids.expand(U, -1)
-        pos = torch.full(c_item.shape, L, dtype=torch.int64)
+        pos = torch.full(c_item.shape, L, dtype=torch.int64, device=dev)
         out[:, a - 1 : a - 1 + len(ids)] = model.candidates(
             k, v, q.expand(U, len(ids), -1), ts, valid, table[c_item], c_item, pos, qts.unsqueeze(1).expand_as(c_item)
         )
@@ -111,23 +120,23 @@ def evaluate_scorer(
     for a in range(0, len(users), batch):
         hist = history_tensors(ds, users[a : a + batch], split, max_len, table)
         scores = score_fn(hist)
-        target = torch.from_numpy(hist[4] - 1)
+        target = torch.from_numpy(hist[4] - 1).to(scores.device)
         tscore = scores.gather(1, target.unsqueeze(1))
-        ranks.append((scores > tscore).sum(1).numpy())
+        ranks.append((scores > tscore).sum(1).cpu().numpy())
     return rank_metrics(np.concatenate(ranks))
 
 
 # --------------------------------------------------------------------------------------------------
 # shared AR batch
 # --------------------------------------------------------------------------------------------------
-def _ar_batch(ds: Dataset, users: np.ndarray, max_len: int, rng: np.random.Generator):
+def _ar_batch(ds: Dataset, users: np.ndarray, max_len: int, rng: np.random.Generator, dev: torch.device):
     """Windows of max_len+1 training items: inputs are the first max_len, targets the shifted ones."""
     seqs = [ds.train_seq(u)[0] for u in users]
     times = [ds.train_seq(u)[1] for u in users]
     ws, ts = sample_windows(seqs, times, max_len + 1, rng)
     w, wv = left_pad(ws, max_len + 1)
     wt, _ = left_pad(ts, max_len + 1)
-    return torch.from_numpy(w), torch.from_numpy(wt), torch.from_numpy(wv)
+    return torch.from_numpy(w).to(dev), torch.from_numpy(wt).to(dev), torch.from_numpy(wv).to(dev)
 
 
 def _sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, temp: float):
@@ -136,7 +145,9 @@ def _sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mask
     ln = q @ neg.T
     logits = torch.cat([lp, ln], -1) / temp
     loss = F.cross_entropy(
-        logits.flatten(0, 1), torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long), reduction="none"
+        logits.flatten(0, 1),
+        torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=q.device),
+        reduction="none",
     )
     return (loss * mask.flatten()).sum() / mask.sum().clamp(min=1)
 
@@ -152,6 +163,7 @@ def _fit(
     validate: Callable,
     seed: int,
     log: Callable[[str], None],
+    eval_every: int = 1,
 ) -> tuple[torch.nn.Module, dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -170,6 +182,9 @@ def _fit(
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if epoch % eval_every and epoch != epochs:
+            log(f"{name} epoch {epoch}: loss {np.mean(losses):.4f}")
+            continue
         model.eval()
         m = validate()
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), **m})
@@ -177,7 +192,7 @@ def _fit(
         if m["ndcg@10"] > best:
             best, best_state = m["ndcg@10"], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
-    model.eval()
+    model.eval().cpu()
     return model, {"best_valid_ndcg@10": best, "epochs": history, "train_seconds": time.time() - t0}
 
 
@@ -212,15 +227,17 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     r = cfg.ranker
     table = content_table(emb16)
     kwargs = ranker_kwargs(cfg, ds, emb16.shape[1])
-    model = HSTURanker(**kwargs)
+    dev = train_device()
+    table = table.to(dev)
+    model = HSTURanker(**kwargs).to(dev)
     model.items.set_content_stats(table)
     L, S, K, N = r.max_len, r.target_positions, r.cand_negatives, ds.num_items
 
     def step(users: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        w, wt, wv = _ar_batch(ds, users, L, rng)
+        w, wt, wv = _ar_batch(ds, users, L, rng, dev)
         item, ts, valid = w[:, :L], wt[:, :L], wv[:, :L]
         hidden, k, v = model.history(table[item], item, ts, valid)
-        aux_negs = torch.from_numpy(rng.integers(1, N + 1, size=r.negatives))
+        aux_negs = torch.from_numpy(rng.integers(1, N + 1, size=r.negatives)).to(dev)
         neg_out = model.item_out(table[aux_negs], aux_negs)
         negs = aux_negs[:K]
         # Auxiliary next-item loss on every history position (plain HSTU training signal).
@@ -231,7 +248,7 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
         # Target-aware loss: at S target positions p, rank the true item w[p] among K negatives, with
         # the candidate seeing history j < p only: exactly what serving computes at p = L.
         B = w.shape[0]
-        p_valid = (wv[:, 1:] * wv[:, :-1]).numpy()  # target p=1..L needs item p and item p-1 valid
+        p_valid = (wv[:, 1:] * wv[:, :-1]).cpu().numpy()  # target p=1..L needs item p and item p-1 valid
         pos = np.zeros((B, S), dtype=np.int64)
         pmask = np.zeros((B, S), dtype=np.float32)
         for b in range(B):
@@ -240,7 +257,7 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
                 pick = rng.choice(choices, size=S, replace=len(choices) < S)
                 pick[0] = L  # always train the serving position (newest target)
                 pos[b], pmask[b] = pick, 1.0
-        pos_t = torch.from_numpy(pos)
+        pos_t = torch.from_numpy(pos).to(dev)
         true_item = w.gather(1, pos_t)  # [B,S]
         cand_item = torch.cat([true_item.unsqueeze(-1), negs.expand(B, S, K)], -1).reshape(B, -1)
         cand_pos = pos_t.unsqueeze(-1).expand(B, S, K + 1).reshape(B, -1)
@@ -249,8 +266,10 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
         q_at = queries.gather(1, (pos_t - 1).unsqueeze(-1).expand(B, S, d))  # query of prefix j < p
         cand_q = q_at.unsqueeze(2).expand(B, S, K + 1, d).reshape(B, -1, d)
         scores = model.candidates(k, v, cand_q, ts, valid, table[cand_item], cand_item, cand_pos, cand_ts)
-        ce = F.cross_entropy(scores.reshape(B * S, K + 1), torch.zeros(B * S, dtype=torch.long), reduction="none")
-        pm = torch.from_numpy(pmask).flatten()
+        ce = F.cross_entropy(
+            scores.reshape(B * S, K + 1), torch.zeros(B * S, dtype=torch.long, device=dev), reduction="none"
+        )
+        pm = torch.from_numpy(pmask).flatten().to(dev)
         main = (ce * pm).sum() / pm.sum().clamp(min=1)
         return main + r.aux_weight * aux
 
@@ -259,7 +278,9 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     def validate() -> dict:
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: ranker_scores_full(model, h, table))
 
-    model, info = _fit("ranker", model, r.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log)
+    model, info = _fit(
+        "ranker", model, r.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
+    )
     return model, kwargs, info
 
 
@@ -285,15 +306,17 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     r = cfg.ranker
     table = content_table(emb16)
     kwargs = sasrec_kwargs(cfg, ds, emb16.shape[1])
-    model = SASRec(**kwargs)
+    dev = train_device()
+    table = table.to(dev)
+    model = SASRec(**kwargs).to(dev)
     model.items.set_content_stats(table)
     L, K, N = r.max_len, r.negatives, ds.num_items
 
     def step(users, rng):
-        w, _, wv = _ar_batch(ds, users, L, rng)
+        w, _, wv = _ar_batch(ds, users, L, rng, dev)
         item, valid = w[:, :L], wv[:, :L]
         q = model(table[item], item, valid)
-        negs = torch.from_numpy(rng.integers(1, N + 1, size=K))
+        negs = torch.from_numpy(rng.integers(1, N + 1, size=K)).to(dev)
         tgt = w[:, 1:]
         return _sampled_softmax(
             q, model.item_out(table[tgt], tgt), model.item_out(table[negs], negs), wv[:, 1:] * valid, r.temperature
@@ -304,7 +327,9 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     def validate():
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: sasrec_scores_full(model, h, table))
 
-    model, info = _fit("sasrec", model, cfg.sasrec.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log)
+    model, info = _fit(
+        "sasrec", model, cfg.sasrec.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
+    )
     return model, kwargs, info
 
 
@@ -312,7 +337,7 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
 def sasrec_scores_full(model: SASRec, hist, table: torch.Tensor) -> torch.Tensor:
     emb, item, _, valid, _, _ = hist
     q = model(emb, item, valid)[:, -1]
-    ids = torch.arange(1, table.shape[0])
+    ids = torch.arange(1, table.shape[0], device=table.device)
     return q @ model.item_out(table[ids], ids).T
 
 
@@ -334,7 +359,7 @@ def towers_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
 
 @torch.inference_mode()
 def all_item_vecs(model: TwoTower, table: torch.Tensor) -> torch.Tensor:
-    ids = torch.arange(1, table.shape[0])
+    ids = torch.arange(1, table.shape[0], device=table.device)
     return model.item_vec(table[ids], ids)
 
 
@@ -343,17 +368,19 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     t = cfg.towers
     table = content_table(emb16)
     kwargs = towers_kwargs(cfg, ds, emb16.shape[1])
-    model = TwoTower(**kwargs)
+    dev = train_device()
+    table = table.to(dev)
+    model = TwoTower(**kwargs).to(dev)
     model.item_in.set_content_stats(table)
     model.user_in.set_content_stats(table)
     L, N = cfg.ranker.max_len, ds.num_items
     K = min(1024, N)
 
     def step(users, rng):
-        w, _, wv = _ar_batch(ds, users, L, rng)
+        w, _, wv = _ar_batch(ds, users, L, rng, dev)
         item, valid = w[:, :L], wv[:, :L]
         q = model.user_seq(table[item], item, valid)
-        negs = torch.from_numpy(rng.integers(1, N + 1, size=K))
+        negs = torch.from_numpy(rng.integers(1, N + 1, size=K)).to(dev)
         tgt = w[:, 1:]
         return _sampled_softmax(
             q, model.item_vec(table[tgt], tgt), model.item_vec(table[negs], negs), wv[:, 1:] * valid, t.temperature
@@ -365,7 +392,9 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
         iv = all_item_vecs(model, table)
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: towers_user_vec(model, h) @ iv.T)
 
-    model, info = _fit("towers", model, t.epochs, t.batch_size, t.lr, ds, step, validate, cfg.seed, log)
+    model, info = _fit(
+        "towers", model, t.epochs, t.batch_size, t.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
+    )
     return model, kwargs, info
 
 

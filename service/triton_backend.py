@@ -1,0 +1,95 @@
+"""Triton backend: the same models and tensors (service.contract) over tritonclient, gRPC or HTTP.
+
+Each call carries a timeout inside the request's budget. After a failure the backend is marked down
+for `retry_s` so later requests go straight to the fallback instead of paying a connect timeout each.
+Candidate microbatches arrive as separate requests, so Triton's dynamic batcher can merge them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from service.contract import TRITON_DTYPES, ModelDims, model_specs
+from service.inference import BackendUnavailable, InferenceBackend
+
+log = logging.getLogger("falconrec.triton")
+
+
+class TritonBackend(InferenceBackend):
+    name = "triton"
+
+    def __init__(self, url: str, dims: ModelDims, protocol: str = "grpc", timeout_s: float = 1.0, retry_s: float = 2.0):
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as tc
+        elif protocol == "http":
+            import tritonclient.http.aio as tc
+        else:
+            raise ValueError(f"triton protocol must be grpc or http, not {protocol!r}")
+        self.tc = tc
+        self.url, self.protocol = url, protocol
+        self.client = tc.InferenceServerClient(url=url)
+        self.specs = model_specs(dims)
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.down_until = 0.0
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings, dims: ModelDims) -> TritonBackend:
+        return cls(
+            settings.triton_url,
+            dims,
+            settings.triton_protocol,
+            settings.triton_timeout_ms / 1000,
+            settings.triton_retry_s,
+        )
+
+    def _down(self, e: BaseException) -> None:
+        if time.monotonic() >= self.down_until:
+            log.warning("triton at %s unavailable: %r", self.url, e)
+        self.down_until = time.monotonic() + self.retry_s
+        self.last_error = f"{type(e).__name__}: {e}"
+
+    async def infer(self, model, inputs, timeout_s=None):
+        if time.monotonic() < self.down_until:
+            raise BackendUnavailable(self.last_error or "triton marked down")
+        spec = self.specs[model]
+        ins = []
+        for t in spec.inputs:
+            arr = np.ascontiguousarray(inputs[t.name], dtype=t.np_dtype)
+            i = self.tc.InferInput(t.name, list(arr.shape), TRITON_DTYPES[t.dtype].removeprefix("TYPE_"))
+            i.set_data_from_numpy(arr)
+            ins.append(i)
+        outs = [self.tc.InferRequestedOutput(t.name) for t in spec.outputs]
+        budget = min(timeout_s or self.timeout_s, self.timeout_s)
+        try:
+            res = await asyncio.wait_for(self.client.infer(model, ins, outputs=outs), budget)
+        except Exception as e:  # noqa: BLE001 - timeouts, refused connections, server errors alike
+            self._down(e)
+            raise BackendUnavailable(self.last_error) from e
+        return {t.name: res.as_numpy(t.name) for t in spec.outputs}
+
+    async def ready(self) -> bool:
+        if time.monotonic() < self.down_until:
+            return False
+        try:
+            return bool(await asyncio.wait_for(self.client.is_server_ready(), 0.5))
+        except Exception as e:  # noqa: BLE001
+            self._down(e)
+            return False
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.name,
+            "url": self.url,
+            "protocol": self.protocol,
+            "down": time.monotonic() < self.down_until,
+            "error": self.last_error,
+        }
+
+    async def close(self) -> None:
+        await self.client.close()

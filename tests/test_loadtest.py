@@ -1,0 +1,30 @@
+"""The headless Locust runner against the real tiny server (a few seconds, loopback only)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from loadtest.report import summarize
+from loadtest.run import run_loadtest
+
+
+def test_headless_run_writes_csv_png_summary(server, tiny_build, tmp_path):
+    pytest.importorskip("locust")
+    rc, md = run_loadtest(
+        server.url, tiny_build.paths.data, rate=20, duration_s=4, users=4, out_dir=tmp_path, budget_ms=5000
+    )
+    assert rc == 0, md
+    for f in ("latencies.csv", "latency.png", "summary.md"):
+        assert (tmp_path / f).stat().st_size > 0
+    s = summarize(tmp_path / "latencies.csv")
+    assert s.requests >= 20 and s.error_rate == 0.0
+    with open(tmp_path / "latencies.csv") as f:
+        lat = [float(r["latency_ms"]) for r in csv.DictReader(f)]
+    assert any(x != round(x) for x in lat)  # exact, not Locust's whole-millisecond rounding
+    # The same run judged against an impossible SLO fails.
+    rc2, _ = run_loadtest(
+        server.url, tiny_build.paths.data, rate=10, duration_s=2, users=2, out_dir=tmp_path / "b", budget_ms=0.001
+    )
+    assert rc2 == 1

@@ -1,0 +1,94 @@
+"""The Triton backend against the real `tritonserver` (pytriton's bundled binary, Python backend running
+the same ONNX files), over gRPC and HTTP; and the fallback when Triton is killed mid-run."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from exporters.triton_local import DEFAULT_VENV, find_tritonserver, start_tritonserver
+from exporters.triton_twin import write_twin
+from service.catalog import Catalog
+from tests.conftest import ROOT, RunningServer, server_settings
+
+VENV = ROOT / DEFAULT_VENV
+pytestmark = pytest.mark.skipif(
+    find_tritonserver(VENV) is None, reason="tritonserver not installed (tests/setup_triton.sh makes .venv-triton)"
+)
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_build, tmp_path_factory):
+    twin = write_twin(tiny_build.repo, tmp_path_factory.mktemp("triton") / "repo")
+    t = start_tritonserver(twin, VENV)
+    yield t
+    t.kill()
+
+
+@pytest.fixture(scope="module")
+def catalog(tiny_build):
+    return Catalog.load(tiny_build.paths.data)
+
+
+def _requests(catalog):
+    users = list(catalog.user_histories)[:5]
+    items = catalog.raw_ids[:200].tolist()
+    return users, items
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_backend_matches_in_process(tiny_build, triton, server, catalog, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    srv = RunningServer(
+        server_settings(
+            tiny_build, backend="triton", triton_url=url, triton_protocol=protocol, grpc_port=0, triton_timeout_ms=5000
+        )
+    )
+    try:
+        users, items = _requests(catalog)
+        with httpx.Client(timeout=30) as c:
+            ready = c.get(f"{srv.url}/readyz").json()
+            assert ready["status"] == "ok" and ready["backend"]["backend"] == "triton"
+            for u in users:
+                a = c.post(f"{srv.url}/v1/recommend", json={"user_id": u, "k": 10}).json()
+                b = c.post(f"{server.url}/v1/recommend", json={"user_id": u, "k": 10}).json()
+                assert not a["degraded"], a["degraded_reasons"]
+                assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+                assert (
+                    np.abs(np.array([i["score"] for i in a["items"]]) - [i["score"] for i in b["items"]]).max() <= 1e-5
+                )
+                sa = c.post(f"{srv.url}/v1/score", json={"user_id": u, "item_ids": items}).json()
+                sb = c.post(f"{server.url}/v1/score", json={"user_id": u, "item_ids": items}).json()
+                diff = np.abs(np.array([s["score"] for s in sa["scores"]]) - [s["score"] for s in sb["scores"]])
+                assert diff.max() <= 1e-5
+    finally:
+        srv.stop()
+
+
+def test_killing_triton_falls_back_without_5xx(tiny_build, catalog, tmp_path):
+    twin = write_twin(tiny_build.repo, tmp_path / "repo")
+    t = start_tritonserver(twin, VENV)
+    srv = RunningServer(
+        server_settings(
+            tiny_build, backend="triton", triton_url=t.grpc_url, grpc_port=0, triton_timeout_ms=2000, triton_retry_s=0.5
+        )
+    )
+    try:
+        users, items = _requests(catalog)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert not c.post("/v1/recommend", json={"user_id": users[0]}).json()["degraded"]
+            t.kill()
+            codes = []
+            for u in users * 4:
+                r = c.post("/v1/recommend", json={"user_id": u})
+                codes.append(r.status_code)
+                body = r.json()
+                assert r.status_code == 200, body
+                assert body["degraded"] and any("fell back" in x for x in body["degraded_reasons"])
+                assert c.post("/v1/score", json={"user_id": u, "item_ids": items[:10]}).status_code == 200
+            ready = c.get("/readyz").json()
+            assert ready["status"] == "degraded" and "triton" in ready["reasons"][0]
+    finally:
+        srv.stop()
+        t.kill()
