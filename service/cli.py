@@ -74,7 +74,7 @@ def _print_summary(results) -> None:
     Console().print(t)
 
 
-def _run_steps(b, until: str) -> None:
+def _run_steps(b, until: str, only: set[str] | None = None) -> None:
     from training.data import DatasetError
 
     order = ["data", "embed", "train", "export", "index"]
@@ -83,7 +83,7 @@ def _run_steps(b, until: str) -> None:
         if order.index(until) >= 1:
             emb, meta = b.embed(ds)
         if order.index(until) >= 2:
-            b.train(ds, emb)
+            b.train(ds, emb, only)
         if order.index(until) >= 3:
             manifest = b.export(ds, emb, meta)
         if order.index(until) >= 4:
@@ -123,9 +123,15 @@ def train(
     config: ConfigOpt = _default_config(),
     artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
     data_dir: Annotated[Path | None, typer.Option()] = None,
+    models: Annotated[str, typer.Option(help="comma list of towers, ranker, sasrec")] = "towers,ranker,sasrec",
 ) -> None:
     """Train the LEARN towers, the HSTU ranker and the SASRec baseline (after data and embed)."""
-    _run_steps(_builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "train")
+    only = {m.strip() for m in models.split(",") if m.strip()}
+    unknown = only - {"towers", "ranker", "sasrec"}
+    if unknown:
+        console.print(f"[red]unknown models {sorted(unknown)}: choose from towers, ranker, sasrec[/red]")
+        raise typer.Exit(2)
+    _run_steps(_builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "train", only)
 
 
 @app.command()

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source service/setup_env.sh
+# The real tritonserver (pytriton's binary) lives in its own venv; its tests skip if this fails.
+bash tests/setup_triton.sh || echo "warning: tritonserver environment not installed; Triton tests will skip" >&2
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
   if ! command -v redis-server >/dev/null; then

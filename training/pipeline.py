@@ -125,23 +125,28 @@ class Builder:
         self._step("embed", inputs, [self.paths.content_emb], run)
         return load_embeddings(self.paths.content_emb, ds.item_texts)
 
-    def train(self, ds: Dataset, emb: np.ndarray) -> None:
+    def train(self, ds: Dataset, emb: np.ndarray, only: set[str] | None = None) -> None:
         from training import train as T
 
         base = _h(self.state["data"]["info"]["fingerprint"], file_hash(self.paths.content_emb), self.cfg.seed)
+        r = self.cfg.ranker
+        # What each model's training reads: the towers take only max_len and eval_every from [ranker].
+        towers_in = _h(self.cfg.section_hash("towers"), r.max_len, r.eval_every)
         jobs = [
-            ("towers", ("towers", "ranker"), self.paths.towers, T.train_towers),
-            ("ranker", ("ranker",), self.paths.ranker, T.train_ranker),
-            ("sasrec", ("ranker", "sasrec"), self.paths.sasrec, T.train_sasrec),
+            ("towers", towers_in, self.paths.towers, T.train_towers),
+            ("ranker", self.cfg.section_hash("ranker"), self.paths.ranker, T.train_ranker),
+            ("sasrec", self.cfg.section_hash("ranker", "sasrec"), self.paths.sasrec, T.train_sasrec),
         ]
-        for name, sections, path, fn in jobs:
+        for name, section_hash, path, fn in jobs:
+            if only and name not in only:
+                continue
 
             def run(fn=fn, path=path) -> dict:
                 model, kwargs, info = fn(self.cfg, ds, emb, log=self.log)
                 T.save_checkpoint(path, model, kwargs, {"train": info})
                 return {k: v for k, v in info.items() if k != "epochs"}
 
-            self._step(f"train-{name}", _h(base, self.cfg.section_hash(*sections)), [path], run)
+            self._step(f"train-{name}", _h(base, section_hash), [path], run)
 
     def dims(self, ds: Dataset, emb: np.ndarray) -> ModelDims:
         r, t = self.cfg.ranker, self.cfg.towers
