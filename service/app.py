@@ -22,7 +22,7 @@ from service.artifacts import ArtifactPaths
 from service.catalog import Catalog
 from service.contract import Manifest
 from service.deadline import Deadline
-from service.inference import InferenceBackend
+from service.inference import BackendUnavailable, InferenceBackend
 from service.metrics import Metrics
 from service.onnx_backend import OnnxBackend
 from service.recommender import BadRequest, Recommender, UnknownUser
@@ -300,6 +300,11 @@ def create_app(settings: Settings | None = None, components: Components | None =
             raise HTTPException(404, str(e)) from e
         except BadRequest as e:
             raise _unprocessable(e.field, str(e)) from e
+        except (TimeoutError, BackendUnavailable) as e:
+            c.metrics.shed.labels("/v1/recommend").inc()
+            raise HTTPException(
+                503, f"models unavailable ({type(e).__name__}), retry shortly", headers={"Retry-After": "1"}
+            ) from e
         response.headers["Server-Timing"] = res.timings.server_timing()
         c.metrics.stages(res.timings.stages)
         c.metrics.request_latency.labels("recommend").observe(time.perf_counter() - t0)
@@ -330,7 +335,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
             raise HTTPException(404, str(e)) from e
         except BadRequest as e:
             raise _unprocessable(e.field, str(e)) from e
-        except TimeoutError as e:
+        except (TimeoutError, BackendUnavailable) as e:
             raise HTTPException(503, "scoring did not finish within the budget", headers={"Retry-After": "1"}) from e
         response.headers["Server-Timing"] = tm.server_timing()
         c.metrics.request_latency.labels("score").observe(time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from service.settings import Settings
 from service.stores import FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.pipeline")
+REQUIRED_STAGE_FLOOR_S = 0.2
 
 
 class UnknownUser(LookupError):
@@ -93,9 +94,14 @@ class Recommender:
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
 
     # --- inference with fallback ---------------------------------------------------------------------
-    async def _infer(self, model: str, inputs: dict, deadline: Deadline, degraded: list[str]) -> dict:
+    async def _infer(
+        self, model: str, inputs: dict, deadline: Deadline, degraded: list[str], required: bool = False
+    ) -> dict:
+        # Required stages (the user tower: without it there is nothing to answer) get a floor of time
+        # even when the budget is spent; optional ones (ranking) are bounded by what is left.
+        timeout = max(deadline.remaining(), REQUIRED_STAGE_FLOOR_S if required else 1e-3)
         try:
-            return await self.backend.infer(model, inputs, timeout_s=max(1e-3, deadline.remaining()))
+            return await self.backend.infer(model, inputs, timeout_s=timeout)
         except (BackendUnavailable, TimeoutError) as e:
             if self.fallback is None:
                 raise

@@ -152,7 +152,9 @@ class RedisStore(FeatureStore):
             coro.close()
             raise StoreUnavailable(self.last_error or "redis not connected")
         try:
-            return await asyncio.wait_for(coro, max(1e-4, min(timeout_s, self.timeout_s)))
+            # The store's own short timeout, not the request's remaining budget: a request that has
+            # already spent its budget must not mark a healthy Redis as down.
+            return await asyncio.wait_for(coro, self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
             raise StoreUnavailable(self.last_error) from e

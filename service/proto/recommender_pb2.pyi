@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -14,7 +12,7 @@ class HistoryEvent(_message.Message):
     TS_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     ts: int
-    def __init__(self, item_id: int | None = ..., ts: int | None = ...) -> None: ...
+    def __init__(self, item_id: _Optional[int] = ..., ts: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "history", "k", "exclude_seen", "num_candidates", "budget_ms", "query_ts")
@@ -32,16 +30,7 @@ class RecommendRequest(_message.Message):
     num_candidates: int
     budget_ms: float
     query_ts: int
-    def __init__(
-        self,
-        user_id: int | None = ...,
-        history: _Iterable[HistoryEvent | _Mapping] | None = ...,
-        k: int | None = ...,
-        exclude_seen: bool | None = ...,
-        num_candidates: int | None = ...,
-        budget_ms: float | None = ...,
-        query_ts: int | None = ...,
-    ) -> None: ...
+    def __init__(self, user_id: _Optional[int] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., num_candidates: _Optional[int] = ..., budget_ms: _Optional[float] = ..., query_ts: _Optional[int] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "title")
@@ -51,26 +40,17 @@ class ScoredItem(_message.Message):
     item_id: int
     score: float
     title: str
-    def __init__(self, item_id: int | None = ..., score: float | None = ..., title: str | None = ...) -> None: ...
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., title: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = (
-        "items",
-        "model_version",
-        "degraded",
-        "degraded_reasons",
-        "timings_ms",
-        "candidates_recalled",
-        "candidates_ranked",
-    )
+    __slots__ = ("items", "model_version", "degraded", "degraded_reasons", "timings_ms", "candidates_recalled", "candidates_ranked")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
@@ -85,16 +65,7 @@ class RecommendResponse(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     candidates_recalled: int
     candidates_ranked: int
-    def __init__(
-        self,
-        items: _Iterable[ScoredItem | _Mapping] | None = ...,
-        model_version: str | None = ...,
-        degraded: bool | None = ...,
-        degraded_reasons: _Iterable[str] | None = ...,
-        timings_ms: _Mapping[str, float] | None = ...,
-        candidates_recalled: int | None = ...,
-        candidates_ranked: int | None = ...,
-    ) -> None: ...
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reasons: _Optional[_Iterable[str]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., candidates_recalled: _Optional[int] = ..., candidates_ranked: _Optional[int] = ...) -> None: ...
 
 class ScoreUser(_message.Message):
     __slots__ = ("request_id", "user_id", "history", "item_ids", "query_ts")
@@ -108,14 +79,7 @@ class ScoreUser(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[HistoryEvent]
     item_ids: _containers.RepeatedScalarFieldContainer[int]
     query_ts: int
-    def __init__(
-        self,
-        request_id: str | None = ...,
-        user_id: int | None = ...,
-        history: _Iterable[HistoryEvent | _Mapping] | None = ...,
-        item_ids: _Iterable[int] | None = ...,
-        query_ts: int | None = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[int] = ..., history: _Optional[_Iterable[_Union[HistoryEvent, _Mapping]]] = ..., item_ids: _Optional[_Iterable[int]] = ..., query_ts: _Optional[int] = ...) -> None: ...
 
 class ScoreBatchRequest(_message.Message):
     __slots__ = ("users", "budget_ms")
@@ -123,7 +87,7 @@ class ScoreBatchRequest(_message.Message):
     BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     users: _containers.RepeatedCompositeFieldContainer[ScoreUser]
     budget_ms: float
-    def __init__(self, users: _Iterable[ScoreUser | _Mapping] | None = ..., budget_ms: float | None = ...) -> None: ...
+    def __init__(self, users: _Optional[_Iterable[_Union[ScoreUser, _Mapping]]] = ..., budget_ms: _Optional[float] = ...) -> None: ...
 
 class UserScores(_message.Message):
     __slots__ = ("request_id", "scores", "degraded", "error", "error_code")
@@ -137,11 +101,4 @@ class UserScores(_message.Message):
     degraded: bool
     error: str
     error_code: str
-    def __init__(
-        self,
-        request_id: str | None = ...,
-        scores: _Iterable[float] | None = ...,
-        degraded: bool | None = ...,
-        error: str | None = ...,
-        error_code: str | None = ...,
-    ) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., degraded: _Optional[bool] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
