@@ -46,9 +46,10 @@ class ItemEmbedding(nn.Module):
             self.content_mean.copy_(table[1:].mean(0))
             self.content_std.copy_(table[1:].std(0).clamp(min=1e-3))
 
-    def forward(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, content: torch.Tensor, idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         z = (content - self.content_mean) / self.content_std
-        return self.drop(self.proj(z) + self.ids(idx))
+        e = self.proj(z) + self.ids(idx)
+        return self.drop(e) if dropout else e
 
 
 class RelativeBias(nn.Module):
@@ -123,8 +124,8 @@ class HSTURanker(nn.Module):
         return F.silu(logits) / self.max_len
 
     def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Item side of the score: the same item representation, L2-normalised."""
-        return F.normalize(self.items(content, idx), dim=-1)
+        """Item side of the score: the same item representation, L2-normalised (no dropout on targets)."""
+        return F.normalize(self.items(content, idx, dropout=False), dim=-1)
 
     # --- history (causal) --------------------------------------------------------------------------
     def history(
@@ -165,6 +166,7 @@ class HSTURanker(nn.Module):
         B, M = cand_item.shape
         L = hist_ts.shape[1]
         e = self.items(cand_emb, cand_item)
+        e_out = self.item_out(cand_emb, cand_item)  # target side of the score: no dropout
         x = e + self.cand_type
         j = torch.arange(L, device=x.device)
         dist = cand_pos.unsqueeze(-1) - j  # [B,M,L]
@@ -183,7 +185,7 @@ class HSTURanker(nn.Module):
             x = layer.finish(x, u, attn.reshape(B, M, -1))
         # Score = HSTU's next-item score (history query . item) + a target-aware term from the candidate
         # token, which has attended to the history with its own query and gated it with its own U.
-        base = (hist_q * F.normalize(e, dim=-1)).sum(-1) / self.temperature
+        base = (hist_q * e_out).sum(-1) / self.temperature
         return base + self.cand_head(self.ln_out(x)).squeeze(-1)
 
     def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -278,7 +280,7 @@ class SASRec(nn.Module):
         return F.normalize(self.enc(self.items(hist_emb, hist_item), hist_valid), dim=-1)
 
     def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.items(content, idx), dim=-1)
+        return F.normalize(self.items(content, idx, dropout=False), dim=-1)
 
 
 class TwoTower(nn.Module):
@@ -353,5 +355,5 @@ def one_pass(
         attn = torch.einsum("bhij,bjhd->bihd", a, model._heads(v, model.dv)).reshape(B, T, -1)
         x = layer.finish(x, u, attn)
     q_user = model.next_item_query(x[:, L - 1]).unsqueeze(1)
-    base = (q_user * F.normalize(e, dim=-1)).sum(-1) / model.temperature
+    base = (q_user * model.item_out(cand_emb, cand_item)).sum(-1) / model.temperature
     return base + model.cand_head(model.ln_out(x[:, L:])).squeeze(-1)
