@@ -141,8 +141,8 @@ def export(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     tensorrt: Annotated[bool, typer.Option()] = False,
 ) -> None:
-    """Write the Triton model repository (ONNX + config.pbtxt) and the FAISS index."""
-    _run_steps(_builder(config, artifacts, repo, tensorrt=tensorrt), "index")
+    """Write the Triton model repository (ONNX + config.pbtxt) and the FAISS index (no training)."""
+    _run_steps(_builder(config, artifacts, repo, tensorrt=tensorrt), "index", only=set())
 
 
 @app.command("eval")

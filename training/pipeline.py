@@ -138,7 +138,7 @@ class Builder:
             ("sasrec", self.cfg.section_hash("ranker", "sasrec"), self.paths.sasrec, T.train_sasrec),
         ]
         for name, section_hash, path, fn in jobs:
-            if only and name not in only:
+            if only is not None and name not in only:
                 continue
 
             def run(fn=fn, path=path) -> dict:
