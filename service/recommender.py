@@ -110,6 +110,10 @@ class Recommender:
                 degraded.append(reason)
             return await self.fallback.infer(model, inputs)
 
+    def _note_store(self, degraded: list[str]) -> None:
+        if not self.store.healthy:
+            degraded.append(f"store {self.store.name} unavailable: served from the local cache and request data")
+
     # --- stages --------------------------------------------------------------------------------------
     async def resolve_history(
         self, user_id: int | None, history: list[tuple[int, int]] | None, deadline: Deadline, degraded: list[str]
@@ -216,6 +220,7 @@ class Recommender:
         res = Result(items=[])
         deg, tm = res.degraded, res.timings
         h = await self.resolve_history(user_id, history, deadline, deg)
+        self._note_store(deg)
         tm.mark("history")
         st = await self.user_state(h, deadline, deg)
         tm.mark("embeddings")
@@ -292,6 +297,7 @@ class Recommender:
         if unknown:
             raise BadRequest("item_ids", f"unknown item ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
         h = await self.resolve_history(user_id, history, deadline, deg)
+        self._note_store(deg)
         st = await self.user_state(h, deadline, deg)
         tm.mark("embeddings")
         await self.history_kv(h, st, deadline, deg)

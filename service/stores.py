@@ -66,6 +66,10 @@ class FeatureStore(ABC):
     @abstractmethod
     def status(self) -> dict: ...
 
+    @property
+    def healthy(self) -> bool:
+        return True
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -198,6 +202,10 @@ class RedisStore(FeatureStore):
         h = unpack_history(raw)
         self.hist_cache.put(key, h)
         return h
+
+    @property
+    def healthy(self) -> bool:
+        return self.ok
 
     def status(self) -> dict:
         return {
