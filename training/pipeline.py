@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.artifacts import ArtifactPaths
-from service.contract import MODEL_NAMES, Manifest, ModelDims, onnx_path
+from service.contract import MANIFEST, MODEL_NAMES, Manifest, ModelDims, onnx_path
 from training.config import BuildConfig
 from training.data import Dataset, default_ml1m_dir, load_ml1m, make_synthetic, sha256_file
 
@@ -201,7 +201,7 @@ class Builder:
             version, str(self.repo.resolve()), self.tensorrt, manifest.embedding_version, self.cfg.section_hash("serve")
         )
         res = self._step("export", inputs, outputs, run)
-        if not res.ran and not (self.repo / "falconrec.json").exists():
+        if not res.ran and not (self.repo / MANIFEST).exists():
             manifest.write(self.repo)
         return manifest
 

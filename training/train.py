@@ -11,7 +11,6 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -402,7 +401,3 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
 def towers_user_vec(model: TwoTower, hist) -> torch.Tensor:
     emb, item, _, valid, _, _ = hist
     return model.user_seq(emb, item, valid)[:, -1]
-
-
-def config_summary(cfg: BuildConfig) -> dict:
-    return asdict(cfg)
