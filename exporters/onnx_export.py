@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -24,6 +25,9 @@ from service.contract import (
 from training.models import HSTURanker, TwoTower
 
 OPSET = 18
+# Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
+# build` re-exports instead of keeping a repository written by older code.
+GRAPH_REVISION = 2
 
 
 class ItemTowerGraph(nn.Module):
@@ -41,7 +45,7 @@ class UserTowerGraph(nn.Module):
         self.m = towers
 
     def forward(self, hist_emb, hist_item, hist_valid) -> torch.Tensor:
-        return self.m.user_seq(hist_emb, hist_item, hist_valid)[:, -1]
+        return self.m.user_seq(hist_emb, hist_item, hist_valid, last_only=True)[:, -1]
 
 
 class RankerHistoryGraph(nn.Module):
@@ -62,10 +66,11 @@ class RankerCandidatesGraph(nn.Module):
         self.m = ranker
 
     def forward(self, hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_emb, cand_item):
-        ones = torch.ones_like(cand_item)
-        pos = ones * hist_ts.shape[1]
-        q = hist_q.unsqueeze(1) * ones.unsqueeze(-1).to(hist_q.dtype)  # [B,M,d]
-        return self.m.candidates(hist_k, hist_v, q, hist_ts, hist_valid, cand_emb, cand_item, pos, ones * query_ts)
+        # Position and time are shared by all candidates: [B,1], broadcast inside (bias computed once per user).
+        pos = torch.ones_like(query_ts) * hist_ts.shape[1]
+        return self.m.candidates(
+            hist_k, hist_v, hist_q.unsqueeze(1), hist_ts, hist_valid, cand_emb, cand_item, pos, query_ts
+        )
 
 
 def example_inputs(
@@ -167,12 +172,50 @@ def check_onnx_against_spec(path: Path, spec: ModelSpec) -> None:
         raise RuntimeError(f"{path}: graph I/O {got} does not match the contract for {spec.name}: {want}")
 
 
-def export_all(towers: TwoTower, ranker: HSTURanker, dims: ModelDims, repo: Path) -> dict[str, Path]:
-    specs = model_specs(dims)
-    graphs = {
+def _graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
+    return {
         ITEM_TOWER: ItemTowerGraph(towers),
         USER_TOWER: UserTowerGraph(towers),
         RANKER_HISTORY: RankerHistoryGraph(ranker),
         RANKER_CANDIDATES: RankerCandidatesGraph(ranker),
     }
-    return {name: export_graph(g, specs[name], dims, onnx_path(repo, name)) for name, g in graphs.items()}
+
+
+def _for_serving(towers: TwoTower, ranker: HSTURanker) -> tuple[TwoTower, HSTURanker]:
+    """Copies with the content standardisation folded into the input projections (the trained ones untouched)."""
+    towers, ranker = copy.deepcopy(towers).eval(), copy.deepcopy(ranker).eval()
+    for emb in (towers.item_in, towers.user_in, ranker.items):
+        emb.fold_standardisation()
+    return towers, ranker
+
+
+def check_parity(reference: nn.Module, path: Path, spec: ModelSpec, dims: ModelDims, tol: float = 1e-4) -> float:
+    """The exported graph against the trained torch module, at shapes other than the export example's.
+    Fails the export (not a request) when they disagree. Returns the worst relative error."""
+    import onnxruntime as ort
+
+    ex = example_inputs(spec, dims, batch=3, hist=11, cands=9, seed=1)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, ex)
+    with torch.no_grad():
+        want = reference.eval()(*(torch.from_numpy(ex[t.name]) for t in spec.inputs))
+    want = want if isinstance(want, tuple) else (want,)
+    worst = 0.0
+    for t, g, w in zip(spec.outputs, got, want, strict=True):
+        w = w.numpy()
+        err = float(np.max(np.abs(g - w) / (np.abs(w) + 1.0)))
+        if not err <= tol:
+            raise RuntimeError(f"{path}: output {t.name} differs from torch by {err:.2e} (> {tol:.0e})")
+        worst = max(worst, err)
+    return worst
+
+
+def export_all(towers: TwoTower, ranker: HSTURanker, dims: ModelDims, repo: Path) -> dict[str, Path]:
+    specs = model_specs(dims)
+    reference = _graphs(towers.eval(), ranker.eval())
+    served = _graphs(*_for_serving(towers, ranker))
+    out = {}
+    for name, graph in served.items():
+        out[name] = export_graph(graph, specs[name], dims, onnx_path(repo, name))
+        check_parity(reference[name], out[name], specs[name], dims)
+    return out

@@ -68,7 +68,12 @@ class TritonProcess:
 
 
 def start_tritonserver(
-    model_repo: Path, venv: Path = DEFAULT_VENV, log_path: Path | None = None, timeout_s: float = 60.0
+    model_repo: Path,
+    venv: Path = DEFAULT_VENV,
+    log_path: Path | None = None,
+    timeout_s: float = 60.0,
+    http_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> TritonProcess:
     pyver, libdir, site = _venv_python_info(venv)
     root = site / "pytriton" / "tritonserver"
@@ -77,7 +82,7 @@ def start_tritonserver(
     if not backend_stub.exists():
         shutil.copy(stub, backend_stub)
         backend_stub.chmod(0o755)
-    http, grpc_port, metrics = _free_port(), _free_port(), _free_port()
+    http, grpc_port, metrics = http_port or _free_port(), grpc_port or _free_port(), _free_port()
     env = {
         **os.environ,
         "LD_LIBRARY_PATH": os.pathsep.join(

@@ -84,7 +84,7 @@ async def build_components(settings: Settings) -> Components:
         await store.start()
     else:
         store = InProcessStore(catalog, np.load(paths.content_emb).astype(np.float32))
-    retriever = Retriever(paths.index_dir)
+    retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)
     if retriever.meta.get("model_version") != manifest.model_version:
         raise RuntimeError(
             f"FAISS index in {paths.index_dir} belongs to model {retriever.meta.get('model_version')}, "
@@ -104,6 +104,9 @@ async def close_components(c: Components) -> None:
 
 
 # --- middleware -------------------------------------------------------------------------------------
+ARRIVAL = "falconrec.arrival"  # ASGI scope key: perf_counter() when the request reached the service
+
+
 class GuardMiddleware:
     """Bounded concurrency (503 + Retry-After at once when full) and a request-body size cap (413)."""
 
@@ -131,6 +134,7 @@ class GuardMiddleware:
                 [(b"retry-after", b"1")],
             )
         self.inflight += 1
+        scope[ARRIVAL] = time.perf_counter()  # the budget counts from here, not from when the handler starts
         received = 0
 
         async def capped_receive() -> Message:
@@ -183,11 +187,18 @@ def get_components(request: Request) -> Components:
 ComponentsDep = Annotated[Components, Depends(get_components)]
 
 
+def get_arrival(request: Request) -> float:
+    return request.scope.get(ARRIVAL) or time.perf_counter()
+
+
+ArrivalDep = Annotated[float, Depends(get_arrival)]
+
+
 def _unprocessable(field: str, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
 
 
-def _check_user_input(body: UserInput, s: Settings) -> Deadline:
+def _check_user_input(body: UserInput, s: Settings, arrival: float) -> Deadline:
     if body.history is not None and len(body.history) > s.max_history:
         raise _unprocessable("history", f"history has {len(body.history)} items; the limit is {s.max_history}")
     if body.history is not None and len(body.history) == 0 and body.user_id is None:
@@ -197,7 +208,7 @@ def _check_user_input(body: UserInput, s: Settings) -> Deadline:
     budget = body.budget_ms or s.budget_ms
     if budget > s.max_budget_ms:
         raise _unprocessable("budget_ms", f"budget_ms {budget} is over the cap of {s.max_budget_ms}")
-    return Deadline.ms(budget)
+    return Deadline(budget / 1000.0, start=arrival)
 
 
 def _history(body: UserInput) -> list[tuple[int, int]] | None:
@@ -284,10 +295,11 @@ def create_app(settings: Settings | None = None, components: Components | None =
         return Response(c.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/recommend", response_model=RecommendResponse)
-    async def recommend(body: RecommendRequest, c: ComponentsDep, response: Response) -> RecommendResponse:
-        t0 = time.perf_counter()
+    async def recommend(
+        body: RecommendRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response
+    ) -> RecommendResponse:
         s = c.settings
-        deadline = _check_user_input(body, s)
+        deadline = _check_user_input(body, s, arrival)
         if body.k > s.max_k:
             raise _unprocessable("k", f"k={body.k} is over the limit of {s.max_k}")
         if body.num_candidates is not None and body.num_candidates > s.max_candidates:
@@ -307,7 +319,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
             ) from e
         response.headers["Server-Timing"] = res.timings.server_timing()
         c.metrics.stages(res.timings.stages)
-        c.metrics.request_latency.labels("recommend").observe(time.perf_counter() - t0)
+        c.metrics.request_latency.labels("recommend").observe(time.perf_counter() - arrival)
         if res.degraded:
             c.metrics.degraded.labels("recommend").inc()
         return RecommendResponse(
@@ -321,10 +333,9 @@ def create_app(settings: Settings | None = None, components: Components | None =
         )
 
     @app.post("/v1/score", response_model=ScoreResponse)
-    async def score(body: ScoreRequest, c: ComponentsDep, response: Response) -> ScoreResponse:
-        t0 = time.perf_counter()
+    async def score(body: ScoreRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response) -> ScoreResponse:
         s = c.settings
-        deadline = _check_user_input(body, s)
+        deadline = _check_user_input(body, s, arrival)
         if len(body.item_ids) > s.max_score_items:
             raise _unprocessable("item_ids", f"{len(body.item_ids)} item ids; the limit is {s.max_score_items}")
         try:
@@ -338,7 +349,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         except (TimeoutError, BackendUnavailable) as e:
             raise HTTPException(503, "scoring did not finish within the budget", headers={"Retry-After": "1"}) from e
         response.headers["Server-Timing"] = tm.server_timing()
-        c.metrics.request_latency.labels("score").observe(time.perf_counter() - t0)
+        c.metrics.request_latency.labels("score").observe(time.perf_counter() - arrival)
         return ScoreResponse(
             scores=[ScoredItem(item_id=i, score=float(v)) for i, v in zip(body.item_ids, scores, strict=True)],
             model_version=c.manifest.model_version,

@@ -230,6 +230,43 @@ def load_redis_cmd(
     console.print(out)
 
 
+@app.command("triton-local")
+def triton_local(
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    grpc_port: Annotated[int, typer.Option(help="Triton gRPC port")] = 8001,
+    http_port: Annotated[int, typer.Option(help="Triton HTTP port (8000 is the API's)")] = 9000,
+    workdir: Annotated[Path, typer.Option(help="where the twin repository and the server log go")] = Path(
+        "artifacts/triton-local"
+    ),
+) -> None:
+    """Run a real Triton server here without Docker: the `tritonserver` bundled in nvidia-pytriton
+    (.venv-triton, made by tests/setup_triton.sh) on a Python-backend twin of the repository that runs the
+    same ONNX files. For trying FALCONREC_BACKEND=triton locally; production uses the NGC image."""
+    import signal
+    import time
+
+    from exporters.triton_local import DEFAULT_VENV, find_tritonserver, start_tritonserver
+    from exporters.triton_twin import write_twin
+
+    if find_tritonserver(DEFAULT_VENV) is None:
+        console.print(f"[red]no tritonserver in {DEFAULT_VENV}: run `bash tests/setup_triton.sh` first[/red]")
+        raise typer.Exit(2)
+    twin = write_twin(repo, workdir / "repo")
+    t = start_tritonserver(twin, DEFAULT_VENV, workdir / "tritonserver.log", http_port=http_port, grpc_port=grpc_port)
+    console.print(
+        f"tritonserver ready: gRPC {t.grpc_url}, HTTP {t.http_url} (log {t.log_path}). Serve through it with\n"
+        f"  FALCONREC_BACKEND=triton FALCONREC_TRITON_URL={t.grpc_url} falconrec serve --port 8000"
+    )
+    signal.signal(signal.SIGTERM, lambda *_: t.kill())
+    try:
+        while t.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        t.kill()
+
+
 @app.command()
 def loadtest(
     host: Annotated[str, typer.Option(help="running server")] = "http://127.0.0.1:8000",

@@ -28,9 +28,9 @@ class Deadline:
 class StageTimer:
     """Per-stage wall times (ms) for Server-Timing, the response body and the histograms."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: float | None = None) -> None:
         self.stages: dict[str, float] = {}
-        self._t = time.perf_counter()
+        self._t = time.perf_counter() if start is None else start
 
     def mark(self, stage: str) -> None:
         now = time.perf_counter()

@@ -22,10 +22,16 @@ from service.lru import LRU
 from service.metrics import Metrics
 from service.retrieval import Retriever
 from service.settings import Settings
-from service.stores import FeatureStore, StoreUnavailable
+from service.stores import Embeddings, FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.pipeline")
 REQUIRED_STAGE_FLOOR_S = 0.2
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Mark a background task's exception as seen (it is handled, or the result was not needed)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class UnknownUser(LookupError):
@@ -110,6 +116,14 @@ class Recommender:
                 degraded.append(reason)
             return await self.fallback.infer(model, inputs)
 
+    async def _embeddings(self, raw_ids: np.ndarray, deadline: Deadline, degraded: list[str]) -> Embeddings:
+        emb = await self.store.embeddings(raw_ids, deadline.remaining())
+        if emb.degraded:
+            degraded.append(emb.degraded)
+        if emb.cache_hits is not None:
+            self.metrics.cache_many("embeddings", emb.cache_hits, len(raw_ids))
+        return emb
+
     def _note_store(self, degraded: list[str]) -> None:
         if not self.store.healthy:
             degraded.append(f"store {self.store.name} unavailable: served from the local cache and request data")
@@ -140,9 +154,7 @@ class Recommender:
         return History(items[-L:], ts[-L:], user_id)
 
     async def user_state(self, h: History, deadline: Deadline, degraded: list[str]) -> UserState:
-        emb = await self.store.embeddings(h.items, deadline.remaining())
-        if emb.degraded:
-            degraded.append(emb.degraded)
+        emb = await self._embeddings(h.items, deadline, degraded)
         keep = emb.found
         if not keep.all():
             if not keep.any():
@@ -217,23 +229,48 @@ class Recommender:
         deadline: Deadline,
         query_ts: int | None = None,
     ) -> Result:
-        res = Result(items=[])
+        res = Result(items=[], timings=StageTimer(start=deadline.start))
         deg, tm = res.degraded, res.timings
+        tm.mark("queue")  # arrival -> pipeline: body parsing, validation, waiting for the event loop
         h = await self.resolve_history(user_id, history, deadline, deg)
         self._note_store(deg)
         tm.mark("history")
         st = await self.user_state(h, deadline, deg)
         tm.mark("embeddings")
+        # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
+        # candidate fetch (the second inference worker), and ranking waits for it.
+        kv_task = asyncio.ensure_future(self.history_kv(h, st, deadline, deg))
+        kv_task.add_done_callback(_retrieve)
+        try:
+            return await self._recall_and_rank(h, st, kv_task, k, exclude_seen, num_candidates, deadline, query_ts, res)
+        finally:
+            kv_task.cancel()  # no-op when ranking awaited it; frees the worker when ranking was skipped
+
+    async def _recall_and_rank(
+        self,
+        h: History,
+        st: UserState,
+        kv_task: asyncio.Future,
+        k: int,
+        exclude_seen: bool,
+        num_candidates: int | None,
+        deadline: Deadline,
+        query_ts: int | None,
+        res: Result,
+    ) -> Result:
+        deg, tm = res.degraded, res.timings
         uv = await self._infer(
             USER_TOWER, {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid}, deadline, deg
         )
         tm.mark("user_tower")
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
-        seen = set(self.catalog.to_index(h.items).tolist()) if exclude_seen else set()
+        seen = np.unique(self.catalog.to_index(h.items)) if exclude_seen else np.empty(0, np.int64)
         ids, sims = self.retriever.search(uv["user_vec"], n + len(seen))
-        keep = [(i, s) for i, s in zip(ids[0].tolist(), sims[0].tolist(), strict=True) if i > 0 and i not in seen][:n]
-        cand_idx = np.array([i for i, _ in keep], np.int64)
-        recall_scores = np.array([s for _, s in keep], np.float32)
+        keep = ids[0] > 0
+        if exclude_seen:
+            keep &= ~np.isin(ids[0], seen)
+        cand_idx = ids[0][keep][:n].astype(np.int64)
+        recall_scores = sims[0][keep][:n].astype(np.float32)
         res.candidates_recalled = len(cand_idx)
         tm.mark("retrieval")
 
@@ -251,13 +288,11 @@ class Recommender:
             )
         if m >= k and m > 0:
             cand_raw = self.catalog.raw_ids[cand_idx[:m] - 1]
-            emb = await self.store.embeddings(cand_raw, deadline.remaining())
-            if emb.degraded:
-                deg.append(emb.degraded)
+            emb = await self._embeddings(cand_raw, deadline, deg)
             tm.mark("candidate_embeddings")
             t0 = deadline.elapsed()
             try:
-                await self.history_kv(h, st, deadline, deg)
+                await kv_task
                 tm.mark("ranker_history")
                 ranked = await self.rank(st, cand_idx[:m], emb.vectors, qts, deadline, deg)
                 # Candidates without an embedding cannot be ranked fairly: keep them after the ranked ones.
@@ -292,7 +327,8 @@ class Recommender:
     ) -> tuple[np.ndarray, list[str], StageTimer]:
         """Ranker scores of given items (no recall, no filtering, no shrinking: the caller asked for these)."""
         deg: list[str] = []
-        tm = StageTimer()
+        tm = StageTimer(start=deadline.start)
+        tm.mark("queue")
         unknown = [i for i in item_ids if i not in self.catalog.index_of]
         if unknown:
             raise BadRequest("item_ids", f"unknown item ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")

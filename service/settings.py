@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     onnx_providers: list[str] | None = None  # default: TensorRT -> CUDA -> CPU, whichever exist
     intra_op_threads: int = Field(1, ge=0)
     inference_workers: int | None = None
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads for FAISS search (process-wide)")
 
     # Budget: a request never waits past it.
     budget_ms: float = Field(20.0, gt=0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.catalog import Catalog
+from service.embedding_cache import EmbeddingCache
 from service.lru import LRU
 
 log = logging.getLogger("falconrec.store")
@@ -51,6 +52,7 @@ class Embeddings:
     vectors: np.ndarray  # float32 [n, E]; zeros where missing
     found: np.ndarray  # bool [n]
     degraded: str | None = None  # why some could not be fetched
+    cache_hits: int | None = None  # rows served by a local cache in front of a remote store (None: no cache)
 
 
 class FeatureStore(ABC):
@@ -114,7 +116,7 @@ class RedisStore(FeatureStore):
         self.client = aredis.Redis.from_url(
             url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0, retry_on_timeout=False
         )
-        self.cache: LRU[tuple[str, int], np.ndarray] = LRU(cache_items)
+        self.cache = EmbeddingCache(cache_items, dim)
         self.hist_cache: LRU[tuple[str, int], tuple[np.ndarray, np.ndarray]] = LRU(min(cache_items, 50_000), 60.0)
         self.version: str | None = None
         self.ok = False
@@ -164,29 +166,27 @@ class RedisStore(FeatureStore):
             raise StoreUnavailable(self.last_error) from e
 
     async def embeddings(self, item_ids, timeout_s):
-        n = len(item_ids)
-        out = np.zeros((n, self.dim), np.float32)
-        found = np.zeros(n, bool)
+        ids = np.asarray(item_ids, np.int64)
         version = self.version or ""
-        todo = []
-        for i, it in enumerate(item_ids.tolist()):
-            v = self.cache.get((version, it))
-            if v is None:
-                todo.append(i)
-            else:
-                out[i], found[i] = v, True
-        if not todo:
-            return Embeddings(out, found)
+        out, found = self.cache.get(version, ids)
+        todo = np.flatnonzero(~found)
+        if todo.size == 0:
+            return Embeddings(out, found, cache_hits=len(ids))
+        hits = len(ids) - int(todo.size)
         try:
-            vals = await self._call(self.client.mget([emb_key(version, int(item_ids[i])) for i in todo]), timeout_s)
+            vals = await self._call(self.client.mget([emb_key(version, i) for i in ids[todo].tolist()]), timeout_s)
         except StoreUnavailable as e:
-            return Embeddings(out, found, f"redis: {e}; {len(todo)} of {n} embeddings not in the local cache")
-        for i, raw in zip(todo, vals, strict=True):
-            if raw is not None:
-                vec = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
-                out[i], found[i] = vec, True
-                self.cache.put((version, int(item_ids[i])), vec)
-        return Embeddings(out, found)
+            msg = f"redis: {e}; {todo.size} of {len(ids)} embeddings not in the local cache"
+            return Embeddings(out, found, msg, cache_hits=hits)
+        width = 2 * self.dim  # float16 bytes; a value of another size is not this model's embedding
+        got = [j for j, raw in enumerate(vals) if raw is not None and len(raw) == width]
+        if got:
+            rows = todo[got]
+            vecs = np.frombuffer(b"".join(vals[j] for j in got), np.float16).reshape(len(got), self.dim)
+            out[rows] = vecs
+            found[rows] = True
+            self.cache.put(version, ids[rows], vecs)
+        return Embeddings(out, found, cache_hits=hits)
 
     async def history(self, user_id, timeout_s):
         key = (self.version or "", int(user_id))

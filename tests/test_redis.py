@@ -86,11 +86,22 @@ def test_http_with_redis_store_matches_in_process(tiny_build, catalog, server):
             assert c.get(f"{srv.url}/readyz").json()["store"]["store"] == "redis"
             a = c.post(f"{srv.url}/v1/recommend", json={"user_id": uid, "k": 10}).json()
             b = c.post(f"{server.url}/v1/recommend", json={"user_id": uid, "k": 10}).json()
+            again = c.post(f"{srv.url}/v1/recommend", json={"user_id": uid, "k": 10}).json()
+            metrics = c.get(f"{srv.url}/metrics").text
         assert not a["degraded"]
         assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
         assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-3)
+        # The second request is served from the local cache in front of Redis, with the same answer.
+        assert again["items"] == a["items"]
+        hits = _counter(metrics, 'falconrec_cache_lookups_total{cache="embeddings",result="hit"}')
+        misses = _counter(metrics, 'falconrec_cache_lookups_total{cache="embeddings",result="miss"}')
+        assert misses > 0 and hits >= misses  # first request all misses, the repeat all hits
     finally:
         srv.stop()
+
+
+def _counter(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_redis_killed_mid_run_no_5xx_then_reconnects(tiny_build, catalog):

@@ -39,6 +39,7 @@ class ItemEmbedding(nn.Module):
         with torch.no_grad():
             self.ids.weight[0].zero_()
         self.drop = nn.Dropout(dropout)
+        self.folded = False  # see fold_standardisation
 
     def set_content_stats(self, table: torch.Tensor) -> None:
         """Standardisation statistics from the catalog's content embeddings (rows 1..N; row 0 is padding)."""
@@ -47,9 +48,22 @@ class ItemEmbedding(nn.Module):
             self.content_std.copy_(table[1:].std(0).clamp(min=1e-3))
 
     def forward(self, content: torch.Tensor, idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
-        z = (content - self.content_mean) / self.content_std
+        z = content if self.folded else (content - self.content_mean) / self.content_std
         e = self.proj(z) + self.ids(idx)
         return self.drop(e) if dropout else e
+
+    def fold_standardisation(self) -> None:
+        """For export: W((c-mu)/sigma) + b == (W/sigma) c + (b - (W/sigma) mu), so the served graph skips two
+        elementwise passes over every [tokens, E] input. Computed in float64; |mu/sigma| is ~12 for SmolLM2,
+        so the cancellation this trades for costs ~1e-6 relative."""
+        with torch.no_grad():
+            w = self.proj.weight.double() / self.content_std.double()
+            b = self.proj.bias.double() - w @ self.content_mean.double()
+            self.proj.weight.copy_(w.to(self.proj.weight.dtype))
+            self.proj.bias.copy_(b.to(self.proj.bias.dtype))
+            self.content_mean.zero_()
+            self.content_std.fill_(1.0)
+        self.folded = True
 
 
 class RelativeBias(nn.Module):
@@ -67,7 +81,23 @@ class RelativeBias(nn.Module):
         return (torch.log(dt) / LOG_BUCKET).floor().clamp(0, self.num_buckets).to(torch.int64)
 
     def forward(self, dist: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        return self.pos_w[dist.clamp(0, self.max_len)] + self.ts_w[self.bucket(dt)]
+        # F.embedding exports as ONNX Gather; `w[idx]` becomes GatherND, ~6x slower in ONNX Runtime on CPU.
+        return _lookup(self.pos_w, dist.clamp(0, self.max_len)) + _lookup(self.ts_w, self.bucket(dt))
+
+
+# Attention as batched MatMul: ONNX Runtime's CPU Einsum is ~2x slower on these shapes.
+def _qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[B,I,H,D] x [B,J,H,D] -> [B,H,I,J]"""
+    return q.transpose(1, 2) @ k.permute(0, 2, 3, 1)
+
+
+def _av(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B,H,I,J] x [B,J,H,D] -> [B,I,H,D]"""
+    return (a @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return F.embedding(idx, table.unsqueeze(-1)).squeeze(-1)
 
 
 class HSTULayer(nn.Module):
@@ -143,9 +173,9 @@ class HSTURanker(nn.Module):
             u, v, q, k = layer.project(x)
             ks.append(k)
             vs.append(v)
-            logits = torch.einsum("bihd,bjhd->bhij", self._heads(q, self.dqk), self._heads(k, self.dqk))
+            logits = _qk(self._heads(q, self.dqk), self._heads(k, self.dqk))
             a = self._pointwise(logits + rab.unsqueeze(1)) * mask.unsqueeze(1)
-            attn = torch.einsum("bhij,bjhd->bihd", a, self._heads(v, self.dv)).reshape(B, L, -1)
+            attn = _av(a, self._heads(v, self.dv)).reshape(B, L, -1)
             x = layer.finish(x, u, attn)
         return x, torch.stack(ks, 1), torch.stack(vs, 1)
 
@@ -154,34 +184,38 @@ class HSTURanker(nn.Module):
         self,
         hist_k: torch.Tensor,  # [B,NL,L,H*dqk]
         hist_v: torch.Tensor,  # [B,NL,L,H*dv]
-        hist_q: torch.Tensor,  # [B,M,d] next-item query of the history prefix each candidate sees
+        hist_q: torch.Tensor,  # [B,M|1,d] next-item query of the history prefix each candidate sees
         hist_ts: torch.Tensor,  # [B,L]
         hist_valid: torch.Tensor,  # [B,L]
         cand_emb: torch.Tensor,  # [B,M,E]
         cand_item: torch.Tensor,  # [B,M]
-        cand_pos: torch.Tensor,  # [B,M] index of the target position: attends to history j < cand_pos
-        cand_ts: torch.Tensor,  # [B,M]
+        cand_pos: torch.Tensor,  # [B,M] or [B,1] index of the target position: attends to history j < cand_pos
+        cand_ts: torch.Tensor,  # [B,M] or [B,1]
     ) -> torch.Tensor:
-        """Scores [B,M]. Each candidate sees history j < cand_pos and itself, nothing else."""
+        """Scores [B,M]. Each candidate sees history j < cand_pos and itself, nothing else.
+
+        Serving puts every candidate at the same position and time: pass cand_pos/cand_ts as [B,1] and the
+        relative bias and mask are computed once per user instead of once per candidate (broadcast, same values).
+        """
         B, M = cand_item.shape
         L = hist_ts.shape[1]
-        e = self.items(cand_emb, cand_item)
-        e_out = self.item_out(cand_emb, cand_item)  # target side of the score: no dropout
-        x = e + self.cand_type
+        e_raw = self.items(cand_emb, cand_item, dropout=False)
+        e_out = F.normalize(e_raw, dim=-1)  # target side of the score: no dropout (== item_out)
+        x = self.items.drop(e_raw) + self.cand_type
         j = torch.arange(L, device=x.device)
         dist = cand_pos.unsqueeze(-1) - j  # [B,M,L]
-        rab = self.rab(dist, cand_ts.unsqueeze(-1) - hist_ts.unsqueeze(1))  # [B,M,L]
+        rab = self.rab(dist, cand_ts.unsqueeze(-1) - hist_ts.unsqueeze(1))  # [B,M|1,L]
         mask = (dist > 0).to(x.dtype) * hist_valid.unsqueeze(1)
-        self_rab = self.rab(torch.zeros_like(cand_item), torch.zeros_like(cand_item))  # [B,M]
+        self_rab = self.rab(torch.zeros_like(cand_pos), torch.zeros_like(cand_pos))  # [B,M|1]
         for li, layer in enumerate(self.layers):
             u, v, q, k = layer.project(x)
             qh, kh, vh = self._heads(q, self.dqk), self._heads(k, self.dqk), self._heads(v, self.dv)
             hk = self._heads(hist_k[:, li], self.dqk)
             hv = self._heads(hist_v[:, li], self.dv)
-            logits = torch.einsum("bmhd,bjhd->bhmj", qh, hk)
+            logits = _qk(qh, hk)
             a = self._pointwise(logits + rab.unsqueeze(1)) * mask.unsqueeze(1)
             a_self = self._pointwise((qh * kh).sum(-1) + self_rab.unsqueeze(-1))  # [B,M,H]
-            attn = torch.einsum("bhmj,bjhd->bmhd", a, hv) + a_self.unsqueeze(-1) * vh
+            attn = _av(a, hv) + a_self.unsqueeze(-1) * vh
             x = layer.finish(x, u, attn.reshape(B, M, -1))
         # Score = HSTU's next-item score (history query . item) + a target-aware term from the candidate
         # token, which has attended to the history with its own query and gated it with its own U.
@@ -225,12 +259,15 @@ class CausalBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`last_only`: queries from the last position only (serving reads nothing else): [B,1,D] out."""
         B, L, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).reshape(B, L, 3, self.h, D // self.h).unbind(2)
-        logits = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D // self.h) + bias.unsqueeze(1)
+        if last_only:
+            q, x, bias = q[:, -1:], x[:, -1:], bias[:, -1:]
+        logits = _qk(q * (1.0 / math.sqrt(D // self.h)), k) + bias.unsqueeze(1)
         a = torch.softmax(logits, dim=-1)
-        x = x + self.drop(self.proj(torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, L, D)))
+        x = x + self.drop(self.proj(_av(a, v).reshape(B, q.shape[1], D)))
         return x + self.drop(self.ff(self.ln2(x)))
 
 
@@ -243,7 +280,8 @@ class CausalEncoder(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.max_len = max_len
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden states [B,L,d]; with `last_only`, the last position's [B,1,d] (the last block skips the rest)."""
         B, L, _ = x.shape
         # Positions count back from the newest item so left padding does not shift them.
         pos = (L - 1 - torch.arange(L, device=x.device)).clamp(max=self.max_len - 1)
@@ -252,8 +290,8 @@ class CausalEncoder(nn.Module):
         allowed = (i.unsqueeze(1) >= i.unsqueeze(0)).unsqueeze(0) & (valid.unsqueeze(1) > 0)
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device).unsqueeze(0)  # no empty rows
         bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -1e9)
-        for b in self.blocks:
-            x = b(x, bias)
+        for i, b in enumerate(self.blocks):
+            x = b(x, bias, last_only and i == len(self.blocks) - 1)
         return self.ln(x)
 
 
@@ -308,9 +346,11 @@ class TwoTower(nn.Module):
     def item_vec(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_mlp(self.item_in(content, idx)), dim=-1)
 
-    def user_seq(self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor) -> torch.Tensor:
-        """User vector at every position [B,L,d] (training uses all; serving the last)."""
-        h = self.user_enc(self.user_in(hist_emb, hist_item), hist_valid)
+    def user_seq(
+        self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """User vector at every position [B,L,d] (training uses all), or at the last one [B,1,d] (serving)."""
+        h = self.user_enc(self.user_in(hist_emb, hist_item), hist_valid, last_only)
         return F.normalize(self.user_out(h), dim=-1)
 
 

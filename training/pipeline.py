@@ -166,7 +166,7 @@ class Builder:
         return _h(file_hash(self.paths.towers), file_hash(self.paths.ranker))[:12]
 
     def export(self, ds: Dataset, emb: np.ndarray, emb_meta: dict) -> Manifest:
-        from exporters.onnx_export import export_all
+        from exporters.onnx_export import GRAPH_REVISION, export_all
         from exporters.triton_config import TritonOptions, write_configs
         from training import train as T
         from training.models import HSTURanker, TwoTower
@@ -198,7 +198,12 @@ class Builder:
             }
 
         inputs = _h(
-            version, str(self.repo.resolve()), self.tensorrt, manifest.embedding_version, self.cfg.section_hash("serve")
+            version,
+            GRAPH_REVISION,
+            str(self.repo.resolve()),
+            self.tensorrt,
+            manifest.embedding_version,
+            self.cfg.section_hash("serve"),
         )
         res = self._step("export", inputs, outputs, run)
         if not res.ran and not (self.repo / MANIFEST).exists():

@@ -1,0 +1,58 @@
+"""The bounded in-process cache of content embeddings in front of Redis, looked up a whole request at a time.
+
+A request reads ~1,200 embeddings (200 history items + 1,000 candidates). A dict/LRU costs about a
+microsecond of Python per id plus a row copy each, ~2-3 ms per request on the event loop; this cache is
+direct-mapped (an id lives only in slot `id % capacity`) so a lookup is a few numpy operations over the
+whole batch (~30 us). Ids that share a slot evict each other; with capacity >= the catalog none do.
+Memory is reserved lazily by the OS (`np.zeros`), float16 as stored in Redis: at most capacity x E x 2 bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class EmbeddingCache:
+    def __init__(self, capacity: int, dim: int):
+        self.capacity = capacity
+        self.dim = dim
+        self.version: str | None = None
+        self._tags = np.full(max(capacity, 0), -1, np.int64)
+        self._rows = np.zeros((max(capacity, 0), dim), np.float16)
+        self.hits = 0
+        self.misses = 0
+
+    def _switch(self, version: str) -> None:
+        # Keys carry the embedding version: a new version makes every cached row stale at once.
+        if version != self.version:
+            self._tags.fill(-1)
+            self.version = version
+
+    def get(self, version: str, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 [n, dim] with zeros where missing, found bool [n])."""
+        ids = np.asarray(ids, np.int64)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        if self.capacity <= 0:
+            self.misses += len(ids)
+            return out, np.zeros(len(ids), bool)
+        self._switch(version)
+        slots = ids % self.capacity
+        found = (self._tags[slots] == ids) & (ids >= 0)
+        out[found] = self._rows[slots[found]]
+        hits = int(found.sum())
+        self.hits += hits
+        self.misses += len(ids) - hits
+        return out, found
+
+    def put(self, version: str, ids: np.ndarray, rows: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self._switch(version)
+        ids = np.asarray(ids, np.int64)
+        ok = ids >= 0
+        slots = ids[ok] % self.capacity
+        self._tags[slots] = ids[ok]
+        self._rows[slots] = rows[ok]
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self._tags >= 0))

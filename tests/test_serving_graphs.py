@@ -1,0 +1,85 @@
+"""The forms the exporter serves equal the forms that were trained: folded input standardisation, the user
+tower's last-position-only pass, candidates sharing one position/time, and the export-time parity check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from exporters.onnx_export import RankerCandidatesGraph, check_parity, export_graph
+from service.contract import RANKER_CANDIDATES, ModelDims, model_specs
+from training.models import HSTURanker, ItemEmbedding, TwoTower
+
+DIMS = ModelDims(
+    content_dim=24, tower_dim=16, max_len=40, d_model=16, num_layers=2, num_heads=2, dqk=8, dv=8, num_items=300
+)
+
+
+def _ranker(seed=0) -> HSTURanker:
+    torch.manual_seed(seed)
+    d = DIMS
+    m = HSTURanker(d.content_dim, d.num_items, d.max_len, d.d_model, d.num_layers, d.num_heads, d.dqk, d.dv, 0.0)
+    with torch.no_grad():
+        m.rab.pos_w.normal_(0, 0.5)
+        m.rab.ts_w.normal_(0, 0.5)
+    return m.eval()
+
+
+@torch.no_grad()
+def test_folded_standardisation_matches_unfolded():
+    torch.manual_seed(0)
+    emb = ItemEmbedding(24, 16, 100).eval()
+    # Anisotropic like mean-pooled decoder states, harsher than SmolLM2's (|mean/std| up to ~180 here, ~12 there):
+    # the fold trades a division for a cancellation, which must stay inside the export tolerance (1e-4).
+    table = torch.randn(101, 24) * torch.linspace(0.2, 3.0, 24) + torch.linspace(-30, 30, 24)
+    emb.set_content_stats(table)
+    folded = copy.deepcopy(emb)
+    folded.fold_standardisation()
+    idx = torch.randint(0, 101, (64,))
+    a, b = emb(table[idx], idx), folded(table[idx], idx)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(folded.proj.weight, emb.proj.weight)  # it did fold
+
+
+@torch.no_grad()
+def test_user_tower_last_position_pass_equals_full_pass():
+    torch.manual_seed(0)
+    t = TwoTower(24, 300, 40, 16, 2, 2, dropout=0.0).eval()
+    x = torch.randn(3, 30, 24)
+    item = torch.randint(1, 301, (3, 30))
+    valid = torch.ones(3, 30)
+    valid[0, :9] = 0
+    full = t.user_seq(x, item, valid)[:, -1]
+    last = t.user_seq(x, item, valid, last_only=True)
+    assert last.shape == (3, 1, 16)
+    assert torch.allclose(full, last[:, 0], atol=1e-6)
+
+
+@torch.no_grad()
+def test_shared_candidate_position_broadcast_equals_per_candidate():
+    m = _ranker()
+    B, L, M = 2, 25, 33
+    hist_emb, item = torch.randn(B, L, 24), torch.randint(1, 301, (B, L))
+    ts = torch.sort(torch.randint(10**9, 10**9 + 10**7, (B, L)), 1)[0]
+    valid = torch.ones(B, L)
+    hidden, k, v = m.history(hist_emb, item, ts, valid)
+    q = m.next_item_query(hidden[:, -1]).unsqueeze(1)
+    cand, cand_item = torch.randn(B, M, 24), torch.randint(1, 301, (B, M))
+    pos, qts = torch.full((B, 1), L), ts[:, -1:] + 3600
+    shared = m.candidates(k, v, q, ts, valid, cand, cand_item, pos, qts)
+    each = m.candidates(k, v, q.expand(B, M, -1), ts, valid, cand, cand_item, pos.expand(B, M), qts.expand(B, M))
+    assert torch.allclose(shared, each, atol=1e-6)
+
+
+def test_export_parity_check_fails_on_a_graph_that_differs(tmp_path):
+    spec = model_specs(DIMS)[RANKER_CANDIDATES]
+    ranker = _ranker()
+    path = export_graph(RankerCandidatesGraph(ranker), spec, DIMS, tmp_path / "model.onnx")
+    assert check_parity(RankerCandidatesGraph(ranker), path, spec, DIMS) <= 1e-4
+    other = _ranker()
+    with torch.no_grad():
+        other.cand_head[-1].bias.add_(0.5)
+    with pytest.raises(RuntimeError, match="differs from torch"):
+        check_parity(RankerCandidatesGraph(other), path, spec, DIMS)
