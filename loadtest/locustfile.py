@@ -1,4 +1,5 @@
-"""Locust: POST /v1/recommend for users drawn with a Zipf skew (heavy users more often) at a fixed rate.
+"""Locust: POST /v1/recommend for users drawn with a Zipf skew (heavy users more often), Poisson arrivals at a fixed
+mean rate.
 
 Run through `falconrec loadtest` (loadtest/run.py), which sets:
   FALCONREC_LT_DATA     dataset .npz from the build (user ids and history lengths)
@@ -14,8 +15,9 @@ import csv
 import os
 import time
 
+import gevent
 import numpy as np
-from locust import FastHttpUser, constant_throughput, events, task
+from locust import FastHttpUser, events, task
 
 RATE = float(os.environ.get("FALCONREC_LT_RATE", "20"))
 N_USERS = int(os.environ.get("FALCONREC_LT_USERS", "10"))
@@ -32,19 +34,22 @@ _rng = np.random.default_rng(int(os.environ.get("FALCONREC_LT_SEED", "0")))
 
 _out = open(os.environ.get("FALCONREC_LT_OUT", "latencies.csv"), "w", newline="")  # noqa: SIM115
 _writer = csv.writer(_out)
-_writer.writerow(["t", "name", "latency_ms", "status", "degraded", "error"])
+_writer.writerow(["t", "name", "latency_ms", "status", "degraded", "server_ms", "error"])
 
 
 @events.request.add_listener
 def _record(request_type, name, response_time, response_length, response=None, exception=None, context=None, **kw):
     # response_time here is Locust's own float milliseconds, before any CSV rounding.
     status = getattr(response, "status_code", 0) if response is not None else 0
-    degraded = ""
+    degraded = server_ms = ""
     if response is not None and status == 200:
         try:
-            degraded = int(bool(response.json().get("degraded")))
+            body = response.json()
+            degraded = int(bool(body.get("degraded")))
+            # The service's own time, arrival to response built: the rest is HTTP, loopback and this client.
+            server_ms = f"{sum(body.get('timings_ms', {}).values()):.3f}"
         except Exception:  # noqa: BLE001
-            degraded = ""
+            degraded = server_ms = ""
     _writer.writerow(
         [
             f"{time.time():.4f}",
@@ -52,6 +57,7 @@ def _record(request_type, name, response_time, response_length, response=None, e
             f"{response_time:.3f}",
             status,
             degraded,
+            server_ms,
             "" if exception is None else type(exception).__name__,
         ]
     )
@@ -64,7 +70,15 @@ def _close(environment, **kw):
 
 
 class RecommendUser(FastHttpUser):
-    wait_time = constant_throughput(RATE / N_USERS)
+    def on_start(self) -> None:
+        # A random phase before the first request too: otherwise every user fires at spawn, all at once.
+        gevent.sleep(self.wait_time())
+
+    def wait_time(self) -> float:
+        # Exponential gaps: each user is a Poisson source, so together they are one Poisson stream at RATE.
+        # (constant_throughput kept the users in lock step: all of them fired in the same millisecond once a
+        # second, a burst of N_USERS requests that measured queueing behind the burst, not the service.)
+        return float(_rng.exponential(N_USERS / RATE))
 
     @task
     def recommend(self) -> None:

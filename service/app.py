@@ -25,7 +25,7 @@ from service.deadline import Deadline
 from service.inference import BackendUnavailable, InferenceBackend
 from service.metrics import Metrics
 from service.onnx_backend import OnnxBackend
-from service.recommender import BadRequest, Recommender, UnknownUser
+from service.recommender import BadRequest, Overloaded, Recommender, UnknownUser
 from service.retrieval import Retriever
 from service.schemas import RecommendRequest, RecommendResponse, ScoredItem, ScoreRequest, ScoreResponse, UserInput
 from service.settings import Settings
@@ -312,6 +312,9 @@ def create_app(settings: Settings | None = None, components: Components | None =
             raise HTTPException(404, str(e)) from e
         except BadRequest as e:
             raise _unprocessable(e.field, str(e)) from e
+        except Overloaded as e:
+            c.metrics.shed.labels("/v1/recommend").inc()
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from e
         except (TimeoutError, BackendUnavailable) as e:
             c.metrics.shed.labels("/v1/recommend").inc()
             raise HTTPException(
@@ -346,6 +349,9 @@ def create_app(settings: Settings | None = None, components: Components | None =
             raise HTTPException(404, str(e)) from e
         except BadRequest as e:
             raise _unprocessable(e.field, str(e)) from e
+        except Overloaded as e:
+            c.metrics.shed.labels("/v1/score").inc()
+            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from e
         except (TimeoutError, BackendUnavailable) as e:
             raise HTTPException(503, "scoring did not finish within the budget", headers={"Retry-After": "1"}) from e
         response.headers["Server-Timing"] = tm.server_timing()

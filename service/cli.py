@@ -277,6 +277,10 @@ def loadtest(
     users: Annotated[int, typer.Option(help="Locust users (concurrency)")] = 20,
     budget_ms: Annotated[float, typer.Option(help="p99 SLO in ms")] = 20.0,
     num_candidates: Annotated[int | None, typer.Option(help="candidates ranked per request")] = None,
+    request_budget_ms: Annotated[
+        float | None,
+        typer.Option(help="budget_ms sent with each request (default: the server's); below the SLO by what HTTP costs"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="where CSV, PNG and summary.md go")] = Path("loadtest/results"),
 ) -> None:
     """Fixed-rate headless Locust run; exits 1 when p99 > budget or errors > 0.1 %."""
@@ -292,6 +296,7 @@ def loadtest(
         out,
         budget_ms,
         num_candidates=num_candidates,
+        request_budget_ms=request_budget_ms,
     )
     Console().print(md)
     raise typer.Exit(rc)

@@ -11,9 +11,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.deadline import Deadline
+from service.inference import BackendUnavailable
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
-from service.recommender import BadRequest, UnknownUser
+from service.recommender import BadRequest, Overloaded, UnknownUser
 
 log = logging.getLogger("falconrec.grpc")
 MAX_BATCH_USERS = 10_000
@@ -56,6 +57,10 @@ class RecommenderServicer(pbg.RecommenderServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except BadRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e}")
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except (TimeoutError, BackendUnavailable) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"models unavailable ({type(e).__name__}), retry shortly")
         return pb.RecommendResponse(
             items=[pb.ScoredItem(item_id=i["item_id"], score=i["score"], title=i["title"]) for i in res.items],
             model_version=self.c.manifest.model_version,
@@ -86,7 +91,9 @@ class RecommenderServicer(pbg.RecommenderServicer):
             return pb.UserScores(request_id=u.request_id, error=str(e), error_code="NOT_FOUND")
         except BadRequest as e:
             return pb.UserScores(request_id=u.request_id, error=f"{e.field}: {e}", error_code="INVALID_ARGUMENT")
-        except TimeoutError:
+        except Overloaded as e:
+            return pb.UserScores(request_id=u.request_id, error=str(e), error_code="RESOURCE_EXHAUSTED")
+        except (TimeoutError, BackendUnavailable):
             return pb.UserScores(
                 request_id=u.request_id, error="not scored within the budget", error_code="UNAVAILABLE"
             )

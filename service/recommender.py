@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +28,8 @@ from service.stores import Embeddings, FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.pipeline")
 REQUIRED_STAGE_FLOOR_S = 0.2
+RESPONSE_RESERVE_S = 0.0015  # top K, the response body and its serialisation, after ranking
+RANK_COST_MARGIN = 1.25
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -36,6 +40,10 @@ def _retrieve(task: asyncio.Future) -> None:
 
 class UnknownUser(LookupError):
     pass
+
+
+class Overloaded(RuntimeError):
+    """No pipeline slot freed up within the request's budget; the API answers 503 with Retry-After."""
 
 
 class BadRequest(ValueError):
@@ -98,6 +106,10 @@ class Recommender:
         self.num_candidates = settings.num_candidates or manifest.num_candidates
         self.microbatch = settings.microbatch or manifest.microbatch
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
+        # At most `max_active` requests run the pipeline at once; the rest wait in arrival order. Letting all of
+        # them in shares the cores among every request, so a burst makes all of them late instead of a few.
+        self._slots = asyncio.Semaphore(settings.max_active)
+        self.waiting = 0
 
     # --- inference with fallback ---------------------------------------------------------------------
     async def _infer(
@@ -127,6 +139,33 @@ class Recommender:
     def _note_store(self, degraded: list[str]) -> None:
         if not self.store.healthy:
             degraded.append(f"store {self.store.name} unavailable: served from the local cache and request data")
+
+    @asynccontextmanager
+    async def admitted(self, deadline: Deadline) -> AsyncIterator[None]:
+        if self._slots.locked():
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining(), 0.0))
+            except TimeoutError as e:
+                raise Overloaded(
+                    f"overloaded: no pipeline slot within the {deadline.budget_s * 1000:g} ms budget "
+                    f"({self.s.max_active} running, {self.waiting} waiting)"
+                ) from e
+            finally:
+                self.waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _learn_rank_cost(self, seconds: float, m: int) -> None:
+        # Charged as at least one full microbatch: a call over a few candidates costs about as much as one
+        # over b_m (fixed per-call overhead). Dividing by the few would inflate the per-candidate estimate,
+        # shrink the next request's m further and lock the service into ranking a handful (seen under load).
+        per = seconds / max(m, self.microbatch)
+        self._rank_cost_s = 0.8 * self._rank_cost_s + 0.2 * per
 
     # --- stages --------------------------------------------------------------------------------------
     async def resolve_history(
@@ -230,9 +269,24 @@ class Recommender:
         query_ts: int | None = None,
     ) -> Result:
         res = Result(items=[], timings=StageTimer(start=deadline.start))
-        deg, tm = res.degraded, res.timings
-        tm.mark("queue")  # arrival -> pipeline: body parsing, validation, waiting for the event loop
+        async with self.admitted(deadline):
+            res.timings.mark("queue")  # arrival -> pipeline: parsing, validation, the event loop, a free slot
+            return await self._recommend(user_id, history, k, exclude_seen, num_candidates, deadline, query_ts, res)
+
+    async def _recommend(
+        self,
+        user_id: int | None,
+        history: list[tuple[int, int]] | None,
+        k: int,
+        exclude_seen: bool,
+        num_candidates: int | None,
+        deadline: Deadline,
+        query_ts: int | None,
+        res: Result,
+    ) -> Result:
+        deg = res.degraded
         h = await self.resolve_history(user_id, history, deadline, deg)
+        tm = res.timings
         self._note_store(deg)
         tm.mark("history")
         st = await self.user_state(h, deadline, deg)
@@ -260,7 +314,11 @@ class Recommender:
     ) -> Result:
         deg, tm = res.degraded, res.timings
         uv = await self._infer(
-            USER_TOWER, {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid}, deadline, deg
+            USER_TOWER,
+            {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid},
+            deadline,
+            deg,
+            required=True,
         )
         tm.mark("user_tower")
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
@@ -277,8 +335,9 @@ class Recommender:
         scores = recall_scores
         qts = int(query_ts if query_ts is not None else (st.hist_ts[0, -1] if st.hist_ts.size else 0))
         # Ranking needs the history K/V plus the candidates; shrink to what the budget allows.
-        budget_for_rank = deadline.remaining() - 0.0015  # leave time to build the response
-        affordable = int(budget_for_rank / self._rank_cost_s) if budget_for_rank > 0 else 0
+        budget_for_rank = deadline.remaining() - RESPONSE_RESERVE_S
+        # Plan with a margin over the learned mean: the cost per candidate varies with the CPU's state.
+        affordable = int(budget_for_rank / (RANK_COST_MARGIN * self._rank_cost_s)) if budget_for_rank > 0 else 0
         m = min(len(cand_idx), max(affordable, 0))
         if m < len(cand_idx):
             deg.append(
@@ -300,8 +359,7 @@ class Recommender:
                 scores = ranked
                 cand_idx = cand_idx[:m]
                 res.candidates_ranked = m
-                per = (deadline.elapsed() - t0) / max(m, 1)
-                self._rank_cost_s = 0.8 * self._rank_cost_s + 0.2 * per
+                self._learn_rank_cost(deadline.elapsed() - t0, m)
             except (TimeoutError, BackendUnavailable) as e:
                 deg.append(f"ranking failed ({type(e).__name__}); recall order")
             tm.mark("ranking")
@@ -328,21 +386,22 @@ class Recommender:
         """Ranker scores of given items (no recall, no filtering, no shrinking: the caller asked for these)."""
         deg: list[str] = []
         tm = StageTimer(start=deadline.start)
-        tm.mark("queue")
         unknown = [i for i in item_ids if i not in self.catalog.index_of]
         if unknown:
             raise BadRequest("item_ids", f"unknown item ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
-        h = await self.resolve_history(user_id, history, deadline, deg)
-        self._note_store(deg)
-        st = await self.user_state(h, deadline, deg)
-        tm.mark("embeddings")
-        await self.history_kv(h, st, deadline, deg)
-        tm.mark("ranker_history")
-        raw = np.array(item_ids, np.int64)
-        emb = await self.store.embeddings(raw, deadline.remaining())
-        if not emb.found.all():
-            raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
-        qts = int(query_ts if query_ts is not None else st.hist_ts[0, -1])
-        scores = await self.rank(st, self.catalog.to_index(raw), emb.vectors, qts, deadline, deg)
-        tm.mark("ranking")
+        async with self.admitted(deadline):
+            tm.mark("queue")
+            h = await self.resolve_history(user_id, history, deadline, deg)
+            self._note_store(deg)
+            st = await self.user_state(h, deadline, deg)
+            tm.mark("embeddings")
+            await self.history_kv(h, st, deadline, deg)
+            tm.mark("ranker_history")
+            raw = np.array(item_ids, np.int64)
+            emb = await self.store.embeddings(raw, deadline.remaining())
+            if not emb.found.all():
+                raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
+            qts = int(query_ts if query_ts is not None else st.hist_ts[0, -1])
+            scores = await self.rank(st, self.catalog.to_index(raw), emb.vectors, qts, deadline, deg)
+            tm.mark("ranking")
         return scores, deg, tm

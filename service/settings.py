@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_score_items: int = 1000
     max_body_bytes: int = 1 << 20
     max_concurrency: int = Field(64, ge=1, description="in-flight requests; beyond it: 503 at once")
+    max_active: int = Field(
+        2, ge=1, description="requests running the pipeline at once; the others wait (FIFO) within their budget"
+    )
 
     # Per-user cache of the ranker's history K/V.
     kv_cache_users: int = Field(10_000, ge=0)

@@ -171,3 +171,19 @@ def test_overload_gives_fast_503(tiny_build, catalog):
         assert all(r.elapsed.total_seconds() < 1.0 for r in shed)  # refused at once, not queued
     finally:
         srv.stop()
+
+
+def test_rank_cost_estimate_is_not_inflated_by_small_rankings():
+    """A ranking of a few candidates costs about one microbatch call. Learning per-candidate cost from it
+    as time/m would make the next request afford fewer, and so on: the service ranked ~15 of 1,000 under
+    load until this was charged per microbatch."""
+    from service.recommender import Recommender
+
+    r = Recommender.__new__(Recommender)  # only the estimator's state is needed
+    r.microbatch, r._rank_cost_s = 128, 5e-6
+    for _ in range(50):
+        r._learn_rank_cost(seconds=0.6e-3, m=10)  # a 10-candidate call: 0.6 ms of fixed overhead
+    assert r._rank_cost_s <= 0.6e-3 / 128 + 1e-9  # 15 ms still affords thousands, not 250
+    for _ in range(50):
+        r._learn_rank_cost(seconds=40e-3, m=1000)  # and it does follow a slow machine up
+    assert r._rank_cost_s == pytest.approx(40e-6, rel=1e-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 
+import numpy as np
 import pytest
 
 from loadtest.report import summarize
@@ -25,6 +26,11 @@ def test_headless_run_writes_csv_png_summary(server, tiny_build, tmp_path):
     with open(tmp_path / "latencies.csv") as f:
         lat = [float(r["latency_ms"]) for r in csv.DictReader(f)]
     assert any(x != round(x) for x in lat)  # exact, not Locust's whole-millisecond rounding
+    # Arrivals are a Poisson stream, not users firing in lock step (bursts of `users` requests at once).
+    with open(tmp_path / "latencies.csv") as f:
+        starts = sorted(float(r["t"]) - float(r["latency_ms"]) / 1000 for r in csv.DictReader(f))
+    gaps = np.diff(starts)
+    assert np.mean(gaps < 0.002) < 0.3, np.round(gaps * 1000, 1)  # lock step: ~75 % of gaps ~0 ms here
     # The same run judged against an impossible SLO fails.
     rc2, _ = run_loadtest(
         server.url, tiny_build.paths.data, rate=10, duration_s=2, users=2, out_dir=tmp_path / "b", budget_ms=0.001
