@@ -120,7 +120,9 @@ class Recommender:
         timeout = max(deadline.remaining(), REQUIRED_STAGE_FLOOR_S if required else 1e-3)
         try:
             return await self.backend.infer(model, inputs, timeout_s=timeout)
-        except (BackendUnavailable, TimeoutError) as e:
+        except BackendUnavailable as e:
+            # Only a failing backend falls back. A TimeoutError is this request's own budget running out:
+            # running the model again elsewhere would only spend more past it.
             if self.fallback is None:
                 raise
             reason = f"{self.backend.name} unavailable ({type(e).__name__}); fell back to {self.fallback.name}"

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_timeout_ms: float = Field(25.0, gt=0)  # 5 ms marked Redis down under load (MGET of ~1,200 keys)
     redis_retry_s: float = Field(1.0, gt=0, description="how often to retry a dead Redis")
-    embedding_cache_items: int = Field(200_000, ge=0, description="in-process LRU in front of Redis")
+    embedding_cache_items: int = Field(
+        100_000, ge=0, description="in-process cache in front of Redis (float32 rows: x E x 4 bytes at most)"
+    )
 
     backend: Literal["onnx", "triton"] = "onnx"
     triton_url: str = "127.0.0.1:8001"  # host:port (gRPC) or host:port (HTTP)

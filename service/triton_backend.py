@@ -65,10 +65,19 @@ class TritonBackend(InferenceBackend):
             i.set_data_from_numpy(arr)
             ins.append(i)
         outs = [self.tc.InferRequestedOutput(t.name) for t in spec.outputs]
-        budget = min(timeout_s or self.timeout_s, self.timeout_s)
+        request_limited = timeout_s is not None and timeout_s < self.timeout_s
         try:
-            res = await asyncio.wait_for(self.client.infer(model, ins, outputs=outs), budget)
-        except Exception as e:  # noqa: BLE001 - timeouts, refused connections, server errors alike
+            res = await asyncio.wait_for(
+                self.client.infer(model, ins, outputs=outs), timeout_s if request_limited else self.timeout_s
+            )
+        except TimeoutError:
+            if request_limited:
+                # The request's budget ran out before Triton's own timeout: that says nothing about Triton,
+                # and marking it down would send every other request to the fallback for retry_s.
+                raise
+            self._down(TimeoutError(f"no answer within {self.timeout_s * 1000:g} ms"))
+            raise BackendUnavailable(self.last_error) from None
+        except Exception as e:  # noqa: BLE001 - refused connections, server errors alike
             self._down(e)
             raise BackendUnavailable(self.last_error) from e
         return {t.name: res.as_numpy(t.name) for t in spec.outputs}

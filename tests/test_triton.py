@@ -92,3 +92,23 @@ def test_killing_triton_falls_back_without_5xx(tiny_build, catalog, tmp_path):
     finally:
         srv.stop()
         t.kill()
+
+
+def test_a_request_out_of_budget_does_not_mark_triton_down(tiny_build, triton, catalog):
+    """A request whose own budget runs out mid-call is that request's problem: Triton stays in use for the
+    next ones (it used to be marked down for retry_s, sending every request to the fallback, degraded)."""
+    srv = RunningServer(
+        server_settings(tiny_build, backend="triton", triton_url=triton.grpc_url, grpc_port=0, triton_timeout_ms=5000)
+    )
+    try:
+        users, _ = _requests(catalog)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for u in users:  # a budget too small to rank: the ranking call times out on the request's budget
+                r = c.post("/v1/recommend", json={"user_id": u, "k": 5, "budget_ms": 1})
+                assert r.status_code == 200 and r.json()["degraded"]
+            ready = c.get("/readyz").json()
+            assert ready["status"] == "ok" and not ready["backend"]["down"], ready
+            body = c.post("/v1/recommend", json={"user_id": users[0], "k": 5}).json()
+            assert not body["degraded"], body["degraded_reasons"]
+    finally:
+        srv.stop()
