@@ -248,15 +248,25 @@ class Recommender:
         }
         bm = self.microbatch
         calls = [
-            self._infer(
-                RANKER_CANDIDATES,
-                {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_idx[None, a : a + bm]},
-                deadline,
-                degraded,
+            asyncio.ensure_future(
+                self._infer(
+                    RANKER_CANDIDATES,
+                    {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_idx[None, a : a + bm]},
+                    deadline,
+                    degraded,
+                )
             )
             for a in range(0, len(cand_idx), bm)
         ]
-        outs = await asyncio.gather(*calls)
+        try:
+            outs = await asyncio.gather(*calls)
+        except BaseException:
+            # One microbatch failed (timeout): the others are not needed. Cancelling drops those still queued
+            # for an inference worker, which other requests need under exactly this kind of load.
+            for c in calls:
+                c.add_done_callback(_retrieve)
+                c.cancel()
+            raise
         return np.concatenate([o["scores"][0] for o in outs])
 
     # --- the whole request ---------------------------------------------------------------------------
