@@ -91,6 +91,7 @@ async def build_components(settings: Settings) -> Components:
             f"repository {repo} to {manifest.model_version}: rebuild (`falconrec build`)"
         )
     rec = Recommender(settings, manifest, catalog, backend, store, retriever, metrics, fallback)
+    await rec.warmup()
     return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics)
 
 

@@ -142,6 +142,21 @@ class Recommender:
         if not self.store.healthy:
             degraded.append(f"store {self.store.name} unavailable: served from the local cache and request data")
 
+    async def warmup(self, rounds: int = 3) -> None:
+        """Run the whole pipeline on a stored history before taking traffic: ONNX Runtime's first runs
+        allocate its arenas and the first requests otherwise took ~40 ms (load-test plots, first second)."""
+        histories = self.catalog.user_histories.values()
+        items, ts = max(histories, key=lambda h: len(h[0]), default=(np.empty(0), np.empty(0)))
+        if len(items) == 0:
+            return
+        history = list(zip(items[-self.dims.max_len :].tolist(), ts[-self.dims.max_len :].tolist(), strict=True))
+        for _ in range(rounds):
+            try:
+                await self.recommend(None, history, 10, True, None, Deadline(5.0))
+            except Exception as e:  # noqa: BLE001 - a cold start must not fail on warm-up
+                log.warning("warm-up request failed: %r", e)
+                return
+
     @asynccontextmanager
     async def admitted(self, deadline: Deadline) -> AsyncIterator[None]:
         if self._slots.locked():
