@@ -172,7 +172,8 @@ def check_onnx_against_spec(path: Path, spec: ModelSpec) -> None:
         raise RuntimeError(f"{path}: graph I/O {got} does not match the contract for {spec.name}: {want}")
 
 
-def _graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
+def served_graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
+    """The four exported wrappers, by model name."""
     return {
         ITEM_TOWER: ItemTowerGraph(towers),
         USER_TOWER: UserTowerGraph(towers),
@@ -212,8 +213,8 @@ def check_parity(reference: nn.Module, path: Path, spec: ModelSpec, dims: ModelD
 
 def export_all(towers: TwoTower, ranker: HSTURanker, dims: ModelDims, repo: Path) -> dict[str, Path]:
     specs = model_specs(dims)
-    reference = _graphs(towers.eval(), ranker.eval())
-    served = _graphs(*_for_serving(towers, ranker))
+    reference = served_graphs(towers.eval(), ranker.eval())
+    served = served_graphs(*_for_serving(towers, ranker))
     out = {}
     for name, graph in served.items():
         out[name] = export_graph(graph, specs[name], dims, onnx_path(repo, name))

@@ -41,25 +41,26 @@ class Summary:
         )
 
 
-def load(csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    t, lat, err, deg = [], [], [], []
+def load(csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(completion time, latency ms, error, degraded, the service's own ms or NaN where not recorded)."""
+    t, lat, err, deg, server = [], [], [], [], []
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             t.append(float(row["t"]))
             lat.append(float(row["latency_ms"]))
             err.append(row["status"] != "200" or bool(row["error"]))
             deg.append(row["degraded"] == "1")
-    return np.array(t), np.array(lat), np.array(err, bool), np.array(deg, bool)
+            server.append(float(row["server_ms"]) if row.get("server_ms") else np.nan)
+    return np.array(t), np.array(lat), np.array(err, bool), np.array(deg, bool), np.array(server)
 
 
 def summarize(csv_path: Path) -> Summary:
-    t, lat, err, deg = load(csv_path)
+    t, lat, err, deg, server = load(csv_path)
     if len(lat) == 0:
         raise RuntimeError(f"{csv_path} holds no requests: did the server answer at all?")
     dur = max(float(t.max() - t.min()), 1e-9)
     p = np.percentile(lat, [50, 95, 99])
-    with open(csv_path) as f:
-        server = np.array([float(r["server_ms"]) for r in csv.DictReader(f) if r.get("server_ms")])
+    server = server[~np.isnan(server)]
     sp = np.percentile(server, [50, 99]) if len(server) else (None, None)
     return Summary(
         len(lat),
@@ -79,7 +80,7 @@ def plot(csv_path: Path, png: Path, budget_ms: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t, lat, _, _ = load(csv_path)
+    t, lat, *_ = load(csv_path)
     t = t - t.min()
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     a.hist(lat, bins=100, color="#4477aa")

@@ -296,36 +296,24 @@ class Recommender:
         query_ts: int | None = None,
     ) -> Result:
         res = Result(items=[], timings=StageTimer(start=deadline.start))
+        deg, tm = res.degraded, res.timings
         async with self.admitted(deadline):
-            res.timings.mark("queue")  # arrival -> pipeline: parsing, validation, the event loop, a free slot
-            return await self._recommend(user_id, history, k, exclude_seen, num_candidates, deadline, query_ts, res)
-
-    async def _recommend(
-        self,
-        user_id: int | None,
-        history: list[tuple[int, int]] | None,
-        k: int,
-        exclude_seen: bool,
-        num_candidates: int | None,
-        deadline: Deadline,
-        query_ts: int | None,
-        res: Result,
-    ) -> Result:
-        deg = res.degraded
-        h = await self.resolve_history(user_id, history, deadline, deg)
-        tm = res.timings
-        self._note_store(deg)
-        tm.mark("history")
-        st = await self.user_state(h, deadline, deg)
-        tm.mark("embeddings")
-        # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
-        # candidate fetch (the second inference worker), and ranking waits for it.
-        kv_task = asyncio.ensure_future(self.history_kv(h, st, deadline, deg))
-        kv_task.add_done_callback(_retrieve)
-        try:
-            return await self._recall_and_rank(h, st, kv_task, k, exclude_seen, num_candidates, deadline, query_ts, res)
-        finally:
-            kv_task.cancel()  # no-op when ranking awaited it; frees the worker when ranking was skipped
+            tm.mark("queue")  # arrival -> pipeline: parsing, validation, the event loop, a free slot
+            h = await self.resolve_history(user_id, history, deadline, deg)
+            self._note_store(deg)
+            tm.mark("history")
+            st = await self.user_state(h, deadline, deg)
+            tm.mark("embeddings")
+            # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
+            # candidate fetch (the second inference worker), and ranking waits for it.
+            kv_task = asyncio.ensure_future(self.history_kv(h, st, deadline, deg))
+            kv_task.add_done_callback(_retrieve)
+            try:
+                return await self._recall_and_rank(
+                    h, st, kv_task, k, exclude_seen, num_candidates, deadline, query_ts, res
+                )
+            finally:
+                kv_task.cancel()  # no-op when ranking awaited it; frees the worker when ranking was skipped
 
     async def _recall_and_rank(
         self,
@@ -425,7 +413,7 @@ class Recommender:
             await self.history_kv(h, st, deadline, deg)
             tm.mark("ranker_history")
             raw = np.array(item_ids, np.int64)
-            emb = await self.store.embeddings(raw, deadline.remaining())
+            emb = await self._embeddings(raw, deadline, deg)
             if not emb.found.all():
                 raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
             qts = int(query_ts if query_ts is not None else st.hist_ts[0, -1])

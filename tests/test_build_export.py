@@ -12,13 +12,7 @@ import pytest
 import torch
 
 from exporters.faiss_index import INDEX_FILE, INDEX_META
-from exporters.onnx_export import (
-    ItemTowerGraph,
-    RankerCandidatesGraph,
-    RankerHistoryGraph,
-    UserTowerGraph,
-    example_inputs,
-)
+from exporters.onnx_export import example_inputs, served_graphs
 from exporters.triton_config import PLATFORM, parse
 from service.contract import MODEL_NAMES, TRITON_DTYPES, Manifest, model_specs, onnx_path
 from training import train as T
@@ -42,12 +36,7 @@ def test_second_build_skips_every_step(tiny_build):
 def _graphs(tiny_build):
     towers = T.load_checkpoint(tiny_build.paths.towers, TwoTower)
     ranker = T.load_checkpoint(tiny_build.paths.ranker, HSTURanker)
-    return {
-        "item_tower": ItemTowerGraph(towers),
-        "user_tower": UserTowerGraph(towers),
-        "ranker_history": RankerHistoryGraph(ranker),
-        "ranker_candidates": RankerCandidatesGraph(ranker),
-    }
+    return served_graphs(towers, ranker)
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
