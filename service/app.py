@@ -15,21 +15,32 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.artifacts import ArtifactPaths
 from service.catalog import Catalog
 from service.contract import Manifest
-from service.deadline import Deadline
-from service.inference import BackendUnavailable, InferenceBackend
+from service.errors import refusal
+from service.http_guard import ARRIVAL, GuardMiddleware
+from service.inference import InferenceBackend
 from service.metrics import Metrics
 from service.onnx_backend import OnnxBackend
-from service.recommender import BadRequest, Overloaded, Recommender, UnknownUser
+from service.recommender import Recommender
+from service.redact import redact, redact_tree
 from service.retrieval import Retriever
-from service.schemas import RecommendRequest, RecommendResponse, ScoredItem, ScoreRequest, ScoreResponse, UserInput
+from service.schemas import (
+    ErrorBody,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+    ScoreRequest,
+    ScoreResponse,
+    UserInput,
+)
 from service.settings import Settings
 from service.stores import FeatureStore, InProcessStore, RedisStore
+from service.validation import InvalidInput, check_recommend, check_score, document_limits, field_errors
 
 log = logging.getLogger("falconrec.app")
 
@@ -80,6 +91,7 @@ async def build_components(settings: Settings) -> Components:
             settings.redis_timeout_ms / 1000,
             settings.embedding_cache_items,
             settings.redis_retry_s,
+            settings.history_cache_users,
         )
         await store.start()
     else:
@@ -104,79 +116,6 @@ async def close_components(c: Components) -> None:
         await c.fallback.close()
 
 
-# --- middleware -------------------------------------------------------------------------------------
-ARRIVAL = "falconrec.arrival"  # ASGI scope key: perf_counter() when the request reached the service
-
-
-class GuardMiddleware:
-    """Bounded concurrency (503 + Retry-After at once when full) and a request-body size cap (413)."""
-
-    def __init__(self, app: ASGIApp, settings: Settings, metrics_ref: dict):
-        self.app = app
-        self.s = settings
-        self.inflight = 0
-        self.metrics_ref = metrics_ref
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.s.max_body_bytes:
-            return await self._reply(send, 413, {"detail": f"request body over {self.s.max_body_bytes} bytes"})
-        if self.inflight >= self.s.max_concurrency:
-            m = self.metrics_ref.get("metrics")
-            if m:
-                m.shed.labels(scope["path"]).inc()
-            return await self._reply(
-                send,
-                503,
-                {"detail": "overloaded: too many requests in flight, retry shortly"},
-                [(b"retry-after", b"1")],
-            )
-        self.inflight += 1
-        scope[ARRIVAL] = time.perf_counter()  # the budget counts from here, not from when the handler starts
-        received = 0
-
-        async def capped_receive() -> Message:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.s.max_body_bytes:
-                    raise BodyTooLarge
-            return msg
-
-        try:
-            await self.app(scope, capped_receive, send)
-        except BodyTooLarge:
-            await self._reply(send, 413, {"detail": f"request body over {self.s.max_body_bytes} bytes"})
-        finally:
-            self.inflight -= 1
-
-    @staticmethod
-    async def _reply(send: Send, status: int, body: dict, extra: list | None = None) -> None:
-        import orjson
-
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    *(extra or []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
 # --- dependencies -----------------------------------------------------------------------------------
 def get_components(request: Request) -> Components:
     c = getattr(request.app.state, "components", None)
@@ -195,35 +134,47 @@ def get_arrival(request: Request) -> float:
 ArrivalDep = Annotated[float, Depends(get_arrival)]
 
 
-def _unprocessable(field: str, msg: str) -> HTTPException:
-    return HTTPException(422, [{"loc": ["body", field], "msg": msg, "type": "value_error"}])
-
-
-def _check_user_input(body: UserInput, s: Settings, arrival: float) -> Deadline:
-    if body.history is not None and len(body.history) > s.max_history:
-        raise _unprocessable("history", f"history has {len(body.history)} items; the limit is {s.max_history}")
-    if body.history is not None and len(body.history) == 0 and body.user_id is None:
-        raise _unprocessable("history", "history is empty and no user_id was given")
-    if body.user_id is None and body.history is None:
-        raise _unprocessable("user_id", "give a user_id or a history")
-    budget = body.budget_ms or s.budget_ms
-    if budget > s.max_budget_ms:
-        raise _unprocessable("budget_ms", f"budget_ms {budget} is over the cap of {s.max_budget_ms}")
-    return Deadline(budget / 1000.0, start=arrival)
-
-
 def _history(body: UserInput) -> list[tuple[int, int]] | None:
     return [(h.item_id, h.ts) for h in body.history] if body.history else None
 
 
+def _refuse(e: Exception, endpoint: str, metrics: Metrics) -> HTTPException:
+    """The HTTP answer for a pipeline exception (service.errors decides it for HTTP and gRPC alike)."""
+    r = refusal(e)
+    if r is None:
+        raise e  # a bug: the guard answers 500 and logs it
+    if r.shed:
+        metrics.shed.labels(endpoint).inc()
+    if r.http_status == 422:
+        return HTTPException(422, [InvalidInput(r.field or "body", r.message).as_error()])
+    return HTTPException(r.http_status, r.message, headers={"Retry-After": "1"} if r.retry else None)
+
+
+def _error(description: str, retry_after: bool = False) -> dict:
+    doc: dict = {"model": ErrorBody, "description": description}
+    if retry_after:
+        doc["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return doc
+
+
+# What a POST /v1/* can answer besides 200 and 422 (FastAPI documents 422 itself).
+API_ERRORS: dict[int | str, dict] = {
+    400: _error("the body is not valid UTF-8"),
+    404: _error("unknown user: no stored history and none in the request"),
+    413: _error("the body is over the size limit (max_body_bytes)"),
+    415: _error("the body is not JSON (content-type must be application/json)"),
+    503: _error("overloaded, or a dependency (feature store, models) is down: retry after Retry-After", True),
+}
+
+
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics_ref: dict = {}
+    live: dict[str, Metrics] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         c = components or await build_components(settings)
-        metrics_ref["metrics"] = c.metrics
+        live["metrics"] = c.metrics
         if settings.grpc_port and c.grpc_server is None:
             from service.grpc_server import start_grpc
 
@@ -233,7 +184,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
             "serving %s model %s (%s, %s store)",
             c.manifest.config,
             c.manifest.model_version,
-            c.backend.describe(),
+            c.backend.name,
             c.store.name,
         )
         try:
@@ -248,17 +199,23 @@ def create_app(settings: Settings | None = None, components: Components | None =
         lifespan=lifespan,
         description="LLM-embedding two-tower recall + HSTU ranking (M-FALCON) within a latency budget.",
     )
-    app.add_middleware(GuardMiddleware, settings=settings, metrics_ref=metrics_ref)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=lambda: live.get("metrics"))
+
+    def openapi() -> dict:
+        # The limits from settings go into the document: what it says is what validation enforces.
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = document_limits(doc, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = [
-            {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-        ]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": field_errors(exc)}, status_code=422)
 
     @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):  # no stack traces leak
+    async def _internal(request: Request, exc: Exception):  # outside the guard only; no stack traces leak
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
@@ -266,7 +223,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: _error("starting")})
     async def readyz(request: Request) -> JSONResponse:
         c = getattr(request.app.state, "components", None)
         if c is None:
@@ -278,49 +235,41 @@ def create_app(settings: Settings | None = None, components: Components | None =
             reasons.append(f"store {store['store']} unavailable: {store.get('error')}")
         if not backend_ok:
             reasons.append(f"backend {c.backend.name} unavailable" + (", using fallback" if c.fallback else ""))
+        # Operators' detail stays, without addresses, paths or credentials (describe() lists URLs and dirs).
         return JSONResponse(
-            {
-                "status": "degraded" if reasons else "ok",
-                "reasons": reasons,
-                "model_version": c.manifest.model_version,
-                "config": c.manifest.config,
-                "backend": c.backend.describe(),
-                "fallback": c.fallback.describe() if c.fallback else None,
-                "index": c.retriever.describe(),
-                "store": store,
-            }
+            redact_tree(
+                {
+                    "status": "degraded" if reasons else "ok",
+                    "reasons": reasons,
+                    "model_version": c.manifest.model_version,
+                    "config": c.manifest.config,
+                    "backend": c.backend.describe(),
+                    "fallback": c.fallback.describe() if c.fallback else None,
+                    "index": c.retriever.describe(),
+                    "store": store,
+                }
+            )
         )
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+    )
     async def metrics_endpoint(c: ComponentsDep) -> Response:
         return Response(c.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/recommend", response_model=RecommendResponse)
+    @app.post("/v1/recommend", response_model=RecommendResponse, responses=API_ERRORS)
     async def recommend(
         body: RecommendRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response
     ) -> RecommendResponse:
-        s = c.settings
-        deadline = _check_user_input(body, s, arrival)
-        if body.k > s.max_k:
-            raise _unprocessable("k", f"k={body.k} is over the limit of {s.max_k}")
-        if body.num_candidates is not None and body.num_candidates > s.max_candidates:
-            raise _unprocessable("num_candidates", f"num_candidates={body.num_candidates} is over {s.max_candidates}")
         try:
+            deadline = check_recommend(body, c.settings, arrival)
             res = await c.recommender.recommend(
                 body.user_id, _history(body), body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
             )
-        except UnknownUser as e:
-            raise HTTPException(404, str(e)) from e
-        except BadRequest as e:
-            raise _unprocessable(e.field, str(e)) from e
-        except Overloaded as e:
-            c.metrics.shed.labels("/v1/recommend").inc()
-            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from e
-        except (TimeoutError, BackendUnavailable) as e:
-            c.metrics.shed.labels("/v1/recommend").inc()
-            raise HTTPException(
-                503, f"models unavailable ({type(e).__name__}), retry shortly", headers={"Retry-After": "1"}
-            ) from e
+        except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
+            raise _refuse(e, "/v1/recommend", c.metrics) from e
         response.headers["Server-Timing"] = res.timings.server_timing()
         c.metrics.stages(res.timings.stages)
         c.metrics.request_latency.labels("recommend").observe(time.perf_counter() - arrival)
@@ -330,38 +279,30 @@ def create_app(settings: Settings | None = None, components: Components | None =
             items=[ScoredItem(**i) for i in res.items],
             model_version=c.manifest.model_version,
             degraded=bool(res.degraded),
-            degraded_reasons=res.degraded,
+            degraded_reasons=[redact(r) for r in res.degraded],
             candidates_recalled=res.candidates_recalled,
             candidates_ranked=res.candidates_ranked,
             timings_ms={k: round(v, 3) for k, v in res.timings.stages.items()},
         )
 
-    @app.post("/v1/score", response_model=ScoreResponse)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=API_ERRORS)
     async def score(body: ScoreRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response) -> ScoreResponse:
-        s = c.settings
-        deadline = _check_user_input(body, s, arrival)
-        if len(body.item_ids) > s.max_score_items:
-            raise _unprocessable("item_ids", f"{len(body.item_ids)} item ids; the limit is {s.max_score_items}")
         try:
+            deadline = check_score(body, c.settings, arrival)
             scores, deg, tm = await c.recommender.score(
                 body.user_id, _history(body), body.item_ids, deadline, body.query_ts
             )
-        except UnknownUser as e:
-            raise HTTPException(404, str(e)) from e
-        except BadRequest as e:
-            raise _unprocessable(e.field, str(e)) from e
-        except Overloaded as e:
-            c.metrics.shed.labels("/v1/score").inc()
-            raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from e
-        except (TimeoutError, BackendUnavailable) as e:
-            raise HTTPException(503, "scoring did not finish within the budget", headers={"Retry-After": "1"}) from e
+        except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
+            raise _refuse(e, "/v1/score", c.metrics) from e
         response.headers["Server-Timing"] = tm.server_timing()
         c.metrics.request_latency.labels("score").observe(time.perf_counter() - arrival)
+        if deg:
+            c.metrics.degraded.labels("score").inc()
         return ScoreResponse(
             scores=[ScoredItem(item_id=i, score=float(v)) for i, v in zip(body.item_ids, scores, strict=True)],
             model_version=c.manifest.model_version,
             degraded=bool(deg),
-            degraded_reasons=deg,
+            degraded_reasons=[redact(r) for r in deg],
             timings_ms={k: round(v, 3) for k, v in tm.stages.items()},
         )
 

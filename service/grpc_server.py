@@ -1,66 +1,98 @@
 """gRPC: Recommend and ScoreBatch (streamed per user) on the same Recommender as HTTP, plus the standard
-health service and reflection."""
+health service and reflection.
+
+Requests are decoded here (not by grpc's generated deserializer: a payload that is not the message answered
+UNKNOWN with a Python class name), converted into the HTTP request models and checked by the same
+service.validation, and failures are answered through the same service.errors mapping.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.deadline import Deadline
-from service.inference import BackendUnavailable
+from service.errors import refusal
 from service.proto import recommender_pb2 as pb
-from service.proto import recommender_pb2_grpc as pbg
-from service.recommender import BadRequest, Overloaded, UnknownUser
+from service.redact import for_log
+from service.schemas import RecommendRequest, ScoreRequest
+from service.validation import InvalidInput, check_recommend, check_score, parse
 
 log = logging.getLogger("falconrec.grpc")
+SERVICE = "falconrec.v1.Recommender"
 MAX_BATCH_USERS = 10_000
-SCORE_CONCURRENCY = 8  # users of one batch scored at once
 
 
-class RecommenderServicer(pbg.RecommenderServicer):
+def _history(events: Any) -> list[dict] | None:
+    return [{"item_id": h.item_id, "ts": h.ts} for h in events] or None
+
+
+def recommend_input(r: pb.RecommendRequest) -> dict:
+    """The proto as the HTTP body would say it (0 = default for k, num_candidates and budget_ms)."""
+    return {
+        "user_id": r.user_id if r.HasField("user_id") else None,
+        "history": _history(r.history),
+        "k": r.k or 10,
+        "exclude_seen": r.exclude_seen if r.HasField("exclude_seen") else True,
+        "num_candidates": r.num_candidates or None,
+        "budget_ms": r.budget_ms or None,  # NaN is truthy: it reaches validation and is refused there
+        "query_ts": r.query_ts if r.HasField("query_ts") else None,
+    }
+
+
+def score_input(u: pb.ScoreUser, budget_ms: float) -> dict:
+    return {
+        "user_id": u.user_id if u.HasField("user_id") else None,
+        "history": _history(u.history),
+        "item_ids": list(u.item_ids),
+        "budget_ms": budget_ms or None,
+        "query_ts": u.query_ts if u.HasField("query_ts") else None,
+    }
+
+
+def _decode(cls: type[Message], raw: bytes) -> Any:
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        return None
+
+
+class RecommenderServicer:
     def __init__(self, components):
         self.c = components
 
-    def _deadline(self, budget_ms: float) -> Deadline:
-        s = self.c.settings
-        return Deadline.ms(min(budget_ms or s.budget_ms, s.max_budget_ms))
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        self.c.metrics.grpc_responses.labels(method, code.name).inc()
 
-    async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext):
-        s = self.c.settings
-        k = request.k or 10
-        if k > s.max_k:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k={k} is over the limit of {s.max_k}")
-        if len(request.history) > s.max_history:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"history has {len(request.history)} items; the limit is {s.max_history}",
-            )
-        history = [(h.item_id, h.ts) for h in request.history] or None
-        user_id = request.user_id if request.HasField("user_id") else None
-        if user_id is None and history is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give a user_id or a history")
+    async def _abort(self, context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, msg: str):
+        self._count(method, code)
+        await context.abort(code, msg)
+
+    async def Recommend(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
+        start = time.perf_counter()
+        request = _decode(pb.RecommendRequest, raw)
+        if request is None:
+            await self._abort(context, "Recommend", grpc.StatusCode.INVALID_ARGUMENT, "not a RecommendRequest message")
         try:
+            body: RecommendRequest = parse(RecommendRequest, recommend_input(request))
+            deadline = check_recommend(body, self.c.settings, start)
+            history = [(h.item_id, h.ts) for h in body.history] if body.history else None
             res = await self.c.recommender.recommend(
-                user_id,
-                history,
-                k,
-                request.exclude_seen if request.HasField("exclude_seen") else True,
-                request.num_candidates or None,
-                self._deadline(request.budget_ms),
-                request.query_ts if request.HasField("query_ts") else None,
+                body.user_id, history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
             )
-        except UnknownUser as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except BadRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e}")
-        except Overloaded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except (TimeoutError, BackendUnavailable) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"models unavailable ({type(e).__name__}), retry shortly")
+        except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
+            code, details = self._failure("Recommend", e)
+            await self._abort(context, "Recommend", code, details)
+        self._count("Recommend", grpc.StatusCode.OK)
+        if res.degraded:
+            self.c.metrics.degraded.labels("recommend").inc()
         return pb.RecommendResponse(
             items=[pb.ScoredItem(item_id=i["item_id"], score=i["score"], title=i["title"]) for i in res.items],
             model_version=self.c.manifest.model_version,
@@ -71,56 +103,87 @@ class RecommenderServicer(pbg.RecommenderServicer):
             candidates_ranked=res.candidates_ranked,
         )
 
+    def _failure(self, method: str, e: Exception) -> tuple[grpc.StatusCode, str]:
+        r = refusal(e)
+        if r is None:
+            log.error("unhandled error in %s: %s", method, for_log(e), exc_info=e)
+            return grpc.StatusCode.INTERNAL, "internal error"
+        if r.shed:
+            self.c.metrics.shed.labels(method).inc()
+        return grpc.StatusCode[r.grpc_code], r.grpc_details
+
     async def _score_one(self, u: pb.ScoreUser, budget_ms: float) -> pb.UserScores:
-        s = self.c.settings
-        if not u.item_ids or len(u.item_ids) > s.max_score_items:
-            return pb.UserScores(
-                request_id=u.request_id,
-                error_code="INVALID_ARGUMENT",
-                error=f"item_ids must hold 1..{s.max_score_items} ids, got {len(u.item_ids)}",
-            )
         try:
+            body: ScoreRequest = parse(ScoreRequest, score_input(u, budget_ms))
+            deadline = check_score(body, self.c.settings, time.perf_counter())
+            history = [(h.item_id, h.ts) for h in body.history] if body.history else None
+            # patient: a batch user waits its turn for a slot (FIFO with HTTP) and its budget starts there
             scores, deg, _ = await self.c.recommender.score(
-                u.user_id if u.HasField("user_id") else None,
-                [(h.item_id, h.ts) for h in u.history] or None,
-                list(u.item_ids),
-                self._deadline(budget_ms),
-                u.query_ts if u.HasField("query_ts") else None,
+                body.user_id, history, body.item_ids, deadline, body.query_ts, patient=True
             )
-        except UnknownUser as e:
-            return pb.UserScores(request_id=u.request_id, error=str(e), error_code="NOT_FOUND")
-        except BadRequest as e:
-            return pb.UserScores(request_id=u.request_id, error=f"{e.field}: {e}", error_code="INVALID_ARGUMENT")
-        except Overloaded as e:
-            return pb.UserScores(request_id=u.request_id, error=str(e), error_code="RESOURCE_EXHAUSTED")
-        except (TimeoutError, BackendUnavailable):
-            return pb.UserScores(
-                request_id=u.request_id, error="not scored within the budget", error_code="UNAVAILABLE"
-            )
+        except Exception as e:  # noqa: BLE001 - one user's failure is that user's result
+            code, details = self._failure("ScoreBatch", e)
+            return pb.UserScores(request_id=u.request_id, error=details, error_code=code.name)
         return pb.UserScores(request_id=u.request_id, scores=scores.tolist(), degraded=bool(deg))
 
-    async def ScoreBatch(self, request: pb.ScoreBatchRequest, context: grpc.aio.ServicerContext):
+    async def ScoreBatch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.UserScores]:
+        request = _decode(pb.ScoreBatchRequest, raw)
+        if request is None:
+            await self._abort(context, "ScoreBatch", grpc.StatusCode.INVALID_ARGUMENT, "not a ScoreBatchRequest")
         if len(request.users) > MAX_BATCH_USERS:
-            await context.abort(
+            await self._abort(
+                context,
+                "ScoreBatch",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.users)} users in one batch; the limit is {MAX_BATCH_USERS}",
             )
-        # Bounded fan-out; results stream back in completion order (request_id says whose).
-        sem = asyncio.Semaphore(SCORE_CONCURRENCY)
+        budget = request.budget_ms
+        try:  # the batch's budget is every user's: refuse a bad one (negative, NaN, over the cap) once
+            probe = parse(ScoreRequest, {"user_id": 0, "item_ids": [0], "budget_ms": budget or None})
+            check_score(probe, self.c.settings, 0.0)
+        except InvalidInput as e:
+            await self._abort(context, "ScoreBatch", grpc.StatusCode.INVALID_ARGUMENT, f"{e.field}: {e}")
 
-        async def one(u):
-            async with sem:
-                return await self._score_one(u, request.budget_ms)
+        # A few workers (score_batch_concurrency) pull users in order: a batch never holds more pipeline slots
+        # than that, and never fails users for lack of one (it fanned out 8 wide over 2 slots: 94% failed).
+        users = iter(request.users)
+        done: asyncio.Queue[pb.UserScores] = asyncio.Queue()
 
-        for fut in asyncio.as_completed([one(u) for u in request.users]):
-            yield await fut
+        async def worker() -> None:
+            for u in users:
+                await done.put(await self._score_one(u, budget))
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(self.c.settings.score_batch_concurrency)]
+        try:
+            for _ in range(len(request.users)):
+                yield await done.get()  # completion order; request_id says whose
+            self._count("ScoreBatch", grpc.StatusCode.OK)
+        finally:
+            # The client is gone (cancelled, deadline) or we are done: stop scoring for nobody. Without this the
+            # batch kept scoring ~20 s after its client's DEADLINE_EXCEEDED, starving HTTP.
+            for w in workers:
+                w.cancel()
+
+
+def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
+    # request_deserializer=None: the handler gets the bytes and decodes them itself (see the module doc).
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Recommend": grpc.unary_unary_rpc_method_handler(
+                servicer.Recommend, response_serializer=pb.RecommendResponse.SerializeToString
+            ),
+            "ScoreBatch": grpc.unary_stream_rpc_method_handler(
+                servicer.ScoreBatch, response_serializer=pb.UserScores.SerializeToString
+            ),
+        },
+    )
 
 
 async def start_grpc(components, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-    )
-    pbg.add_RecommenderServicer_to_server(RecommenderServicer(components), server)
+    cap = components.settings.max_grpc_message_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)])
+    server.add_generic_rpc_handlers((_handlers(RecommenderServicer(components)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["Recommender"].full_name, reflection.SERVICE_NAME, health.SERVICE_NAME)
@@ -132,5 +195,5 @@ async def start_grpc(components, host: str, port: int) -> grpc.aio.Server:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(names[0], health_pb2.HealthCheckResponse.SERVING)
     components.grpc_port = bound
-    log.info("gRPC on %s:%d", host, bound)
+    log.info("gRPC on port %d", bound)
     return server

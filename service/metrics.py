@@ -28,7 +28,17 @@ class Metrics:
             "falconrec_degraded_total", "responses marked degraded", ["endpoint"], registry=self.registry
         )
         self.shed = Counter(
-            "falconrec_shed_total", "requests refused with 503 (overload)", ["endpoint"], registry=self.registry
+            "falconrec_shed_total",
+            "requests refused for load or time (HTTP 503, gRPC RESOURCE_EXHAUSTED/UNAVAILABLE)",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        # Every answer by status, so that 4xx/5xx (and gRPC codes) are visible without reading logs.
+        self.responses = Counter(
+            "falconrec_responses_total", "HTTP responses", ["endpoint", "status"], registry=self.registry
+        )
+        self.grpc_responses = Counter(
+            "falconrec_grpc_responses_total", "gRPC calls by final status", ["method", "code"], registry=self.registry
         )
         self.cache_lookups = Counter(
             "falconrec_cache_lookups_total", "cache lookups", ["cache", "result"], registry=self.registry

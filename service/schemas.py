@@ -1,22 +1,36 @@
-"""HTTP request/response bodies. Static bounds live here; limits from settings are checked in the routes."""
+"""Request/response bodies (HTTP, and gRPC requests are converted into them: one validation for both).
+
+Static bounds live here; limits from settings are checked and documented by service.validation.
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
+
+# Ids and times are int64 in the models, the store and the proto: a larger JSON integer must be a 422,
+# not an overflow deep in numpy (it answered 500).
+INT64_MAX = 2**63 - 1
+ItemId = Annotated[int, Field(ge=0, le=INT64_MAX, description="catalog item id")]
 
 
 class HistoryItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    item_id: int = Field(..., ge=0, description="catalog item id")
-    ts: int = Field(0, ge=0, description="unix seconds of the interaction")
+    item_id: int = Field(..., ge=0, le=INT64_MAX, description="catalog item id")
+    ts: int = Field(0, ge=0, le=INT64_MAX, description="unix seconds of the interaction")
 
 
 class UserInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: int | None = Field(None, ge=0, description="look the history up in the store")
+    user_id: int | None = Field(None, ge=0, le=INT64_MAX, description="look the history up in the store")
     history: list[HistoryItem] | None = Field(None, description="explicit history, oldest first (wins over user_id)")
-    query_ts: int | None = Field(None, ge=0, description="time of the request (default: newest history time)")
-    budget_ms: float | None = Field(None, gt=0, description="latency budget for this request")
+    query_ts: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="time of the request (default: newest history time)"
+    )
+    budget_ms: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="latency budget for this request, counted from arrival"
+    )
 
 
 class RecommendRequest(UserInput):
@@ -42,7 +56,7 @@ class RecommendResponse(BaseModel):
 
 
 class ScoreRequest(UserInput):
-    item_ids: list[int] = Field(..., min_length=1, description="items to score with the ranker")
+    item_ids: list[ItemId] = Field(..., min_length=1, description="items to score with the ranker")
 
 
 class ScoreResponse(BaseModel):
@@ -51,3 +65,9 @@ class ScoreResponse(BaseModel):
     degraded: bool
     degraded_reasons: list[str]
     timings_ms: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: a message (or, for 422, a list of field errors), never a trace or an address."""
+
+    detail: str | list[dict]

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_timeout_ms: float = Field(25.0, gt=0)  # 5 ms marked Redis down under load (MGET of ~1,200 keys)
     redis_retry_s: float = Field(1.0, gt=0, description="how often to retry a dead Redis")
+    history_cache_users: int = Field(
+        50_000, ge=0, description="user histories kept locally to serve while Redis is down (no TTL: see stores)"
+    )
     embedding_cache_items: int = Field(
         100_000, ge=0, description="in-process cache in front of Redis (float32 rows: x E x 4 bytes at most)"
     )
@@ -42,6 +45,9 @@ class Settings(BaseSettings):
     # Budget: a request never waits past it.
     budget_ms: float = Field(20.0, gt=0)
     max_budget_ms: float = Field(1000.0, gt=0)
+    min_budget_ms: float = Field(
+        0.1, gt=0, description="smaller request budgets are refused (422): too small to answer even degraded"
+    )
     num_candidates: int | None = Field(None, ge=1, description="default: the build config's")
     max_candidates: int = Field(2000, ge=1)
     microbatch: int | None = Field(None, ge=1)
@@ -51,6 +57,11 @@ class Settings(BaseSettings):
     max_history: int = 2000  # longer request histories are refused; the models read the last max_len
     max_score_items: int = 1000
     max_body_bytes: int = 1 << 20
+    # gRPC messages are parsed on the event loop HTTP shares: an 8.7 MB one stalled HTTP (p99 112 ms).
+    max_grpc_message_bytes: int = Field(4 << 20, ge=1024)
+    score_batch_concurrency: int = Field(
+        1, ge=1, description="users of one ScoreBatch in the pipeline at once (they queue FIFO with HTTP)"
+    )
     max_concurrency: int = Field(64, ge=1, description="in-flight requests; beyond it: 503 at once")
     max_active: int = Field(
         2, ge=1, description="requests running the pipeline at once; the others wait (FIFO) within their budget"

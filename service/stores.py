@@ -19,6 +19,7 @@ import numpy as np
 from service.catalog import Catalog
 from service.embedding_cache import EmbeddingCache
 from service.lru import LRU
+from service.redact import for_log, public_reason
 
 log = logging.getLogger("falconrec.store")
 
@@ -44,7 +45,11 @@ def unpack_history(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 class StoreUnavailable(RuntimeError):
-    pass
+    """The store cannot answer now. The message is safe to show: `public_reason`, never the URL."""
+
+    def __init__(self, public: str):
+        super().__init__(public)
+        self.public = public
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Embeddings:
     found: np.ndarray  # bool [n]
     degraded: str | None = None  # why some could not be fetched
     cache_hits: int | None = None  # rows served by a local cache in front of a remote store (None: no cache)
+    store_down: bool = False  # the missing rows are missing because the store is down, not unknown
 
 
 class FeatureStore(ABC):
@@ -106,7 +112,15 @@ class RedisStore(FeatureStore):
 
     name = "redis"
 
-    def __init__(self, url: str, dim: int, timeout_s: float, cache_items: int, retry_s: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        dim: int,
+        timeout_s: float,
+        cache_items: int,
+        retry_s: float = 1.0,
+        history_cache_users: int = 50_000,
+    ):
         import redis.asyncio as aredis
 
         self.url = url
@@ -117,7 +131,9 @@ class RedisStore(FeatureStore):
             url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0, retry_on_timeout=False
         )
         self.cache = EmbeddingCache(cache_items, dim)
-        self.hist_cache: LRU[tuple[str, int], tuple[np.ndarray, np.ndarray]] = LRU(min(cache_items, 50_000), 60.0)
+        # Read only when Redis fails (every other read goes to Redis and refreshes the entry), so it has no
+        # TTL: with one (60 s) an outage longer than the TTL turned every user into a failure.
+        self.hist_cache: LRU[tuple[str, int], tuple[np.ndarray, np.ndarray]] = LRU(history_cache_users)
         self.version: str | None = None
         self.ok = False
         self.last_error: str | None = None
@@ -131,7 +147,7 @@ class RedisStore(FeatureStore):
         try:
             v = await asyncio.wait_for(self.client.get(VERSION_KEY), 1.0)
             if v is None:
-                raise StoreUnavailable(f"{VERSION_KEY} not set in {self.url}: run `falconrec load-redis` first")
+                raise StoreUnavailable(f"no data loaded ({VERSION_KEY} not set): run `falconrec load-redis`")
             v = v.decode()
             if v != self.version:
                 log.info("redis data version %s", v)
@@ -141,9 +157,9 @@ class RedisStore(FeatureStore):
 
     def _fail(self, e: BaseException) -> None:
         if self.ok or self.last_error is None:
-            log.warning("redis unavailable: %r", e)
+            log.warning("redis unavailable: %s", for_log(e))  # never the URL: it may hold a password
         self.ok = False
-        self.last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        self.last_error = public_reason(e)
         # Drop the pooled sockets: after a restart they are dead, and a stalled server keeps them busy.
         pool = self.client.connection_pool
         asyncio.get_running_loop().create_task(pool.disconnect(inuse_connections=True))
@@ -156,14 +172,14 @@ class RedisStore(FeatureStore):
     async def _call(self, coro, timeout_s: float):
         if not self.ok or self.version is None:
             coro.close()
-            raise StoreUnavailable(self.last_error or "redis not connected")
+            raise StoreUnavailable(self.last_error or "not connected")
         try:
             # The store's own short timeout, not the request's remaining budget: a request that has
             # already spent its budget must not mark a healthy Redis as down.
             return await asyncio.wait_for(coro, self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
-            raise StoreUnavailable(self.last_error) from e
+            raise StoreUnavailable(self.last_error or "error") from e
 
     async def embeddings(self, item_ids, timeout_s):
         ids = np.asarray(item_ids, np.int64)
@@ -177,7 +193,7 @@ class RedisStore(FeatureStore):
             vals = await self._call(self.client.mget([emb_key(version, i) for i in ids[todo].tolist()]), timeout_s)
         except StoreUnavailable as e:
             msg = f"redis: {e}; {todo.size} of {len(ids)} embeddings not in the local cache"
-            return Embeddings(out, found, msg, cache_hits=hits)
+            return Embeddings(out, found, msg, cache_hits=hits, store_down=True)
         width = 2 * self.dim  # float16 bytes; a value of another size is not this model's embedding
         got = [j for j, raw in enumerate(vals) if raw is not None and len(raw) == width]
         if got:
@@ -210,8 +226,7 @@ class RedisStore(FeatureStore):
     def status(self) -> dict:
         return {
             "store": self.name,
-            "ok": self.ok,
-            "url": self.url.split("@")[-1],
+            "ok": self.ok,  # no URL: responses carry no address or credential
             "version": self.version,
             "error": self.last_error,
             "cached_embeddings": len(self.cache),

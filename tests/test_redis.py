@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 
 import httpx
@@ -14,34 +13,9 @@ import redis
 from exporters.redis_loader import load_redis
 from service.catalog import Catalog
 from service.stores import VERSION_KEY, emb_key, hist_key, unpack_history
-from tests.conftest import REDIS_URL, RunningServer, free_port, server_settings
+from tests.conftest import REDIS_URL, RedisProcess, RunningServer, server_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-
-
-class RedisProcess:
-    def __init__(self, port: int | None = None):
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        for _ in range(100):
-            try:
-                redis.Redis(port=self.port).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +78,7 @@ def _counter(text: str, name: str) -> float:
     return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_redis_killed_mid_run_no_5xx_then_reconnects(tiny_build, catalog):
+def test_redis_killed_mid_run_then_reconnects(tiny_build, catalog):
     rp = RedisProcess()
     load_redis(rp.url, "tiny", tiny_build.artifacts, tiny_build.repo, progress=False)
     srv = RunningServer(server_settings(tiny_build, redis_url=rp.url, grpc_port=0, redis_retry_s=0.2))
@@ -121,13 +95,12 @@ def test_redis_killed_mid_run_no_5xx_then_reconnects(tiny_build, catalog):
                     {"user_id": u},
                     {"history": [{"item_id": int(i), "ts": int(t)} for i, t in zip(items, ts, strict=True)]},
                 ):
-                    t0 = time.perf_counter()
-                    r = c.post("/v1/recommend", json=body)
-                    assert time.perf_counter() - t0 < 2.0  # never hangs on the dead store
+                    r = c.post("/v1/recommend", json=body)  # the client's timeout: never hangs on the dead store
                     codes.append(r.status_code)
                     if r.status_code == 200:
                         degraded.append(r.json()["degraded"])
-            assert all(code < 500 for code in codes), codes
+            # An outage is a 503 (retry) for users not in the local cache, never a 404 "unknown user".
+            assert set(codes) <= {200, 503}, codes
             assert codes.count(200) >= 10 and any(degraded)  # cached users still answered, marked degraded
             ready = c.get("/readyz").json()
             assert ready["status"] == "degraded" and "unavailable" in ready["reasons"][0]

@@ -1,0 +1,143 @@
+"""The ASGI layer in front of every route: what no input may get past.
+
+- bounded concurrency: beyond `max_concurrency` in flight, 503 + Retry-After at once;
+- the body of a POST /v1/* is read here, whole and capped: 413 over `max_body_bytes` whether or not it
+  declared a Content-Length (a chunked 10 MB body answered 400), 415 for a non-JSON content type, 400 with
+  the reason for invalid UTF-8; the route then reads the buffered body;
+- an exception no handler caught answers 500 here and is not re-raised, so the connection stays usable
+  (re-raised, the server dropped the keep-alive connection and the client's next request failed);
+- every response is counted by endpoint and status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+from service.redact import for_log
+from service.settings import Settings
+
+log = logging.getLogger("falconrec.http")
+
+ARRIVAL = "falconrec.arrival"  # ASGI scope key: perf_counter() when the request reached the service
+KNOWN_PATHS = frozenset({"/v1/recommend", "/v1/score", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if content_type is None:  # FastAPI reads a body without a content type as JSON; so do we
+        return True
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class _Answered(Exception):
+    """Raised inside the guard once it has answered the request itself."""
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Callable[[], Metrics | None]):
+        self.app = app
+        self.s = settings
+        self.metrics = metrics
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in KNOWN_PATHS else "other"  # bounded label values
+        started = False
+
+        async def counted_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                m = self.metrics()
+                if m is not None:
+                    m.responses.labels(endpoint, str(msg["status"])).inc()
+            await send(msg)
+
+        try:
+            if scope["path"].startswith("/v1/"):
+                await self._guarded(scope, receive, counted_send, endpoint)
+            else:
+                await self.app(scope, receive, counted_send)
+        except _Answered:
+            pass
+        except Exception as e:  # noqa: BLE001 - the last line of defence: answer, keep the connection
+            log.error("unhandled error on %s: %s", endpoint, for_log(e), exc_info=e)
+            if started:
+                raise  # half a response went out: only dropping the connection tells the client
+            await _reply(counted_send, 500, "internal error")
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        if self.inflight >= self.s.max_concurrency:
+            m = self.metrics()
+            if m is not None:
+                m.shed.labels(endpoint).inc()
+            await _reply(send, 503, "overloaded: too many requests in flight, retry shortly", retry_after=True)
+            return
+        self.inflight += 1
+        scope[ARRIVAL] = time.perf_counter()  # the budget counts from here, not from when the handler starts
+        try:
+            body = await self._read_body(scope, receive, send)
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: wait for the disconnect, as the server would
+
+            await self.app(scope, replay, send)
+        finally:
+            self.inflight -= 1
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes:
+        cap = self.s.max_body_bytes
+        headers = dict(scope.get("headers") or [])
+        too_large = f"request body over {cap} bytes"
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > cap:
+            await _reply(send, 413, too_large, close=True)
+            raise _Answered
+        chunks: list[bytes] = []
+        size = 0
+        more = scope["method"] not in ("GET", "HEAD")
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise _Answered  # nobody to answer
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > cap:  # chunked, or a Content-Length that lied: stop reading, answer, close
+                await _reply(send, 413, too_large, close=True)
+                raise _Answered
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        if body and not _is_json(headers.get(b"content-type")):
+            await _reply(send, 415, "request body must be JSON (content-type: application/json)")
+            raise _Answered
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            await _reply(send, 400, f"request body is not valid UTF-8 (byte {e.start}): JSON must be UTF-8")
+            raise _Answered from None
+        return body
+
+
+async def _reply(send: Send, status: int, detail: str, retry_after: bool = False, close: bool = False) -> None:
+    payload = orjson.dumps({"detail": detail})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    if retry_after:
+        headers.append((b"retry-after", b"1"))
+    if close:  # the rest of the body was not read: the connection cannot carry another request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,122 @@
+"""One validation for HTTP and gRPC.
+
+Both transports turn a request into the pydantic models of service.schemas (static bounds: types, int64
+ranges, positivity, no NaN) and then call the checks here (limits from settings). HTTP answers 422 and gRPC
+INVALID_ARGUMENT with the same messages. `document_limits` writes the same settings limits into the OpenAPI
+document, so what is documented is what is enforced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from service.deadline import Deadline
+from service.schemas import INT64_MAX, RecommendRequest, ScoreRequest, UserInput
+from service.settings import Settings
+
+
+class InvalidInput(ValueError):
+    """A request the service refuses as given (HTTP 422, gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+    def as_error(self) -> dict:
+        return {"loc": ["body", self.field], "msg": str(self), "type": "value_error"}
+
+
+def field_errors(exc: ValidationError) -> list[dict]:
+    """pydantic's errors without `input`/`ctx`/`url` (they echo payloads and link to docs)."""
+    return [{"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """One line for gRPC details: `history.0.ts: Input should be ...; k: ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in errors)
+
+
+def parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = field_errors(e)
+        first = errors[0]["loc"][0] if errors and errors[0]["loc"] else "body"
+        raise InvalidInput(str(first), describe_errors(errors)) from e
+
+
+def check_user_input(body: UserInput, s: Settings, start: float) -> Deadline:
+    if body.history is not None and len(body.history) > s.max_history:
+        raise InvalidInput("history", f"history has {len(body.history)} items; the limit is {s.max_history}")
+    if body.history is not None and len(body.history) == 0 and body.user_id is None:
+        raise InvalidInput("history", "history is empty and no user_id was given")
+    if body.user_id is None and body.history is None:
+        raise InvalidInput("user_id", "give a user_id or a history")
+    budget = body.budget_ms if body.budget_ms is not None else s.budget_ms
+    if budget > s.max_budget_ms:
+        raise InvalidInput("budget_ms", f"budget_ms {budget:g} is over the cap of {s.max_budget_ms:g}")
+    if budget < s.min_budget_ms:
+        # Smaller budgets (down to 5e-324) cannot run even the required stages; retrying would not help.
+        raise InvalidInput("budget_ms", f"budget_ms {budget:g} is under the minimum of {s.min_budget_ms:g}")
+    return Deadline(budget / 1000.0, start=start)
+
+
+def check_recommend(body: RecommendRequest, s: Settings, start: float) -> Deadline:
+    deadline = check_user_input(body, s, start)
+    if body.k > s.max_k:
+        raise InvalidInput("k", f"k={body.k} is over the limit of {s.max_k}")
+    if body.num_candidates is not None and body.num_candidates > s.max_candidates:
+        raise InvalidInput("num_candidates", f"num_candidates={body.num_candidates} is over {s.max_candidates}")
+    return deadline
+
+
+def check_score(body: ScoreRequest, s: Settings, start: float) -> Deadline:
+    deadline = check_user_input(body, s, start)
+    if len(body.item_ids) > s.max_score_items:
+        raise InvalidInput("item_ids", f"{len(body.item_ids)} item ids; the limit is {s.max_score_items}")
+    return deadline
+
+
+# (schema, property, JSON-schema keyword, settings attribute)
+_LIMITS = [
+    ("RecommendRequest", "k", "maximum", "max_k"),
+    ("RecommendRequest", "num_candidates", "maximum", "max_candidates"),
+    ("RecommendRequest", "history", "maxItems", "max_history"),
+    ("ScoreRequest", "history", "maxItems", "max_history"),
+    ("ScoreRequest", "item_ids", "maxItems", "max_score_items"),
+    ("RecommendRequest", "budget_ms", "maximum", "max_budget_ms"),
+    ("ScoreRequest", "budget_ms", "maximum", "max_budget_ms"),
+    ("RecommendRequest", "budget_ms", "minimum", "min_budget_ms"),
+    ("ScoreRequest", "budget_ms", "minimum", "min_budget_ms"),
+]
+
+
+def document_limits(openapi: dict, s: Settings) -> dict:
+    """Write the settings limits into the request schemas of an OpenAPI document (in place)."""
+    _exact_integer_bounds(openapi)
+    schemas = openapi.get("components", {}).get("schemas", {})
+    for schema, prop, keyword, attr in _LIMITS:
+        spec = schemas.get(schema, {}).get("properties", {}).get(prop)
+        if spec is None:
+            continue
+        # Optional fields are `anyOf: [{type: X, ...}, {type: null}]`: the bound goes on the non-null branch.
+        target = next((b for b in spec.get("anyOf", []) if b.get("type") != "null"), spec)
+        target[keyword] = getattr(s, attr)
+    return openapi
+
+
+def _exact_integer_bounds(node: Any) -> None:
+    # FastAPI's OpenAPI model stores bounds as floats: 2**63 - 1 became 9.223372036854776e18, which is 2**63,
+    # a value the API refuses. Integer schemas get integer bounds back (clamped to int64).
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("maximum", "minimum"):
+                if isinstance(node.get(key), float):
+                    node[key] = max(min(int(node[key]), INT64_MAX), -INT64_MAX - 1)
+        for v in node.values():
+            _exact_integer_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _exact_integer_bounds(v)
