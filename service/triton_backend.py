@@ -15,6 +15,7 @@ import numpy as np
 
 from service.contract import TRITON_DTYPES, ModelDims, model_specs
 from service.inference import BackendUnavailable, InferenceBackend
+from service.redact import for_log, public_reason
 
 log = logging.getLogger("falconrec.triton")
 
@@ -50,9 +51,9 @@ class TritonBackend(InferenceBackend):
 
     def _down(self, e: BaseException) -> None:
         if time.monotonic() >= self.down_until:
-            log.warning("triton at %s unavailable: %r", self.url, e)
+            log.warning("triton at %s unavailable: %s", self.url, for_log(e))
         self.down_until = time.monotonic() + self.retry_s
-        self.last_error = f"{type(e).__name__}: {e}"
+        self.last_error = public_reason(e)  # shown in /readyz: no class name or address
 
     async def infer(self, model, inputs, timeout_s=None):
         if time.monotonic() < self.down_until:
