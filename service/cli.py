@@ -152,18 +152,23 @@ def eval_(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     max_users: Annotated[int | None, typer.Option(help="evaluate the first N users only")] = None,
 ) -> None:
-    """HR@10, NDCG@10, HR@50, HR@200: ranker (full catalog), served cascade, SASRec, beside the paper."""
+    """HR@10/NDCG@10/HR@50/HR@200 on the paper's protocol and the unfiltered one: popularity, SASRec, HSTU, cascade."""
     _offline()
     from training.evaluate import evaluate
 
     out = evaluate(config, artifacts, repo, max_users, log=lambda m: console.print(m))
-    t = Table(title=f"{out['dataset']} leave-one-out test, {out['users']} users, {out['items']} items")
-    for col in ("model", "HR@10", "NDCG@10", "HR@50", "HR@200"):
-        t.add_column(col)
-    rows = {**out["results"], **out["paper"]}
-    for name, m in rows.items():
-        t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
-    Console().print(t)
+    for proto, rows in out["results"].items():
+        t = Table(
+            title=f"{out['dataset']} leave-one-out test, {out['users']} users, {out['items']} items — "
+            f"protocol '{proto}': {out['protocols'][proto]}"
+        )
+        for col in ("model", "HR@10", "NDCG@10", "HR@50", "HR@200"):
+            t.add_column(col)
+        # The paper's rows are on its own protocol: shown beside ours on that one only.
+        shown = {**rows, **out["paper"]} if proto == "paper" else rows
+        for name, m in shown.items():
+            t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
+        Console().print(t)
     console.print(f"wrote {artifacts / 'eval.json'}")
 
 

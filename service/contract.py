@@ -40,6 +40,7 @@ class ModelDims:
     dqk: int
     dv: int
     num_items: int  # items with a learned ID embedding (indices 1..num_items); 0 = cold/padding
+    num_time_buckets: int = 64  # the ranker's log-time buckets (see time_buckets)
 
     @property
     def k_width(self) -> int:
@@ -48,6 +49,19 @@ class ModelDims:
     @property
     def v_width(self) -> int:
         return self.num_heads * self.dv
+
+
+LOG_BUCKET = 0.301  # HSTU's log-time bucket width (natural log of seconds)
+
+
+def time_buckets(dt: np.ndarray, num_buckets: int) -> np.ndarray:
+    """The ranker's time-bias bucket of each time difference (seconds), as the graphs compute it (float32).
+
+    The service keys its history K/V cache on the buckets of (query time - history times): the K/V depend
+    on the query time through these only, so a later request whose buckets are the same reuses them.
+    """
+    dt = np.maximum(np.abs(dt), 1).astype(np.float32)
+    return np.clip(np.floor(np.log(dt) / np.float32(LOG_BUCKET)), 0, num_buckets).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -97,7 +111,12 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
         ),
         ModelSpec(
             RANKER_HISTORY,
-            (*hist, TensorSpec("hist_ts", i64, (B, L)), TensorSpec("hist_valid", f32, (B, L))),
+            (
+                *hist,
+                TensorSpec("hist_ts", i64, (B, L)),
+                TensorSpec("hist_valid", f32, (B, L)),
+                TensorSpec("query_ts", i64, (B, 1)),  # the newest position's time bias counts to it
+            ),
             kv,
         ),
         ModelSpec(

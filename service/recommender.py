@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.catalog import Catalog
-from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest, time_buckets
 from service.deadline import Deadline, StageTimer
 from service.inference import BackendUnavailable, InferenceBackend
 from service.lru import LRU
@@ -37,6 +37,14 @@ def _retrieve(task: asyncio.Future) -> None:
     """Mark a background task's exception as seen (it is handled, or the result was not needed)."""
     if not task.cancelled():
         task.exception()
+
+
+def query_time(query_ts: int | None, deadline: Deadline) -> int:
+    """The time candidates are scored at: the request's, else its arrival (unix seconds). Not the newest
+    history time: that put every candidate at dt = 0 from the last event, a time the model never trains on."""
+    if query_ts is not None:
+        return int(query_ts)
+    return int(time.time() - deadline.elapsed())
 
 
 class UnknownUser(LookupError):
@@ -260,18 +268,30 @@ class Recommender:
             hist_valid=np.ones((1, len(items)), np.float32),
         )
 
-    def _kv_key(self, h: History, st: UserState) -> tuple:
-        fp = hashlib.blake2b(st.hist_idx.tobytes() + st.hist_ts.tobytes(), digest_size=12).digest()
+    def _kv_key(self, h: History, st: UserState, query_ts: int) -> tuple:
+        # The newest position's time bias counts to the query time, through its log-time buckets only: the same
+        # history with the same buckets has the same K/V (a later request reuses them; a new event never does).
+        buckets = time_buckets(query_ts - st.hist_ts[0], self.dims.num_time_buckets)
+        raw = st.hist_idx.tobytes() + st.hist_ts.tobytes() + buckets.tobytes()
+        fp = hashlib.blake2b(raw, digest_size=12).digest()
         return (h.user_id, fp, self.manifest.model_version)
 
-    async def history_kv(self, h: History, st: UserState, deadline: Deadline, degraded: list[str]) -> None:
-        key = self._kv_key(h, st)
+    async def history_kv(
+        self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str]
+    ) -> None:
+        key = self._kv_key(h, st, query_ts)
         kv = self.kv_cache.get(key)
         self.metrics.cache("kv", kv is not None)
         if kv is None:
             kv = await self._infer(
                 RANKER_HISTORY,
-                {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_ts": st.hist_ts, "hist_valid": st.hist_valid},
+                {
+                    "hist_emb": st.hist_emb,
+                    "hist_item": st.hist_idx,
+                    "hist_ts": st.hist_ts,
+                    "hist_valid": st.hist_valid,
+                    "query_ts": np.array([[query_ts]], np.int64),
+                },
                 deadline,
                 degraded,
             )
@@ -342,12 +362,11 @@ class Recommender:
             tm.mark("embeddings")
             # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
             # candidate fetch (the second inference worker), and ranking waits for it.
-            kv_task = asyncio.ensure_future(self.history_kv(h, st, deadline, deg))
+            qts = query_time(query_ts, deadline)
+            kv_task = asyncio.ensure_future(self.history_kv(h, st, qts, deadline, deg))
             kv_task.add_done_callback(_retrieve)
             try:
-                return await self._recall_and_rank(
-                    h, st, kv_task, k, exclude_seen, num_candidates, deadline, query_ts, res
-                )
+                return await self._recall_and_rank(h, st, kv_task, k, exclude_seen, num_candidates, deadline, qts, res)
             finally:
                 kv_task.cancel()  # no-op when ranking awaited it; frees the worker when ranking was skipped
 
@@ -360,7 +379,7 @@ class Recommender:
         exclude_seen: bool,
         num_candidates: int | None,
         deadline: Deadline,
-        query_ts: int | None,
+        query_ts: int,
         res: Result,
     ) -> Result:
         deg, tm = res.degraded, res.timings
@@ -384,7 +403,6 @@ class Recommender:
         tm.mark("retrieval")
 
         scores = recall_scores
-        qts = int(query_ts if query_ts is not None else (st.hist_ts[0, -1] if st.hist_ts.size else 0))
         # Ranking needs the history K/V plus the candidates; shrink to what the budget allows.
         budget_for_rank = deadline.remaining() - RESPONSE_RESERVE_S
         # Plan with a margin over the learned mean: the cost per candidate varies with the CPU's state.
@@ -404,7 +422,7 @@ class Recommender:
             try:
                 await kv_task
                 tm.mark("ranker_history")
-                ranked = await self.rank(st, cand_idx[:m], emb.vectors, qts, deadline, deg)
+                ranked = await self.rank(st, cand_idx[:m], emb.vectors, query_ts, deadline, deg)
                 # Candidates without an embedding cannot be ranked fairly: keep them after the ranked ones.
                 ranked = np.where(emb.found, ranked, -np.inf)
                 scores = ranked
@@ -448,7 +466,8 @@ class Recommender:
             self._note_store(deg)
             st = await self.user_state(h, deadline, deg)
             tm.mark("embeddings")
-            await self.history_kv(h, st, deadline, deg)
+            qts = query_time(query_ts, deadline)
+            await self.history_kv(h, st, qts, deadline, deg)
             tm.mark("ranker_history")
             raw = np.array(item_ids, np.int64)
             emb = await self._embeddings(raw, deadline, deg)
@@ -456,7 +475,6 @@ class Recommender:
                 if emb.store_down:
                     raise Unavailable("embedding store unavailable and some item_ids not in the local cache")
                 raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
-            qts = int(query_ts if query_ts is not None else st.hist_ts[0, -1])
             scores = await self.rank(st, self.catalog.to_index(raw), emb.vectors, qts, deadline, deg)
             tm.mark("ranking")
         return scores, deg, tm

@@ -46,7 +46,7 @@ def test_candidate_score_alone_equals_among_500_others(ranker):
 def test_cached_microbatches_equal_one_pass_with_mask(ranker):
     table, item, ts, valid, q, cand = _inputs(M=60)
     reference = one_pass(ranker, table[item], item, ts, valid, q, table[cand], cand, mask="falcon")
-    hidden, k, v = ranker.history(table[item], item, ts, valid)  # once
+    hidden, k, v = ranker.history(table[item], item, ts, valid, q)  # once
     hq = ranker.next_item_query(hidden[:, -1])
     B, L = item.shape
     parts = []

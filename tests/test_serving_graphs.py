@@ -64,10 +64,10 @@ def test_shared_candidate_position_broadcast_equals_per_candidate():
     hist_emb, item = torch.randn(B, L, 24), torch.randint(1, 301, (B, L))
     ts = torch.sort(torch.randint(10**9, 10**9 + 10**7, (B, L)), 1)[0]
     valid = torch.ones(B, L)
-    hidden, k, v = m.history(hist_emb, item, ts, valid)
+    pos, qts = torch.full((B, 1), L), ts[:, -1:] + 3600
+    hidden, k, v = m.history(hist_emb, item, ts, valid, qts)
     q = m.next_item_query(hidden[:, -1]).unsqueeze(1)
     cand, cand_item = torch.randn(B, M, 24), torch.randint(1, 301, (B, M))
-    pos, qts = torch.full((B, 1), L), ts[:, -1:] + 3600
     shared = m.candidates(k, v, q, ts, valid, cand, cand_item, pos, qts)
     each = m.candidates(k, v, q.expand(B, M, -1), ts, valid, cand, cand_item, pos.expand(B, M), qts.expand(B, M))
     assert torch.allclose(shared, each, atol=1e-6)

@@ -105,7 +105,9 @@ def _ranking_row(ranker, hs, cs, rng, N: int, E: int, n: int, m: int, microbatch
     qts = ts[:, -1:] + 60
 
     def ort_falcon():
-        k, v, q = hs.run(None, {"hist_emb": emb, "hist_item": item, "hist_ts": ts, "hist_valid": valid})
+        k, v, q = hs.run(
+            None, {"hist_emb": emb, "hist_item": item, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
+        )
         for a in range(0, m, microbatch):
             cs.run(
                 None,
@@ -125,7 +127,7 @@ def _ranking_row(ranker, hs, cs, rng, N: int, E: int, n: int, m: int, microbatch
     tc, tce, tq = map(torch.from_numpy, (cand, cemb, qts))
 
     def torch_falcon():
-        hidden, k, v = ranker.history(te, ti, tt, tv)
+        hidden, k, v = ranker.history(te, ti, tt, tv, tq)
         q = ranker.next_item_query(hidden[:, -1])
         for a in range(0, m, microbatch):
             c = tc[:, a : a + microbatch]

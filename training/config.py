@@ -35,15 +35,18 @@ class RankerCfg:
     dv: int = 50
     dropout: float = 0.2
     num_time_buckets: int = 64
-    epochs: int = 30
+    epochs: int = 100  # at most; early stopping on validation usually ends sooner
+    patience: int = 5  # validations without a new best before stopping
+    train_budget_s: float = 0.0  # wall-clock cap on training (0 = none)
     batch_size: int = 128
     lr: float = 1e-3
-    negatives: int = 128  # sampled-softmax negatives of the next-item loss (every position)
+    negatives: int = 128  # sampled-softmax negatives of the next-item loss, drawn per position
+    negative_pool: int = 1024  # ... from a pool of this many uniformly drawn items (whole catalog if smaller)
     target_positions: int = 4  # positions per sequence trained through the candidate path
     cand_negatives: int = 32  # negatives per such position (each one is a candidate token: costly)
     temperature: float = 0.05
     aux_weight: float = 1.0
-    eval_every: int = 1  # validate every N epochs (and after the last); all three trainers use it
+    eval_every: int = 1  # validate the ranker every N epochs (its full-catalog validation is the costly one)
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,24 @@ class TowersCfg:
     d_model: int = 64
     num_layers: int = 2
     num_heads: int = 2
-    epochs: int = 20
+    epochs: int = 100
+    patience: int = 5
+    train_budget_s: float = 0.0
     batch_size: int = 128
     lr: float = 1e-3
+    negatives: int = 512
+    negative_pool: int = 2048
     temperature: float = 0.05
 
 
 @dataclass(frozen=True)
 class SasrecCfg:
-    epochs: int = 30
+    """The baseline shares the ranker's sizes, batch, negatives and temperature; these are its own."""
+
+    epochs: int = 100
+    patience: int = 5
+    train_budget_s: float = 0.0
+    lr: float = 1e-3
 
 
 @dataclass(frozen=True)

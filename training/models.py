@@ -13,12 +13,14 @@ of padding and of which candidates share a batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOG_BUCKET = 0.301  # HSTU's log-time bucket width
+from service.contract import LOG_BUCKET  # one definition: the service keys its K/V cache on these buckets
 
 
 class ItemEmbedding(nn.Module):
@@ -34,12 +36,17 @@ class ItemEmbedding(nn.Module):
         self.register_buffer("content_mean", torch.zeros(content_dim))
         self.register_buffer("content_std", torch.ones(content_dim))
         self.proj = nn.Linear(content_dim, d)
+        # Content starts on the same footing as the IDs (std 0.02 per output dim for standardised inputs):
+        # the default init made it ~30x larger, so the ID embeddings barely moved the input.
+        nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(content_dim))
+        nn.init.zeros_(self.proj.bias)
         self.ids = nn.Embedding(num_items + 1, d, padding_idx=0)
         nn.init.normal_(self.ids.weight, std=0.02)
         with torch.no_grad():
             self.ids.weight[0].zero_()
         self.drop = nn.Dropout(dropout)
         self.folded = False  # see fold_standardisation
+        self._catalog: torch.Tensor | None = None  # see training_catalog
 
     def set_content_stats(self, table: torch.Tensor) -> None:
         """Standardisation statistics from the catalog's content embeddings (rows 1..N; row 0 is padding)."""
@@ -47,10 +54,34 @@ class ItemEmbedding(nn.Module):
             self.content_mean.copy_(table[1:].mean(0))
             self.content_std.copy_(table[1:].std(0).clamp(min=1e-3))
 
-    def forward(self, content: torch.Tensor, idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
-        z = content if self.folded else (content - self.content_mean) / self.content_std
-        e = self.proj(z) + self.ids(idx)
+    def forward(self, content: torch.Tensor | None, idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
+        if self._catalog is not None:
+            e = self._by_unique_id(idx)
+        else:
+            assert content is not None, "content embeddings are needed outside training_catalog()"
+            z = content if self.folded else (content - self.content_mean) / self.content_std
+            e = self.proj(z) + self.ids(idx)
         return self.drop(e) if dropout else e
+
+    def _by_unique_id(self, idx: torch.Tensor) -> torch.Tensor:
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        content = self._catalog[uniq]
+        return (self.proj((content - self.content_mean) / self.content_std) + self.ids(uniq))[inv]
+
+    @contextmanager
+    def training_catalog(self, table: torch.Tensor) -> Iterator[None]:
+        """Within it, items are looked up by id in `table` [N+1, E] and `content` may be None.
+
+        In training every token's embedding is a function of its item id alone (no cold items), so it is
+        computed once per distinct item of the call, not once per token: on ML-1M a batch holds ~25,000
+        history tokens but ~3,000 distinct items, and the per-token standardisation + projection was half
+        of a SASRec step. Serving and export never enter it (cold items share id 0 but not content).
+        """
+        self._catalog = table
+        try:
+            yield
+        finally:
+            self._catalog = None
 
     def fold_standardisation(self) -> None:
         """For export: W((c-mu)/sigma) + b == (W/sigma) c + (b - (W/sigma) mu), so the served graph skips two
@@ -97,7 +128,26 @@ def _av(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and table.requires_grad:
+        return _BiasLookup.apply(table, idx)
     return F.embedding(idx, table.unsqueeze(-1)).squeeze(-1)
+
+
+class _BiasLookup(torch.autograd.Function):
+    """table[idx] for a tiny table and millions of indices (the [B,L,L] time biases), with a bincount
+    backward: embedding's own backward took 45% of an HSTU training step on CPU."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = table.shape[0]
+        return table[idx]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        g = torch.bincount(idx.reshape(-1), weights=grad.reshape(-1).to(torch.float64), minlength=ctx.rows)
+        return g.to(grad.dtype), None
 
 
 class HSTULayer(nn.Module):
@@ -138,6 +188,8 @@ class HSTURanker(nn.Module):
         self.max_len, self.h, self.dqk, self.dv = max_len, num_heads, dqk, dv
         self.temperature = temperature
         self.items = ItemEmbedding(content_dim, d_model, num_items, dropout)
+        self.input_scale = math.sqrt(d_model)  # the reference scales item embeddings by sqrt(d) ...
+        self.pos = _position_table(max_len + 1, d_model)  # ... and adds a learned absolute position
         self.cand_type = nn.Parameter(torch.zeros(d_model))
         self.rab = RelativeBias(max_len, num_time_buckets)
         self.layers = nn.ModuleList(HSTULayer(d_model, num_heads, dqk, dv, dropout) for _ in range(num_layers))
@@ -153,20 +205,37 @@ class HSTURanker(nn.Module):
     def _pointwise(self, logits: torch.Tensor) -> torch.Tensor:
         return F.silu(logits) / self.max_len
 
-    def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def item_out(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         """Item side of the score: the same item representation, L2-normalised (no dropout on targets)."""
         return F.normalize(self.items(content, idx, dropout=False), dim=-1)
 
+    def _tokens(self, content: torch.Tensor | None, idx: torch.Tensor, abs_pos: torch.Tensor) -> torch.Tensor:
+        """Input token: item embedding x sqrt(d) + absolute position (counted from the window's oldest item)."""
+        x = self.items(content, idx, dropout=False) * self.input_scale + self.pos(abs_pos.clamp(0, self.max_len))
+        return self.items.drop(x)
+
     # --- history (causal) --------------------------------------------------------------------------
     def history(
-        self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_ts: torch.Tensor, hist_valid: torch.Tensor
+        self,
+        hist_emb: torch.Tensor | None,
+        hist_item: torch.Tensor,
+        hist_ts: torch.Tensor,
+        hist_valid: torch.Tensor,
+        query_ts: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the history stack. Returns (final hidden [B,L,d], K [B,NL,L,H*dqk], V [B,NL,L,H*dv])."""
+        """Run the history stack. Returns (final hidden [B,L,d], K [B,NL,L,H*dqk], V [B,NL,L,H*dv]).
+
+        Time bias as in the reference: position i attends to j with dt = (time of the event i predicts, i.e.
+        the next one; `query_ts` [B,1] for the newest) - ts[j]. So the newest position's output, and with more
+        than one layer the last K/V row, depend on the query time (through its log-time buckets only).
+        """
         B, L = hist_item.shape
-        x = self.items(hist_emb, hist_item) * hist_valid.unsqueeze(-1)
+        abs_pos = (torch.cumsum(hist_valid, 1) - 1).to(torch.int64)
+        x = self._tokens(hist_emb, hist_item, abs_pos) * hist_valid.unsqueeze(-1)
         pos = torch.arange(L, device=x.device)
         dist = pos.unsqueeze(1) - pos.unsqueeze(0)  # i - j
-        rab = self.rab(dist.unsqueeze(0), hist_ts.unsqueeze(2) - hist_ts.unsqueeze(1))  # [B,L,L]
+        next_ts = torch.cat([hist_ts[:, 1:], query_ts], 1)
+        rab = self.rab(dist.unsqueeze(0), next_ts.unsqueeze(2) - hist_ts.unsqueeze(1))  # [B,L,L]
         mask = (dist >= 0).unsqueeze(0).to(x.dtype) * hist_valid.unsqueeze(1)  # causal, valid keys
         ks, vs = [], []
         for layer in self.layers:
@@ -187,7 +256,7 @@ class HSTURanker(nn.Module):
         hist_q: torch.Tensor,  # [B,M|1,d] next-item query of the history prefix each candidate sees
         hist_ts: torch.Tensor,  # [B,L]
         hist_valid: torch.Tensor,  # [B,L]
-        cand_emb: torch.Tensor,  # [B,M,E]
+        cand_emb: torch.Tensor | None,  # [B,M,E]
         cand_item: torch.Tensor,  # [B,M]
         cand_pos: torch.Tensor,  # [B,M] or [B,1] index of the target position: attends to history j < cand_pos
         cand_ts: torch.Tensor,  # [B,M] or [B,1]
@@ -201,9 +270,12 @@ class HSTURanker(nn.Module):
         L = hist_ts.shape[1]
         e_raw = self.items(cand_emb, cand_item, dropout=False)
         e_out = F.normalize(e_raw, dim=-1)  # target side of the score: no dropout (== item_out)
-        x = self.items.drop(e_raw) + self.cand_type
-        j = torch.arange(L, device=x.device)
+        j = torch.arange(L, device=e_raw.device)
         dist = cand_pos.unsqueeze(-1) - j  # [B,M,L]
+        # Absolute position of the candidate = number of valid history items before it (serving: all).
+        abs_pos = ((dist > 0).to(hist_valid.dtype) * hist_valid.unsqueeze(1)).sum(-1).to(torch.int64)
+        pos_emb = self.pos(abs_pos.clamp(0, self.max_len))
+        x = self.items.drop(e_raw * self.input_scale + pos_emb) + self.cand_type
         rab = self.rab(dist, cand_ts.unsqueeze(-1) - hist_ts.unsqueeze(1))  # [B,M|1,L]
         mask = (dist > 0).to(x.dtype) * hist_valid.unsqueeze(1)
         self_rab = self.rab(torch.zeros_like(cand_pos), torch.zeros_like(cand_pos))  # [B,M|1]
@@ -228,16 +300,16 @@ class HSTURanker(nn.Module):
 
     def score_full(
         self,
-        hist_emb: torch.Tensor,
+        hist_emb: torch.Tensor | None,
         hist_item: torch.Tensor,
         hist_ts: torch.Tensor,
         hist_valid: torch.Tensor,
         query_ts: torch.Tensor,
-        cand_emb: torch.Tensor,
+        cand_emb: torch.Tensor | None,
         cand_item: torch.Tensor,
     ) -> torch.Tensor:
         """Reference path: one pass over history + all candidates with the M-FALCON mask."""
-        hidden, k, v = self.history(hist_emb, hist_item, hist_ts, hist_valid)
+        hidden, k, v = self.history(hist_emb, hist_item, hist_ts, hist_valid, query_ts)
         B, M = cand_item.shape
         L = hist_item.shape[1]
         pos = torch.full((B, M), L, dtype=torch.int64, device=cand_item.device)
@@ -274,7 +346,7 @@ class CausalBlock(nn.Module):
 class CausalEncoder(nn.Module):
     def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float):
         super().__init__()
-        self.pos = nn.Embedding(max_len, d)
+        self.pos = _position_table(max_len, d)
         self.blocks = nn.ModuleList(CausalBlock(d, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
@@ -312,12 +384,14 @@ class SASRec(nn.Module):
         super().__init__()
         self.items = ItemEmbedding(content_dim, d, num_items, dropout)
         self.enc = CausalEncoder(d, layers, heads, max_len, dropout)
+        self.input_scale = math.sqrt(d)
         self.temperature = temperature
 
-    def forward(self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.enc(self.items(hist_emb, hist_item), hist_valid), dim=-1)
+    def forward(self, hist_emb: torch.Tensor | None, hist_item: torch.Tensor, hist_valid: torch.Tensor) -> torch.Tensor:
+        x = self.items(hist_emb, hist_item, dropout=False) * self.input_scale  # the encoder adds dropout
+        return F.normalize(self.enc(x, hist_valid), dim=-1)
 
-    def item_out(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def item_out(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.items(content, idx, dropout=False), dim=-1)
 
 
@@ -341,17 +415,26 @@ class TwoTower(nn.Module):
         self.item_mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.user_in = ItemEmbedding(content_dim, d, num_items, dropout)
         self.user_enc = CausalEncoder(d, layers, heads, max_len, dropout)
+        self.input_scale = math.sqrt(d)
         self.user_out = nn.Linear(d, d)
 
-    def item_vec(self, content: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def item_vec(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.item_mlp(self.item_in(content, idx)), dim=-1)
 
     def user_seq(
-        self, hist_emb: torch.Tensor, hist_item: torch.Tensor, hist_valid: torch.Tensor, last_only: bool = False
+        self, hist_emb: torch.Tensor | None, hist_item: torch.Tensor, hist_valid: torch.Tensor, last_only: bool = False
     ) -> torch.Tensor:
         """User vector at every position [B,L,d] (training uses all), or at the last one [B,1,d] (serving)."""
-        h = self.user_enc(self.user_in(hist_emb, hist_item), hist_valid, last_only)
+        x = self.user_in(hist_emb, hist_item, dropout=False) * self.input_scale  # the encoder adds dropout
+        h = self.user_enc(x, hist_valid, last_only)
         return F.normalize(self.user_out(h), dim=-1)
+
+
+def _position_table(n: int, d: int) -> nn.Embedding:
+    """Learned positions, initialised with std 1/sqrt(d) as the reference (nn.Embedding's default is 1)."""
+    table = nn.Embedding(n, d)
+    nn.init.normal_(table.weight, std=1.0 / math.sqrt(d))
+    return table
 
 
 def one_pass(
@@ -374,13 +457,17 @@ def one_pass(
     B, L = hist_item.shape
     M = cand_item.shape[1]
     T = L + M
-    hidden_h = model.items(hist_emb, hist_item) * hist_valid.unsqueeze(-1)
-    e = model.items(cand_emb, cand_item)
-    x = torch.cat([hidden_h, e + model.cand_type], 1)
-    ts = torch.cat([hist_ts, query_ts.expand(B, M)], 1)
+    hist_pos = (torch.cumsum(hist_valid, 1) - 1).to(torch.int64)
+    hidden_h = model._tokens(hist_emb, hist_item, hist_pos) * hist_valid.unsqueeze(-1)
+    cand_pos = hist_valid.sum(1, keepdim=True).to(torch.int64).expand(B, M)
+    x = torch.cat([hidden_h, model._tokens(cand_emb, cand_item, cand_pos) + model.cand_type], 1)
+    ts = torch.cat([hist_ts, query_ts.expand(B, M)], 1)  # keys: each event's own time
+    # queries: the time of the event each position predicts (the next one; the query time for the newest
+    # history position and for every candidate)
+    ts_q = torch.cat([hist_ts[:, 1:], query_ts.expand(B, M + 1)], 1)
     pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(hist_item.device)
     dist = pos.unsqueeze(1) - pos.unsqueeze(0)
-    rab = model.rab(dist.unsqueeze(0).expand(B, T, T), ts.unsqueeze(2) - ts.unsqueeze(1))
+    rab = model.rab(dist.unsqueeze(0).expand(B, T, T), ts_q.unsqueeze(2) - ts.unsqueeze(1))
     valid = torch.cat([hist_valid, torch.ones(B, M, dtype=hist_valid.dtype, device=hist_valid.device)], 1)
     idx = torch.arange(T, device=hist_item.device)
     allowed = idx.unsqueeze(1) >= idx.unsqueeze(0)  # causal

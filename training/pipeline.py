@@ -130,8 +130,8 @@ class Builder:
 
         base = _h(self.state["data"]["info"]["fingerprint"], file_hash(self.paths.content_emb), self.cfg.seed)
         r = self.cfg.ranker
-        # What each model's training reads: the towers take only max_len and eval_every from [ranker].
-        towers_in = _h(self.cfg.section_hash("towers"), r.max_len, r.eval_every)
+        # What each model's training reads: the towers take only max_len from [ranker].
+        towers_in = _h(self.cfg.section_hash("towers"), r.max_len)
         jobs = [
             ("towers", towers_in, self.paths.towers, T.train_towers),
             ("ranker", self.cfg.section_hash("ranker"), self.paths.ranker, T.train_ranker),
@@ -160,6 +160,7 @@ class Builder:
             dqk=r.dqk,
             dv=r.dv,
             num_items=ds.num_items,
+            num_time_buckets=r.num_time_buckets,
         )
 
     def model_version(self) -> str:

@@ -10,7 +10,9 @@ import copy
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.batches import left_pad, sample_windows
+from training.batches import PackedSequences, left_pad
 from training.config import BuildConfig
 from training.data import Dataset
 from training.metrics import rank_metrics
-from training.models import HSTURanker, SASRec, TwoTower
+from training.models import HSTURanker, ItemEmbedding, SASRec, TwoTower
 
-VALID_USERS = 500  # validation subset size (full test eval runs in training/evaluate.py)
+# Validation users for early stopping (the second-last item of each; the test item is never looked at).
+VALID_USERS = 1000
 
 
 def seed_all(seed: int) -> None:
@@ -65,8 +68,12 @@ def load_checkpoint(path: Path, cls: type[torch.nn.Module]) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 # evaluation helpers shared with training/evaluate.py
 # --------------------------------------------------------------------------------------------------
+def example(ds: Dataset, u: int, split: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    return ds.valid_example(u) if split == "valid" else ds.test_example(u)
+
+
 def history_tensors(ds: Dataset, users: list[int], split: str, max_len: int, table: torch.Tensor):
-    ex = [ds.valid_example(u) if split == "valid" else ds.test_example(u) for u in users]
+    ex = [example(ds, u, split) for u in users]
     items, valid = left_pad([e[0] for e in ex], max_len)
     ts, _ = left_pad([e[1] for e in ex], max_len)
     dev = table.device
@@ -81,22 +88,36 @@ def history_tensors(ds: Dataset, users: list[int], split: str, max_len: int, tab
     )
 
 
+def seen_mask_index(ds: Dataset, users: list[int], split: str, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of every item in each user's WHOLE history (not only the last max_len), the target
+    itself left out: the paper's protocol ranks only items the user has not interacted with."""
+    rows, cols = [], []
+    for r, u in enumerate(users):
+        h = np.unique(example(ds, u, split)[0])
+        h = h[h != targets[r]]
+        rows.append(np.full(len(h), r, np.int64))
+        cols.append(h - 1)
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 @torch.inference_mode()
 def ranker_scores_full(model: HSTURanker, hist, table: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Scores of every catalog item [U, N] (column i = item i+1), candidates in microbatches."""
     emb, item, ts, valid, _, qts = hist
-    hidden, k, v = model.history(emb, item, ts, valid)
+    hidden, k, v = model.history(emb, item, ts, valid, qts.unsqueeze(1))
     U, L = item.shape
     q = model.next_item_query(hidden[:, -1]).unsqueeze(1)
     N = table.shape[0] - 1
     dev = table.device
     out = torch.empty(U, N, device=dev)
+    pos = torch.full((U, 1), L, dtype=torch.int64, device=dev)
     for a in range(1, N + 1, chunk):
         ids = torch.arange(a, min(a + chunk, N + 1), device=dev)
         c_item = ids.expand(U, -1)
-        pos = torch.full(c_item.shape, L, dtype=torch.int64, device=dev)
         out[:, a - 1 : a - 1 + len(ids)] = model.candidates(
-            k, v, q.expand(U, len(ids), -1), ts, valid, table[c_item], c_item, pos, qts.unsqueeze(1).expand_as(c_item)
+            k, v, q, ts, valid, table[ids].expand(U, -1, -1), c_item, pos, qts.unsqueeze(1)
         )
     return out
 
@@ -104,6 +125,34 @@ def ranker_scores_full(model: HSTURanker, hist, table: torch.Tensor, chunk: int 
 @torch.inference_mode()
 def dot_scores_full(user_vec: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
     return user_vec @ item_vecs.T
+
+
+@torch.inference_mode()
+def scorer_ranks(
+    ds: Dataset,
+    users: list[int],
+    split: str,
+    max_len: int,
+    table: torch.Tensor,
+    score_fn: Callable,
+    batch: int = 256,
+) -> dict[bool, np.ndarray]:
+    """0-based rank of each user's target over the full catalog, keyed by whether the user's history items
+    are excluded from the ranking (True: the paper's protocol) or compete with the target (False).
+    One scoring pass serves both."""
+    ranks: dict[bool, list[np.ndarray]] = {True: [], False: []}
+    for a in range(0, len(users), batch):
+        part = users[a : a + batch]
+        hist = history_tensors(ds, part, split, max_len, table)
+        scores = score_fn(hist)
+        target = torch.from_numpy(hist[4] - 1).to(scores.device)
+        tscore = scores.gather(1, target.unsqueeze(1))
+        above = scores > tscore  # [U,N]
+        ranks[False].append(above.sum(1).cpu().numpy())
+        r, c = seen_mask_index(ds, part, split, hist[4])
+        above[torch.from_numpy(r).to(above.device), torch.from_numpy(c).to(above.device)] = False
+        ranks[True].append(above.sum(1).cpu().numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in ranks.items()}
 
 
 def evaluate_scorer(
@@ -114,91 +163,197 @@ def evaluate_scorer(
     table: torch.Tensor,
     score_fn: Callable,
     batch: int = 256,
+    exclude_history: bool = True,
 ) -> dict[str, float]:
-    ranks = []
-    for a in range(0, len(users), batch):
-        hist = history_tensors(ds, users[a : a + batch], split, max_len, table)
-        scores = score_fn(hist)
-        target = torch.from_numpy(hist[4] - 1).to(scores.device)
-        tscore = scores.gather(1, target.unsqueeze(1))
-        ranks.append((scores > tscore).sum(1).cpu().numpy())
-    return rank_metrics(np.concatenate(ranks))
+    """Leave-one-out metrics over the full catalog. `exclude_history` (the paper's protocol): items the user
+    has already interacted with are not ranked; without it they compete with the target."""
+    return rank_metrics(scorer_ranks(ds, users, split, max_len, table, score_fn, batch)[exclude_history])
 
 
 # --------------------------------------------------------------------------------------------------
-# shared AR batch
+# batches and the loss
 # --------------------------------------------------------------------------------------------------
-def _ar_batch(ds: Dataset, users: np.ndarray, max_len: int, rng: np.random.Generator, dev: torch.device):
-    """Windows of max_len+1 training items: inputs are the first max_len, targets the shifted ones."""
-    seqs = [ds.train_seq(u)[0] for u in users]
-    times = [ds.train_seq(u)[1] for u in users]
-    ws, ts = sample_windows(seqs, times, max_len + 1, rng)
-    w, wv = left_pad(ws, max_len + 1)
-    wt, _ = left_pad(ts, max_len + 1)
-    return torch.from_numpy(w).to(dev), torch.from_numpy(wt).to(dev), torch.from_numpy(wv).to(dev)
+class Batcher:
+    """Training windows of max_len+1 items (inputs are the first max_len, targets the shifted ones), built
+    by array ops over every user's training prefix packed once."""
+
+    def __init__(self, ds: Dataset, max_len: int, dev: torch.device):
+        self.packed = PackedSequences(
+            [ds.train_seq(u)[0] for u in range(ds.num_users)], [ds.train_seq(u)[1] for u in range(ds.num_users)]
+        )
+        self.max_len, self.dev = max_len, dev
+
+    def __call__(self, users: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        w, wt, wv = self.packed.windows(users, self.max_len + 1, rng)
+        # Drop the columns that are padding in every row (batches group users of similar length, see
+        # length_batches): exact, since positions and time biases never depend on the padding's width.
+        first = int(min(np.argmax(wv.any(0)), w.shape[1] - 2))
+        w, wt, wv = w[:, first:], wt[:, first:], wv[:, first:]
+        return torch.from_numpy(w).to(self.dev), torch.from_numpy(wt).to(self.dev), torch.from_numpy(wv).to(self.dev)
+
+    def lengths(self, users: np.ndarray) -> np.ndarray:
+        return np.minimum(self.packed.lengths[users], self.max_len + 1)
 
 
-def _sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor, temp: float):
-    """q, pos: [B,L,d] normalised; neg: [K,d]; mask [B,L]. Mean CE of the positive among 1+K."""
-    lp = (q * pos).sum(-1, keepdim=True)
-    ln = q @ neg.T
-    logits = torch.cat([lp, ln], -1) / temp
-    loss = F.cross_entropy(
-        logits.flatten(0, 1),
-        torch.zeros(logits.shape[0] * logits.shape[1], dtype=torch.long, device=q.device),
-        reduction="none",
-    )
-    return (loss * mask.flatten()).sum() / mask.sum().clamp(min=1)
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of positions into `lengths`, grouping similar lengths (jittered by up to 25% so batches differ
+    between epochs), in random order. ML-1M windows average ~108 of 201 items: one padded width for every
+    batch spent about half of each step on padding."""
+    key = lengths * (1.0 + 0.25 * rng.random(len(lengths)))
+    order = np.argsort(key, kind="stable")
+    batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+MASKED_LOGIT = -1e4  # a sampled negative that is the positive (the reference uses a large negative logit too)
+
+
+def sampled_softmax(
+    q: torch.Tensor,
+    tgt: torch.Tensor,
+    mask: torch.Tensor,
+    item_vecs: Callable[[torch.Tensor], torch.Tensor],
+    num_items: int,
+    num_negatives: int,
+    temperature: float,
+    gen: torch.Generator,
+    pool_size: int = 1024,
+) -> torch.Tensor:
+    """Mean cross-entropy of each position's positive among itself and `num_negatives` negatives drawn for
+    THAT position; a negative equal to the positive is masked out.
+
+    q: [B,L,d] L2-normalised queries; tgt: [B,L] target ids (1..N); mask: [B,L] positions that count;
+    item_vecs: ids -> L2-normalised item vectors. Negatives are drawn uniformly, per position, from a pool of
+    `pool_size` uniformly drawn items (the whole catalog when it is smaller): one matmul against the pool
+    then a gather, instead of materialising [positions, K, d] negative vectors (~8x the work here).
+    """
+    sel = mask.flatten() > 0
+    qv = q.flatten(0, 1)[sel]  # [P,d]
+    t = tgt.flatten()[sel]  # [P]
+    pool, pick = sample_negatives(len(t), num_items, num_negatives, gen, pool_size, q.device)
+    pool_vec = item_vecs(pool)
+    pos_vec = pool_vec[t - 1] if len(pool) == num_items else item_vecs(t)  # whole catalog: row i = item i+1
+    neg = (qv @ pool_vec.T).gather(1, pick)  # [P,K]
+    neg = neg.masked_fill(pool[pick] == t.unsqueeze(1), MASKED_LOGIT * temperature)
+    logits = torch.cat([(qv * pos_vec).sum(-1, keepdim=True), neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=q.device))
+
+
+def sample_negatives(
+    positions: int, num_items: int, k: int, gen: torch.Generator, pool_size: int, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool [Q] item ids, pick [positions, k] indices into the pool): position p's negatives are
+    pool[pick[p]], drawn uniformly and independently for every position. The pool is the whole catalog
+    (ids 1..N in order) when it has at most `pool_size` items, else `pool_size` uniform draws."""
+    if num_items <= pool_size:
+        pool = torch.arange(1, num_items + 1, device=dev)
+    else:
+        pool = torch.randint(1, num_items + 1, (pool_size,), generator=gen, device=dev)
+    return pool, torch.randint(0, len(pool), (positions, k), generator=gen, device=dev)
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How long to train: up to max_epochs, stopping after `patience` validations without a new best, or
+    before an epoch that would not finish inside `budget_s` seconds of wall clock (0 = no budget)."""
+
+    max_epochs: int
+    patience: int
+    budget_s: float
+    batch_size: int
+    lr: float
+    eval_every: int = 1
 
 
 def _fit(
     name: str,
     model: torch.nn.Module,
-    epochs: int,
-    batch_size: int,
-    lr: float,
+    plan: FitPlan,
     ds: Dataset,
     step: Callable,
     validate: Callable,
     seed: int,
     log: Callable[[str], None],
-    eval_every: int = 1,
+    table: torch.Tensor,
 ) -> tuple[torch.nn.Module, dict]:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.98), weight_decay=0.0)
     rng = np.random.default_rng(seed)
     users = np.array([u for u in range(ds.num_users) if len(ds.seqs[u]) >= 3])
-    best, best_state, history = -1.0, copy.deepcopy(model.state_dict()), []
+    lengths = np.array([len(ds.seqs[u]) for u in users])
+    best, best_epoch, best_state, history = -1.0, 0, copy.deepcopy(model.state_dict()), []
     t0 = time.time()
-    for epoch in range(1, epochs + 1):
+    train_s: list[float] = []
+    stop = "max_epochs"
+    for epoch in range(1, plan.max_epochs + 1):
+        te = time.time()
         model.train()
-        rng.shuffle(users)
         losses = []
-        bar = tqdm(range(0, len(users), batch_size), desc=f"{name} epoch {epoch}/{epochs}", leave=False)
-        for a in bar:
-            loss = step(users[a : a + batch_size], rng)
+        bar = tqdm(length_batches(lengths, plan.batch_size, rng), desc=f"{name} epoch {epoch}", leave=False)
+        for batch in bar:
+            with training_catalog(model, table):
+                loss = step(users[batch], rng)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if epoch % eval_every and epoch != epochs:
-            log(f"{name} epoch {epoch}: loss {np.mean(losses):.4f}")
-            continue
-        model.eval()
-        m = validate()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), **m})
-        log(f"{name} epoch {epoch}: loss {np.mean(losses):.4f} valid NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}")
-        if m["ndcg@10"] > best:
-            best, best_state = m["ndcg@10"], copy.deepcopy(model.state_dict())
+        train_s.append(time.time() - te)
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1]}
+        if epoch % plan.eval_every == 0 or epoch == plan.max_epochs:
+            tv = time.time()
+            model.eval()
+            with training_catalog(model, table):
+                m = validate()
+            row.update({**m, "valid_s": time.time() - tv})
+            if m["ndcg@10"] > best:
+                best, best_epoch, best_state = m["ndcg@10"], epoch, copy.deepcopy(model.state_dict())
+            log(
+                f"{name} epoch {epoch}: loss {row['loss']:.4f} valid NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}"
+                f" ({train_s[-1]:.1f}s train, {row['valid_s']:.1f}s valid)"
+            )
+        history.append(row)
+        if epoch - best_epoch >= plan.patience * plan.eval_every:
+            stop = f"no better validation for {plan.patience} checks"
+            break
+        elapsed = time.time() - t0
+        if plan.budget_s and elapsed + elapsed / epoch > plan.budget_s:
+            stop = f"time budget {plan.budget_s:.0f}s"
+            break
     model.load_state_dict(best_state)
     model.eval().cpu()
-    return model, {"best_valid_ndcg@10": best, "epochs": history, "train_seconds": time.time() - t0}
+    log(f"{name}: best epoch {best_epoch} of {len(history)} (stopped: {stop})")
+    return model, {
+        "best_valid_ndcg@10": best,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped": stop,
+        "sec_per_epoch": float(np.mean(train_s)) if train_s else 0.0,
+        "epochs": history,
+        "train_seconds": time.time() - t0,
+    }
+
+
+@contextmanager
+def training_catalog(model: torch.nn.Module, table: torch.Tensor) -> Iterator[None]:
+    """Every ItemEmbedding of `model` looks items up by id in `table` (see ItemEmbedding.training_catalog):
+    content arguments may be None, and each distinct item is embedded once per call."""
+    with ExitStack() as stack:
+        for m in model.modules():
+            if isinstance(m, ItemEmbedding):
+                stack.enter_context(m.training_catalog(table))
+        yield
 
 
 def _valid_users(ds: Dataset, seed: int) -> list[int]:
     rng = np.random.default_rng(seed + 1)
-    users = np.arange(ds.num_users)
+    users = np.array([u for u in range(ds.num_users) if len(ds.seqs[u]) >= 3])
     return sorted(rng.choice(users, size=min(VALID_USERS, len(users)), replace=False).tolist())
+
+
+def _generator(seed: int, dev: torch.device) -> torch.Generator:
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed)
+    return g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,45 +386,53 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     model = HSTURanker(**kwargs).to(dev)
     model.items.set_content_stats(table)
     L, S, K, N = r.max_len, r.target_positions, r.cand_negatives, ds.num_items
+    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
 
     def step(users: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        w, wt, wv = _ar_batch(ds, users, L, rng, dev)
-        item, ts, valid = w[:, :L], wt[:, :L], wv[:, :L]
-        hidden, k, v = model.history(table[item], item, ts, valid)
-        aux_negs = torch.from_numpy(rng.integers(1, N + 1, size=r.negatives)).to(dev)
-        neg_out = model.item_out(table[aux_negs], aux_negs)
-        negs = aux_negs[:K]
-        # Auxiliary next-item loss on every history position (plain HSTU training signal).
-        tgt = w[:, 1:]
-        tmask = wv[:, 1:] * valid
+        w, wt, wv = batches(users, rng)
+        item, ts, valid = w[:, :-1], wt[:, :-1], wv[:, :-1]
+        hidden, k, v = model.history(None, item, ts, valid, wt[:, -1:])
+        # Next-item loss on every history position (plain HSTU training signal).
         queries = model.next_item_query(hidden)  # [B,L,d]: position i predicts item i+1
-        aux = _sampled_softmax(queries, model.item_out(table[tgt], tgt), neg_out, tmask, r.temperature)
-        # Target-aware loss: at S target positions p, rank the true item w[p] among K negatives, with
-        # the candidate seeing history j < p only: exactly what serving computes at p = L.
-        B = w.shape[0]
-        p_valid = (wv[:, 1:] * wv[:, :-1]).cpu().numpy()  # target p=1..L needs item p and item p-1 valid
-        pos = np.zeros((B, S), dtype=np.int64)
-        pmask = np.zeros((B, S), dtype=np.float32)
-        for b in range(B):
-            choices = np.flatnonzero(p_valid[b]) + 1
-            if len(choices):
-                pick = rng.choice(choices, size=S, replace=len(choices) < S)
-                pick[0] = L  # always train the serving position (newest target)
-                pos[b], pmask[b] = pick, 1.0
-        pos_t = torch.from_numpy(pos).to(dev)
+        aux = sampled_softmax(
+            queries,
+            w[:, 1:],
+            wv[:, 1:] * valid,
+            lambda ids: model.item_out(None, ids),
+            N,
+            r.negatives,
+            r.temperature,
+            gen,
+            r.negative_pool,
+        )
+        # Target-aware loss: at S target positions p, rank the true item w[p] among K negatives drawn for that
+        # position, the candidate seeing history j < p only: exactly what serving computes at p = L.
+        B, Lb = w.shape[0], w.shape[1] - 1  # this batch's width (padding columns dropped)
+        n = wv.sum(1).to(torch.int64)  # valid items in the window of Lb+1
+        first = Lb + 1 - n  # index of the oldest valid item; targets p need p-1 valid too: p in [first+1, Lb]
+        span = (n - 1).clamp(min=1)
+        pos_t = first.unsqueeze(1) + 1 + (torch.rand(B, S, generator=gen, device=dev) * span.unsqueeze(1)).long()
+        pos_t = pos_t.clamp(max=Lb)
+        pos_t[:, 0] = Lb  # always train the serving position (newest target)
+        pm = (n >= 2).to(torch.float32).unsqueeze(1).expand(B, S)
         true_item = w.gather(1, pos_t)  # [B,S]
-        cand_item = torch.cat([true_item.unsqueeze(-1), negs.expand(B, S, K)], -1).reshape(B, -1)
+        negs = torch.randint(1, N + 1, (B, S, K), generator=gen, device=dev)
+        cand_item = torch.cat([true_item.unsqueeze(-1), negs], -1).reshape(B, -1)
         cand_pos = pos_t.unsqueeze(-1).expand(B, S, K + 1).reshape(B, -1)
         cand_ts = wt.gather(1, pos_t).unsqueeze(-1).expand(B, S, K + 1).reshape(B, -1)
         d = queries.shape[-1]
         q_at = queries.gather(1, (pos_t - 1).unsqueeze(-1).expand(B, S, d))  # query of prefix j < p
         cand_q = q_at.unsqueeze(2).expand(B, S, K + 1, d).reshape(B, -1, d)
-        scores = model.candidates(k, v, cand_q, ts, valid, table[cand_item], cand_item, cand_pos, cand_ts)
+        scores = model.candidates(k, v, cand_q, ts, valid, None, cand_item, cand_pos, cand_ts)
+        scores = scores.reshape(B, S, K + 1)
+        hit = torch.cat(
+            [torch.zeros_like(true_item, dtype=torch.bool).unsqueeze(-1), negs == true_item.unsqueeze(-1)], -1
+        )
+        scores = scores.masked_fill(hit, MASKED_LOGIT)
         ce = F.cross_entropy(
             scores.reshape(B * S, K + 1), torch.zeros(B * S, dtype=torch.long, device=dev), reduction="none"
         )
-        pm = torch.from_numpy(pmask).flatten().to(dev)
-        main = (ce * pm).sum() / pm.sum().clamp(min=1)
+        main = (ce * pm.flatten()).sum() / pm.sum().clamp(min=1)
         return main + r.aux_weight * aux
 
     vusers = _valid_users(ds, cfg.seed)
@@ -277,9 +440,8 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     def validate() -> dict:
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: ranker_scores_full(model, h, table))
 
-    model, info = _fit(
-        "ranker", model, r.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
-    )
+    plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every)
+    model, info = _fit("ranker", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
 
@@ -302,23 +464,30 @@ def sasrec_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
 
 def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) -> tuple[SASRec, dict, dict]:
     seed_all(cfg.seed)
-    r = cfg.ranker
+    r, c = cfg.ranker, cfg.sasrec
     table = content_table(emb16)
     kwargs = sasrec_kwargs(cfg, ds, emb16.shape[1])
     dev = train_device()
     table = table.to(dev)
     model = SASRec(**kwargs).to(dev)
     model.items.set_content_stats(table)
-    L, K, N = r.max_len, r.negatives, ds.num_items
+    L, N = r.max_len, ds.num_items
+    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
 
     def step(users, rng):
-        w, _, wv = _ar_batch(ds, users, L, rng, dev)
-        item, valid = w[:, :L], wv[:, :L]
-        q = model(table[item], item, valid)
-        negs = torch.from_numpy(rng.integers(1, N + 1, size=K)).to(dev)
-        tgt = w[:, 1:]
-        return _sampled_softmax(
-            q, model.item_out(table[tgt], tgt), model.item_out(table[negs], negs), wv[:, 1:] * valid, r.temperature
+        w, _, wv = batches(users, rng)
+        item, valid = w[:, :-1], wv[:, :-1]
+        q = model(None, item, valid)
+        return sampled_softmax(
+            q,
+            w[:, 1:],
+            wv[:, 1:] * valid,
+            lambda ids: model.item_out(None, ids),
+            N,
+            r.negatives,
+            r.temperature,
+            gen,
+            r.negative_pool,
         )
 
     vusers = _valid_users(ds, cfg.seed)
@@ -326,9 +495,8 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     def validate():
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: sasrec_scores_full(model, h, table))
 
-    model, info = _fit(
-        "sasrec", model, cfg.sasrec.epochs, r.batch_size, r.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
-    )
+    plan = FitPlan(c.epochs, c.patience, c.train_budget_s, r.batch_size, c.lr)  # validation is cheap: every epoch
+    model, info = _fit("sasrec", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
 
@@ -373,16 +541,22 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     model.item_in.set_content_stats(table)
     model.user_in.set_content_stats(table)
     L, N = cfg.ranker.max_len, ds.num_items
-    K = min(1024, N)
+    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
 
     def step(users, rng):
-        w, _, wv = _ar_batch(ds, users, L, rng, dev)
-        item, valid = w[:, :L], wv[:, :L]
-        q = model.user_seq(table[item], item, valid)
-        negs = torch.from_numpy(rng.integers(1, N + 1, size=K)).to(dev)
-        tgt = w[:, 1:]
-        return _sampled_softmax(
-            q, model.item_vec(table[tgt], tgt), model.item_vec(table[negs], negs), wv[:, 1:] * valid, t.temperature
+        w, _, wv = batches(users, rng)
+        item, valid = w[:, :-1], wv[:, :-1]
+        q = model.user_seq(None, item, valid)
+        return sampled_softmax(
+            q,
+            w[:, 1:],
+            wv[:, 1:] * valid,
+            lambda ids: model.item_vec(None, ids),
+            N,
+            t.negatives,
+            t.temperature,
+            gen,
+            t.negative_pool,
         )
 
     vusers = _valid_users(ds, cfg.seed)
@@ -391,9 +565,8 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
         iv = all_item_vecs(model, table)
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: towers_user_vec(model, h) @ iv.T)
 
-    model, info = _fit(
-        "towers", model, t.epochs, t.batch_size, t.lr, ds, step, validate, cfg.seed, log, cfg.ranker.eval_every
-    )
+    plan = FitPlan(t.epochs, t.patience, t.train_budget_s, t.batch_size, t.lr)  # validation is cheap: every epoch
+    model, info = _fit("towers", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
 

@@ -1,0 +1,167 @@
+"""The training recipe and the offline evaluation: loss, negatives, batches, protocols (CPU, small data)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.contract import time_buckets
+from training import train as T
+from training.batches import PackedSequences, left_pad
+from training.data import Dataset
+from training.evaluate import popularity_counts, popularity_scorer
+from training.metrics import rank_metrics
+from training.models import HSTURanker
+
+
+def _dataset(seqs: list[list[int]], num_items: int) -> Dataset:
+    return Dataset(
+        name="t",
+        item_raw_ids=np.arange(1, num_items + 1),
+        item_texts=[f"item {i}" for i in range(1, num_items + 1)],
+        user_raw_ids=np.arange(len(seqs)),
+        seqs=[np.array(s, np.int64) for s in seqs],
+        times=[np.arange(len(s), dtype=np.int64) * 100 + 10**9 for s in seqs],
+    )
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def test_loss_masks_a_negative_equal_to_the_positive():
+    """With one item in the catalog every sampled negative IS the positive: masked, nothing competes."""
+    g = torch.Generator().manual_seed(0)
+    q = _unit(torch.randn(2, 5, 8))
+    vec = _unit(torch.randn(2, 8))  # row 0 unused, row 1 = the only item
+    tgt = torch.ones(2, 5, dtype=torch.long)
+    loss = T.sampled_softmax(q, tgt, torch.ones(2, 5), lambda ids: vec[ids], 1, 16, 0.05, g)
+    assert loss.item() < 1e-3  # unmasked it would be log(1 + 16) = 2.83
+
+
+def test_loss_equals_the_masked_cross_entropy_computed_by_hand():
+    N, K, temp = 4, 6, 0.1
+    q = _unit(torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1)))
+    vec = _unit(torch.randn(N + 1, 8, generator=torch.Generator().manual_seed(2)))
+    tgt = torch.randint(1, N + 1, (3, 4), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 4)
+    mask[0, :2] = 0  # padding positions do not count
+    got = T.sampled_softmax(q, tgt, mask, lambda ids: vec[ids], N, K, temp, torch.Generator().manual_seed(7))
+    pool, pick = T.sample_negatives(int(mask.sum()), N, K, torch.Generator().manual_seed(7), 1024, q.device)
+    qv, t = q.flatten(0, 1)[mask.flatten() > 0], tgt.flatten()[mask.flatten() > 0]
+    losses = []
+    for p in range(len(t)):
+        negs = [int(pool[i]) for i in pick[p] if int(pool[i]) != int(t[p])]
+        logits = torch.stack([qv[p] @ vec[int(t[p])]] + [qv[p] @ vec[n] for n in negs]) / temp
+        losses.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(got, torch.stack(losses).mean(), atol=1e-5)
+
+
+def test_negatives_are_drawn_per_position():
+    pool, pick = T.sample_negatives(50, 1000, 16, torch.Generator().manual_seed(0), 256, torch.device("cpu"))
+    negs = pool[pick]  # [50, 16] item ids
+    assert negs.min() >= 1 and negs.max() <= 1000
+    assert len({tuple(r.tolist()) for r in negs}) == 50  # every position has its own set
+    small_pool, _ = T.sample_negatives(5, 300, 16, torch.Generator().manual_seed(0), 1024, torch.device("cpu"))
+    assert small_pool.tolist() == list(range(1, 301))  # a small catalog is sampled from in full
+
+
+def test_packed_windows_equal_left_pad_of_the_same_slice():
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 50, size=n) for n in (1, 3, 7, 12, 30)]
+    times = [np.arange(len(s)) + 1000 for s in seqs]
+    packed = PackedSequences(seqs, times)
+    users = np.array([4, 0, 2, 3, 1, 4])
+    w, wt, wv = packed.windows(users, 8, np.random.default_rng(1))
+    for row, u in enumerate(users):
+        n = int(wv[row].sum())
+        got = w[row, 8 - n :]
+        s = seqs[u]
+        # a contiguous slice of the user's sequence, as long as the window allows
+        assert n == min(len(s), 8)
+        starts = [a for a in range(len(s) - n + 1) if np.array_equal(s[a : a + n], got)]
+        assert starts, (u, got, s)
+        ref, ref_valid = left_pad([s[starts[0] : starts[0] + n]], 8)
+        assert np.array_equal(ref[0], w[row]) and np.array_equal(ref_valid[0], wv[row])
+        assert np.array_equal(wt[row, 8 - n :], times[u][starts[0] : starts[0] + n])
+
+
+def test_length_batches_cover_every_user_once():
+    lengths = np.random.default_rng(0).integers(3, 300, size=1000)
+    batches = T.length_batches(lengths, 64, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < np.ptp(lengths) / 4  # similar lengths together: padding is mostly trimmed
+
+
+def test_seen_filter_excludes_exactly_the_history():
+    # user 0: history 1,2,3 (test target 4); user 1: history 5,1 (test target 2)
+    ds = _dataset([[1, 2, 3, 4], [5, 1, 2]], num_items=6)
+    table = torch.zeros(7, 3)
+
+    def scores(h):  # item 1 best, then 2, 3, ... (column i = item i+1)
+        return torch.arange(6, 0, -1, dtype=torch.float32).expand(len(h[4]), -1).clone()
+
+    ranks = T.scorer_ranks(ds, [0, 1], "test", 4, table, scores)
+    # unfiltered: user 0's target 4 has items 1,2,3 above; user 1's target 2 has item 1 above
+    assert ranks[False].tolist() == [3, 1]
+    # paper protocol: user 0's history {1,2,3} and user 1's {5,1} are not ranked: nothing above either target
+    assert ranks[True].tolist() == [0, 0]
+    r, c = T.seen_mask_index(ds, [0, 1], "test", np.array([4, 2]))
+    assert sorted(zip(r.tolist(), (c + 1).tolist(), strict=True)) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 5)]
+
+
+def test_popularity_row_matches_a_count():
+    rng = np.random.default_rng(0)
+    seqs = [rng.permutation(np.arange(1, 21))[: rng.integers(3, 15)].tolist() for _ in range(40)]
+    ds = _dataset(seqs, num_items=20)
+    counts = Counter(i for s in seqs for i in s[:-1])  # test protocol: everything but each user's last item
+    want = np.array([counts[i] for i in range(1, 21)])
+    assert np.array_equal(popularity_counts(ds), want)
+    ranks = T.scorer_ranks(ds, list(range(40)), "test", 16, torch.zeros(21, 2), popularity_scorer(want, "cpu"))
+    for u, s in enumerate(seqs):
+        target = s[-1]
+        above = [i for i in range(1, 21) if (want[i - 1], -i) > (want[target - 1], -target)]
+        assert ranks[False][u] == len(above)
+        assert ranks[True][u] == len([i for i in above if i not in s[:-1]])
+    m = rank_metrics(ranks[True])
+    assert m["users"] == 40
+
+
+def test_history_time_bias_counts_to_the_next_event():
+    """Only the newest position's bias depends on the query time, and only through its log-time buckets."""
+    torch.manual_seed(0)
+    m = HSTURanker(8, 30, 16, 8, 2, 1, 8, 8, dropout=0.0).eval()
+    with torch.no_grad():
+        m.rab.ts_w.normal_()
+    item = torch.randint(1, 31, (1, 6))
+    ts = torch.tensor([[10**9 + 100 * i for i in range(6)]])
+    valid = torch.ones(1, 6)
+    with torch.no_grad():
+        h1, k1, v1 = m.history(torch.zeros(1, 6, 8), item, ts, valid, ts[:, -1:] + 10)
+        h2, k2, v2 = m.history(torch.zeros(1, 6, 8), item, ts, valid, ts[:, -1:] + 10**6)
+    assert torch.allclose(h1[:, :-1], h2[:, :-1])  # older positions count to the next event, not the query
+    assert not torch.allclose(h1[:, -1], h2[:, -1])
+    assert torch.allclose(k1[:, 0], k2[:, 0])  # first-layer K never sees the time
+    later = ts[:, -1:] + 9  # 1 s earlier than the first query: the same log-time bucket for every history event
+    assert np.array_equal(time_buckets((later - ts).numpy(), 64), time_buckets((ts[:, -1:] + 10 - ts).numpy(), 64))
+    with torch.no_grad():
+        h3, _, _ = m.history(torch.zeros(1, 6, 8), item, ts, valid, later)
+    assert torch.allclose(h1, h3)  # what lets the service reuse cached K/V across requests
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_abs_positions_ignore_left_padding(n):
+    torch.manual_seed(0)
+    m = HSTURanker(8, 30, 16, 8, 1, 1, 8, 8, dropout=0.0).eval()
+    emb, item = torch.randn(1, 4, 8), torch.randint(1, 31, (1, 4))
+    ts, q = torch.arange(4).unsqueeze(0) * 100 + 10**9, torch.tensor([[10**9 + 1000]])
+    pad = lambda x, v: torch.cat([torch.full((1, n, *x.shape[2:]), v, dtype=x.dtype), x], 1)  # noqa: E731
+    with torch.no_grad():
+        a, _, _ = m.history(emb, item, ts, torch.ones(1, 4), q)
+        b, _, _ = m.history(pad(emb, 0.0), pad(item, 0), pad(ts, 0), pad(torch.ones(1, 4), 0.0), q)
+    assert torch.allclose(a, b[:, n:], atol=1e-6)
