@@ -248,6 +248,11 @@ def summary_rows(results: list[StepResult]) -> list[tuple[str, str, str, str, st
         metric = ""
         if "best_valid_ndcg@10" in r.info:
             metric = f"valid NDCG@10 {r.info['best_valid_ndcg@10']:.4f}"
+            if "epochs_run" in r.info:
+                metric += (
+                    f", best epoch {r.info['best_epoch']} of {r.info['epochs_run']},"
+                    f" {r.info['sec_per_epoch']:.1f} s/epoch ({r.info['stopped']})"
+                )
         elif "users" in r.info:
             metric = f"{r.info['users']} users, {r.info['items']} items, {r.info['interactions']} events"
         elif "dim" in r.info:
