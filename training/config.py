@@ -75,6 +75,17 @@ class SasrecCfg:
 
 
 @dataclass(frozen=True)
+class ColdStartCfg:
+    """`falconrec cold-start` only (the build ignores it): hold this fraction of items out of training."""
+
+    fraction: float = 0.1
+    cascade_sizes: tuple[int, ...] = (200, 1000)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cascade_sizes", tuple(self.cascade_sizes))  # TOML gives a list
+
+
+@dataclass(frozen=True)
 class IndexCfg:
     kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf"
     hnsw_m: int = 32
@@ -95,6 +106,7 @@ class BuildConfig:
     ranker: RankerCfg = field(default_factory=RankerCfg)
     towers: TowersCfg = field(default_factory=TowersCfg)
     sasrec: SasrecCfg = field(default_factory=SasrecCfg)
+    coldstart: ColdStartCfg = field(default_factory=ColdStartCfg)
     index: IndexCfg = field(default_factory=IndexCfg)
     serve: ServeCfg = field(default_factory=ServeCfg)
     seed: int = 0

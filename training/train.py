@@ -213,7 +213,7 @@ def sampled_softmax(
     tgt: torch.Tensor,
     mask: torch.Tensor,
     item_vecs: Callable[[torch.Tensor], torch.Tensor],
-    num_items: int,
+    catalog: int | torch.Tensor,
     num_negatives: int,
     temperature: float,
     gen: torch.Generator,
@@ -223,32 +223,43 @@ def sampled_softmax(
     THAT position; a negative equal to the positive is masked out.
 
     q: [B,L,d] L2-normalised queries; tgt: [B,L] target ids (1..N); mask: [B,L] positions that count;
-    item_vecs: ids -> L2-normalised item vectors. Negatives are drawn uniformly, per position, from a pool of
-    `pool_size` uniformly drawn items (the whole catalog when it is smaller): one matmul against the pool
-    then a gather, instead of materialising [positions, K, d] negative vectors (~8x the work here).
+    item_vecs: ids -> L2-normalised item vectors; catalog: the items negatives come from (N: ids 1..N, or
+    an explicit id list). Negatives are drawn uniformly, per position, from a pool of `pool_size` uniformly
+    drawn items (the whole catalog when it is smaller): one matmul against the pool then a gather, instead
+    of materialising [positions, K, d] negative vectors (~8x the work here).
     """
     sel = mask.flatten() > 0
     qv = q.flatten(0, 1)[sel]  # [P,d]
     t = tgt.flatten()[sel]  # [P]
-    pool, pick = sample_negatives(len(t), num_items, num_negatives, gen, pool_size, q.device)
+    pool, pick = sample_negatives(len(t), catalog, num_negatives, gen, pool_size, q.device)
     pool_vec = item_vecs(pool)
-    pos_vec = pool_vec[t - 1] if len(pool) == num_items else item_vecs(t)  # whole catalog: row i = item i+1
+    in_order = isinstance(catalog, int) and len(pool) == catalog  # the whole catalog: row i = item i+1
+    pos_vec = pool_vec[t - 1] if in_order else item_vecs(t)
     neg = (qv @ pool_vec.T).gather(1, pick)  # [P,K]
     neg = neg.masked_fill(pool[pick] == t.unsqueeze(1), MASKED_LOGIT * temperature)
     logits = torch.cat([(qv * pos_vec).sum(-1, keepdim=True), neg], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=q.device))
 
 
+def draw_items(catalog: int | torch.Tensor, shape: tuple[int, ...], gen: torch.Generator, dev) -> torch.Tensor:
+    """Uniform item ids from `catalog` (N: ids 1..N; or an explicit id list)."""
+    if isinstance(catalog, int):
+        return torch.randint(1, catalog + 1, shape, generator=gen, device=dev)
+    return catalog[torch.randint(0, len(catalog), shape, generator=gen, device=dev)]
+
+
 def sample_negatives(
-    positions: int, num_items: int, k: int, gen: torch.Generator, pool_size: int, dev: torch.device
+    positions: int, catalog: int | torch.Tensor, k: int, gen: torch.Generator, pool_size: int, dev: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pool [Q] item ids, pick [positions, k] indices into the pool): position p's negatives are
     pool[pick[p]], drawn uniformly and independently for every position. The pool is the whole catalog
-    (ids 1..N in order) when it has at most `pool_size` items, else `pool_size` uniform draws."""
-    if num_items <= pool_size:
-        pool = torch.arange(1, num_items + 1, device=dev)
+    (ids 1..N in order, or the given id list) when it has at most `pool_size` items, else `pool_size`
+    uniform draws from it."""
+    size = catalog if isinstance(catalog, int) else len(catalog)
+    if size <= pool_size:
+        pool = torch.arange(1, size + 1, device=dev) if isinstance(catalog, int) else catalog.to(dev)
     else:
-        pool = torch.randint(1, num_items + 1, (pool_size,), generator=gen, device=dev)
+        pool = draw_items(catalog, (pool_size,), gen, dev)
     return pool, torch.randint(0, len(pool), (positions, k), generator=gen, device=dev)
 
 
@@ -350,6 +361,12 @@ def _valid_users(ds: Dataset, seed: int) -> list[int]:
     return sorted(rng.choice(users, size=min(VALID_USERS, len(users)), replace=False).tolist())
 
 
+def _negative_catalog(num_items: int, warm: np.ndarray | None, dev: torch.device) -> int | torch.Tensor:
+    """Where negatives come from: every item, or only `warm` ones (a cold-start run holds the rest out of
+    training entirely, as negatives too)."""
+    return num_items if warm is None else torch.from_numpy(np.asarray(warm, np.int64)).to(dev)
+
+
 def _generator(seed: int, dev: torch.device) -> torch.Generator:
     g = torch.Generator(device=dev)
     g.manual_seed(seed)
@@ -376,7 +393,9 @@ def ranker_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
     )
 
 
-def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) -> tuple[HSTURanker, dict, dict]:
+def train_ranker(
+    cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print, warm: np.ndarray | None = None
+) -> tuple[HSTURanker, dict, dict]:
     seed_all(cfg.seed)
     r = cfg.ranker
     table = content_table(emb16)
@@ -387,6 +406,7 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     model.items.set_content_stats(table)
     L, S, K, N = r.max_len, r.target_positions, r.cand_negatives, ds.num_items
     batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    catalog = _negative_catalog(N, warm, dev)
 
     def step(users: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         w, wt, wv = batches(users, rng)
@@ -399,7 +419,7 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
             w[:, 1:],
             wv[:, 1:] * valid,
             lambda ids: model.item_out(None, ids),
-            N,
+            catalog,
             r.negatives,
             r.temperature,
             gen,
@@ -416,7 +436,7 @@ def train_ranker(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
         pos_t[:, 0] = Lb  # always train the serving position (newest target)
         pm = (n >= 2).to(torch.float32).unsqueeze(1).expand(B, S)
         true_item = w.gather(1, pos_t)  # [B,S]
-        negs = torch.randint(1, N + 1, (B, S, K), generator=gen, device=dev)
+        negs = draw_items(catalog, (B, S, K), gen, dev)
         cand_item = torch.cat([true_item.unsqueeze(-1), negs], -1).reshape(B, -1)
         cand_pos = pos_t.unsqueeze(-1).expand(B, S, K + 1).reshape(B, -1)
         cand_ts = wt.gather(1, pos_t).unsqueeze(-1).expand(B, S, K + 1).reshape(B, -1)
@@ -462,7 +482,9 @@ def sasrec_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
     )
 
 
-def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) -> tuple[SASRec, dict, dict]:
+def train_sasrec(
+    cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print, warm: np.ndarray | None = None
+) -> tuple[SASRec, dict, dict]:
     seed_all(cfg.seed)
     r, c = cfg.ranker, cfg.sasrec
     table = content_table(emb16)
@@ -473,6 +495,7 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     model.items.set_content_stats(table)
     L, N = r.max_len, ds.num_items
     batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    catalog = _negative_catalog(N, warm, dev)
 
     def step(users, rng):
         w, _, wv = batches(users, rng)
@@ -483,7 +506,7 @@ def train_sasrec(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
             w[:, 1:],
             wv[:, 1:] * valid,
             lambda ids: model.item_out(None, ids),
-            N,
+            catalog,
             r.negatives,
             r.temperature,
             gen,
@@ -530,7 +553,9 @@ def all_item_vecs(model: TwoTower, table: torch.Tensor) -> torch.Tensor:
     return model.item_vec(table[ids], ids)
 
 
-def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) -> tuple[TwoTower, dict, dict]:
+def train_towers(
+    cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print, warm: np.ndarray | None = None
+) -> tuple[TwoTower, dict, dict]:
     seed_all(cfg.seed)
     t = cfg.towers
     table = content_table(emb16)
@@ -542,6 +567,7 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
     model.user_in.set_content_stats(table)
     L, N = cfg.ranker.max_len, ds.num_items
     batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    catalog = _negative_catalog(N, warm, dev)
 
     def step(users, rng):
         w, _, wv = batches(users, rng)
@@ -552,7 +578,7 @@ def train_towers(cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print) ->
             w[:, 1:],
             wv[:, 1:] * valid,
             lambda ids: model.item_vec(None, ids),
-            N,
+            catalog,
             t.negatives,
             t.temperature,
             gen,
