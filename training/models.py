@@ -3,6 +3,9 @@
 HSTU layer (arXiv 2402.17152):  LN(x) -> Linear -> SiLU -> split U,V,Q,K;
     A = SiLU(Q K^T + rab(pos, dt)) / max_len   (masked, no softmax);
     y = x + Linear(dropout(U * LN(A V))).
+Inputs as the reference: item embedding x sqrt(d) + a learned absolute position, dropout. The time part of
+rab for query position i and key j buckets (time of the event i predicts) - t_j: the next event's time, the
+query time for the newest position (so `history` takes `query_ts`).
 Target-aware (M-FALCON): candidate tokens come after the history; each attends to the history
 positions before its target position and to itself, never to another candidate. History K/V do not
 depend on candidates, so serving computes them once (`history_kv`) and scores microbatches with

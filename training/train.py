@@ -1,7 +1,8 @@
 """Training loops for the HSTU ranker, the LEARN towers and SASRec, with leave-one-out validation.
 
-All three see only each user's training prefix (everything but the validation and test items); the
-best epoch by validation NDCG@10 is kept. Deterministic for a seed (CPU).
+All three see only each user's training prefix (everything but the validation and test items). Each trains
+until validation NDCG@10 (second-last item of 1,000 users, the paper's protocol) stops improving or its
+wall-clock budget runs out; the best epoch is kept. Deterministic for a seed (CPU).
 """
 
 from __future__ import annotations
