@@ -17,13 +17,17 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.artifacts import ArtifactPaths
+from service.auth import READ, WRITE, AuthError, KeyRing
 from service.catalog import Catalog
 from service.contract import Manifest
 from service.errors import refusal
 from service.http_guard import ARRIVAL, GuardMiddleware
 from service.inference import InferenceBackend
+from service.ingest_feed import ItemFeed, PipeFeed, RedisFeed
+from service.live import LiveData
 from service.metrics import Metrics
 from service.onnx_backend import OnnxBackend
 from service.recommender import Recommender
@@ -31,6 +35,10 @@ from service.redact import redact, redact_tree
 from service.retrieval import Retriever
 from service.schemas import (
     ErrorBody,
+    EventsRequest,
+    EventsResponse,
+    ItemsRequest,
+    ItemsResponse,
     RecommendRequest,
     RecommendResponse,
     ScoredItem,
@@ -40,7 +48,15 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.stores import FeatureStore, InProcessStore, RedisStore
-from service.validation import InvalidInput, check_recommend, check_score, document_limits, field_errors
+from service.validation import (
+    InvalidInput,
+    check_events,
+    check_items,
+    check_recommend,
+    check_score,
+    document_limits,
+    field_errors,
+)
 
 log = logging.getLogger("falconrec.app")
 
@@ -55,10 +71,13 @@ class Components:
     retriever: Retriever
     recommender: Recommender
     metrics: Metrics
+    keys: KeyRing
+    live: LiveData
     grpc_server: object | None = None
 
 
 async def build_components(settings: Settings) -> Components:
+    keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading
     repo = Path(settings.model_repository)
     manifest = Manifest.read(repo)
     if manifest.config != settings.config:
@@ -104,12 +123,21 @@ async def build_components(settings: Settings) -> Components:
         )
     rec = Recommender(settings, manifest, catalog, backend, store, retriever, metrics, fallback)
     await rec.warmup()
-    return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics)
+    live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, fallback)
+    feed: ItemFeed
+    if isinstance(store, RedisStore):
+        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version)
+    else:
+        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply)
+    live.feed = feed
+    await feed.start()  # replays the items added live so far (Redis), before the first request
+    return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics, keys, live)
 
 
 async def close_components(c: Components) -> None:
     if c.grpc_server is not None:
         await c.grpc_server.stop(grace=1.0)
+    await c.live.close()  # stops the worker this replica started
     await c.store.close()
     await c.backend.close()
     if c.fallback is not None:
@@ -147,7 +175,10 @@ def _refuse(e: Exception, endpoint: str, metrics: Metrics) -> HTTPException:
         metrics.shed.labels(endpoint).inc()
     if r.http_status == 422:
         return HTTPException(422, [InvalidInput(r.field or "body", r.message).as_error()])
-    return HTTPException(r.http_status, r.message, headers={"Retry-After": "1"} if r.retry else None)
+    if r.http_status == 401:
+        return HTTPException(401, r.message, headers={"WWW-Authenticate": "Bearer"})
+    # A field (409: `items.0.item_id`) names the offending entry, as the gRPC details do.
+    return HTTPException(r.http_status, r.grpc_details, headers={"Retry-After": "1"} if r.retry else None)
 
 
 def _error(description: str, retry_after: bool = False) -> dict:
@@ -165,6 +196,33 @@ API_ERRORS: dict[int | str, dict] = {
     415: _error("the body is not JSON (content-type must be application/json)"),
     503: _error("overloaded, or a dependency (feature store, models) is down: retry after Retry-After", True),
 }
+
+
+# Documents the scheme in OpenAPI; the check itself is KeyRing.check (constant-time, scopes).
+BEARER = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
+AUTH_ERRORS: dict[int | str, dict] = {
+    401: _error("no API key, or an unknown one"),
+    403: _error("the API key lacks the scope this endpoint needs"),
+}
+WRITE_ERRORS: dict[int | str, dict] = {
+    **{k: v for k, v in API_ERRORS.items() if k != 404},
+    **AUTH_ERRORS,
+    409: _error("the item already exists or is being added"),
+}
+
+
+def require(scope: str) -> object:
+    """A route dependency: the request's key must carry `scope` (read: only when require_read_key is set)."""
+
+    async def check(
+        request: Request, c: ComponentsDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+    ) -> None:
+        try:
+            c.keys.check(request.headers.get("authorization"), scope)
+        except AuthError as e:
+            raise _refuse(e, request.url.path, c.metrics) from None  # from None: no key text in any chained trace
+
+    return Depends(check)
 
 
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
@@ -247,6 +305,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
                     "fallback": c.fallback.describe() if c.fallback else None,
                     "index": c.retriever.describe(),
                     "store": store,
+                    "live": c.live.status(),
                 }
             )
         )
@@ -259,7 +318,10 @@ def create_app(settings: Settings | None = None, components: Components | None =
     async def metrics_endpoint(c: ComponentsDep) -> Response:
         return Response(c.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, responses=API_ERRORS)
+    read_auth = [require(READ)] if settings.require_read_key else []
+    read_errors = {**API_ERRORS, **AUTH_ERRORS} if settings.require_read_key else API_ERRORS
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, responses=read_errors, dependencies=read_auth)
     async def recommend(
         body: RecommendRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response
     ) -> RecommendResponse:
@@ -285,7 +347,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
             timings_ms={k: round(v, 3) for k, v in res.timings.stages.items()},
         )
 
-    @app.post("/v1/score", response_model=ScoreResponse, responses=API_ERRORS)
+    @app.post("/v1/score", response_model=ScoreResponse, responses=read_errors, dependencies=read_auth)
     async def score(body: ScoreRequest, c: ComponentsDep, arrival: ArrivalDep, response: Response) -> ScoreResponse:
         try:
             deadline = check_score(body, c.settings, arrival)
@@ -305,6 +367,33 @@ def create_app(settings: Settings | None = None, components: Components | None =
             degraded_reasons=[redact(r) for r in deg],
             timings_ms={k: round(v, 3) for k, v in tm.stages.items()},
         )
+
+    @app.post("/v1/events", response_model=EventsResponse, responses=WRITE_ERRORS, dependencies=[require(WRITE)])
+    async def events(body: EventsRequest, c: ComponentsDep) -> EventsResponse:
+        """Append interactions to users' histories (all of the batch or none); the next request ranks with them."""
+        try:
+            evs = check_events(body, c.settings, lambda i: i in c.recommender.catalog.index_of, time.time())
+            out = await c.live.record_events(evs)
+        except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
+            raise _refuse(e, "/v1/events", c.metrics) from e
+        return EventsResponse(written=out.written, duplicates=out.duplicates, users=out.users)
+
+    @app.post(
+        "/v1/items",
+        status_code=202,
+        response_model=ItemsResponse,
+        responses=WRITE_ERRORS,
+        dependencies=[require(WRITE)],
+    )
+    async def items(body: ItemsRequest, c: ComponentsDep) -> ItemsResponse:
+        """New items from their text: embedded by the ingestion worker, then servable on every replica."""
+        try:
+            check_items(body, c.settings)
+            jobs = c.live.jobs(body.items, time.time())
+            await c.live.submit(jobs)
+        except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
+            raise _refuse(e, "/v1/items", c.metrics) from e
+        return ItemsResponse(accepted=[j.item_id for j in jobs], status="queued")
 
     return app
 

@@ -1,6 +1,9 @@
-"""The served catalog: raw item ids <-> model item indices (1..N), titles, and stored user histories.
+"""The served catalog: raw item ids <-> item indices (1..N), titles, and stored user histories.
 
-Reads the dataset file the build writes (training.data.Dataset.save); numpy only.
+Reads the dataset file the build writes (training.data.Dataset.save); numpy only. Items added live (POST
+/v1/items) get the next indices, N+1, N+2, ...: those are their FAISS ids, but the models never learned an ID
+embedding for them, so `model_index` maps them to 0, the "unknown ID" the models were trained with for
+cold items (content embedding only).
 """
 
 from __future__ import annotations
@@ -22,6 +25,35 @@ class Catalog:
         # Dense raw-id -> index table, built once: to_index runs on every request for ~1,200 ids.
         self._lut = np.zeros(int(self.raw_ids.max(initial=0)) + 1, dtype=np.int64)
         self._lut[self.raw_ids] = np.arange(1, len(self.raw_ids) + 1)
+        self.num_trained = len(self.raw_ids)  # indices above it were added live: no learned ID embedding
+        self._far: dict[int, int] = {}  # live ids too large for the dense table
+
+    def add_items(self, raw_ids: list[int], titles: list[str]) -> np.ndarray:
+        """Append new items (ids not in the catalog); returns their indices. Called on the event loop only, and
+        each array is replaced, never resized in place, so a request holding the old one stays consistent."""
+        start = len(self.raw_ids) + 1
+        idx = np.arange(start, start + len(raw_ids), dtype=np.int64)
+        ids = np.asarray(raw_ids, np.int64)
+        near = ids < max(2 * len(self._lut), 1 << 20)  # grow the dense table for ids of the catalog's magnitude
+        lut = self._lut
+        if near.any() and int(ids[near].max()) >= len(lut):
+            lut = np.zeros(max(int(ids[near].max()) + 1, len(lut)), np.int64)
+            lut[: len(self._lut)] = self._lut
+        else:
+            lut = lut.copy()
+        lut[ids[near]] = idx[near]
+        for r, i in zip(ids[~near].tolist(), idx[~near].tolist(), strict=True):
+            self._far[r] = i
+        self.titles = np.concatenate([self.titles, np.array(titles, dtype=str)])
+        self.raw_ids = np.concatenate([self.raw_ids, ids])
+        self._lut = lut
+        self.index_of.update(zip(ids.tolist(), idx.tolist(), strict=True))
+        return idx
+
+    def model_index(self, raw_ids: np.ndarray) -> np.ndarray:
+        """The index the models take: 0 (unknown ID) for unknown and live-added items."""
+        idx = self.to_index(raw_ids)
+        return np.where(idx > self.num_trained, 0, idx)
 
     @property
     def num_items(self) -> int:
@@ -44,5 +76,10 @@ class Catalog:
     def to_index(self, raw_ids: np.ndarray) -> np.ndarray:
         """Model indices; 0 for ids the models never saw (cold: content embedding only)."""
         ids = np.asarray(raw_ids, dtype=np.int64)
-        inside = (ids >= 0) & (ids < len(self._lut))
-        return np.where(inside, self._lut[np.where(inside, ids, 0)], 0)
+        lut = self._lut
+        inside = (ids >= 0) & (ids < len(lut))
+        out = np.where(inside, lut[np.where(inside, ids, 0)], 0)
+        if self._far and not inside.all():
+            far = np.flatnonzero(~inside)
+            out[far] = [self._far.get(int(i), 0) for i in ids[far]]
+        return out

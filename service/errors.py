@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from service.auth import AuthError
 from service.inference import BackendUnavailable
+from service.live import Conflict
 from service.recommender import BadRequest, Overloaded, Unavailable, UnknownUser
 from service.validation import InvalidInput
 
@@ -31,6 +33,10 @@ def refusal(e: BaseException) -> Refusal | None:
     """The answer for an expected failure; None for a bug (answered 500 / INTERNAL, logged)."""
     if isinstance(e, InvalidInput | BadRequest):
         return Refusal(422, "INVALID_ARGUMENT", str(e), field=e.field)
+    if isinstance(e, AuthError):
+        return Refusal(e.status, "UNAUTHENTICATED" if e.status == 401 else "PERMISSION_DENIED", str(e))
+    if isinstance(e, Conflict):
+        return Refusal(409, "ALREADY_EXISTS", str(e), field=e.field)
     if isinstance(e, UnknownUser):
         return Refusal(404, "NOT_FOUND", str(e))
     if isinstance(e, Overloaded):

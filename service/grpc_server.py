@@ -19,11 +19,12 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.auth import READ, WRITE, AuthError
 from service.errors import refusal
 from service.proto import recommender_pb2 as pb
 from service.redact import for_log
-from service.schemas import RecommendRequest, ScoreRequest
-from service.validation import InvalidInput, check_recommend, check_score, parse
+from service.schemas import EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest
+from service.validation import InvalidInput, check_events, check_items, check_recommend, check_score, parse
 
 log = logging.getLogger("falconrec.grpc")
 SERVICE = "falconrec.v1.Recommender"
@@ -57,6 +58,26 @@ def score_input(u: pb.ScoreUser, budget_ms: float) -> dict:
     }
 
 
+def events_input(r: pb.RecordEventsRequest) -> dict:
+    return {
+        "events": [
+            {
+                "user_id": e.user_id,
+                "item_id": e.item_id,
+                "ts": e.ts,
+                "event_id": e.event_id if e.HasField("event_id") else None,
+            }
+            for e in r.events
+        ]
+    }
+
+
+def items_input(r: pb.AddItemsRequest) -> dict:
+    return {
+        "items": [{"item_id": it.item_id, "text": it.text, "metadata": dict(it.metadata) or None} for it in r.items]
+    }
+
+
 def _decode(cls: type[Message], raw: bytes) -> Any:
     try:
         return cls.FromString(raw)
@@ -75,8 +96,18 @@ class RecommenderServicer:
         self._count(method, code)
         await context.abort(code, msg)
 
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
+        """The HTTP keys, from `authorization` metadata. The key is never logged or echoed."""
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        try:
+            self.c.keys.check(header if isinstance(header, str) else None, scope)
+        except AuthError as e:
+            code, details = self._failure(method, e)
+            await self._abort(context, method, code, details)
+
     async def Recommend(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         start = time.perf_counter()
+        await self._authorize(context, "Recommend", READ)
         request = _decode(pb.RecommendRequest, raw)
         if request is None:
             await self._abort(context, "Recommend", grpc.StatusCode.INVALID_ARGUMENT, "not a RecommendRequest message")
@@ -127,6 +158,7 @@ class RecommenderServicer:
         return pb.UserScores(request_id=u.request_id, scores=scores.tolist(), degraded=bool(deg))
 
     async def ScoreBatch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.UserScores]:
+        await self._authorize(context, "ScoreBatch", READ)
         request = _decode(pb.ScoreBatchRequest, raw)
         if request is None:
             await self._abort(context, "ScoreBatch", grpc.StatusCode.INVALID_ARGUMENT, "not a ScoreBatchRequest")
@@ -164,6 +196,38 @@ class RecommenderServicer:
             for w in workers:
                 w.cancel()
 
+    async def RecordEvents(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
+        await self._authorize(context, "RecordEvents", WRITE)
+        request = _decode(pb.RecordEventsRequest, raw)
+        if request is None:
+            await self._abort(context, "RecordEvents", grpc.StatusCode.INVALID_ARGUMENT, "not a RecordEventsRequest")
+        try:
+            body: EventsRequest = parse(EventsRequest, events_input(request))
+            catalog = self.c.recommender.catalog
+            evs = check_events(body, self.c.settings, lambda i: i in catalog.index_of, time.time())
+            out = await self.c.live.record_events(evs)
+        except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
+            code, details = self._failure("RecordEvents", e)
+            await self._abort(context, "RecordEvents", code, details)
+        self._count("RecordEvents", grpc.StatusCode.OK)
+        return pb.RecordEventsResponse(written=out.written, duplicates=out.duplicates, users=out.users)
+
+    async def AddItems(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AddItemsResponse:
+        await self._authorize(context, "AddItems", WRITE)
+        request = _decode(pb.AddItemsRequest, raw)
+        if request is None:
+            await self._abort(context, "AddItems", grpc.StatusCode.INVALID_ARGUMENT, "not an AddItemsRequest")
+        try:
+            body: ItemsRequest = parse(ItemsRequest, items_input(request))
+            check_items(body, self.c.settings)
+            jobs = self.c.live.jobs(body.items, time.time())
+            await self.c.live.submit(jobs)
+        except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
+            code, details = self._failure("AddItems", e)
+            await self._abort(context, "AddItems", code, details)
+        self._count("AddItems", grpc.StatusCode.OK)
+        return pb.AddItemsResponse(accepted=[j.item_id for j in jobs], status="queued")
+
 
 def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
     # request_deserializer=None: the handler gets the bytes and decodes them itself (see the module doc).
@@ -175,6 +239,12 @@ def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
             ),
             "ScoreBatch": grpc.unary_stream_rpc_method_handler(
                 servicer.ScoreBatch, response_serializer=pb.UserScores.SerializeToString
+            ),
+            "RecordEvents": grpc.unary_unary_rpc_method_handler(
+                servicer.RecordEvents, response_serializer=pb.RecordEventsResponse.SerializeToString
+            ),
+            "AddItems": grpc.unary_unary_rpc_method_handler(
+                servicer.AddItems, response_serializer=pb.AddItemsResponse.SerializeToString
             ),
         },
     )

@@ -25,7 +25,8 @@ from service.settings import Settings
 log = logging.getLogger("falconrec.http")
 
 ARRIVAL = "falconrec.arrival"  # ASGI scope key: perf_counter() when the request reached the service
-KNOWN_PATHS = frozenset({"/v1/recommend", "/v1/score", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
+API_PATHS = ("/v1/recommend", "/v1/score", "/v1/events", "/v1/items")
+KNOWN_PATHS = frozenset({*API_PATHS, "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 
 
 def _is_json(content_type: bytes | None) -> bool:

@@ -79,6 +79,7 @@ class History:
 class UserState:
     """Everything ranking needs about the user, computed once per request (or taken from the cache)."""
 
+    hist_raw: np.ndarray  # [L] raw item ids (live-added items share model index 0: the raw id tells them apart)
     hist_idx: np.ndarray  # [1, L] model indices
     hist_emb: np.ndarray  # [1, L, E]
     hist_ts: np.ndarray  # [1, L]
@@ -262,7 +263,8 @@ class Recommender:
             degraded.append(f"{int((~keep).sum())} history items without embeddings were dropped")
         items, ts, vecs = h.items[keep], h.ts[keep], emb.vectors[keep]
         return UserState(
-            hist_idx=self.catalog.to_index(items)[None, :],
+            hist_raw=items,
+            hist_idx=self.catalog.model_index(items)[None, :],
             hist_emb=vecs[None, :, :],
             hist_ts=ts[None, :],
             hist_valid=np.ones((1, len(items)), np.float32),
@@ -271,10 +273,14 @@ class Recommender:
     def _kv_key(self, h: History, st: UserState, query_ts: int) -> tuple:
         # The newest position's time bias counts to the query time, through its log-time buckets only: the same
         # history with the same buckets has the same K/V (a later request reuses them; a new event never does).
+        # Raw ids, not model indices: every live-added item has model index 0, and two such histories differ only in
+        # their content embeddings. An item's embedding never changes under one store version (POST /v1/items
+        # refuses known ids), so (raw ids, times, buckets, store version) fixes the K/V exactly: an appended event
+        # changes the key and can never be served stale K/V.
         buckets = time_buckets(query_ts - st.hist_ts[0], self.dims.num_time_buckets)
-        raw = st.hist_idx.tobytes() + st.hist_ts.tobytes() + buckets.tobytes()
+        raw = st.hist_raw.astype(np.int64).tobytes() + st.hist_ts.tobytes() + buckets.tobytes()
         fp = hashlib.blake2b(raw, digest_size=12).digest()
-        return (h.user_id, fp, self.manifest.model_version)
+        return (h.user_id, fp, self.manifest.model_version, getattr(self.store, "version", None))
 
     async def history_kv(
         self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str]
@@ -318,11 +324,12 @@ class Recommender:
             "query_ts": np.array([[query_ts]], np.int64),
         }
         bm = self.microbatch
+        cand_item = np.where(cand_idx > self.catalog.num_trained, 0, cand_idx)  # live-added items: unknown ID
         calls = [
             asyncio.ensure_future(
                 self._infer(
                     RANKER_CANDIDATES,
-                    {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_idx[None, a : a + bm]},
+                    {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_item[None, a : a + bm]},
                     deadline,
                     degraded,
                 )

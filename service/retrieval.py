@@ -27,6 +27,7 @@ class Retriever:
         self.meta = json.loads((Path(index_dir) / INDEX_META).read_text())
         self.index = faiss.read_index(str(path))
         self.device = "cpu"
+        self.added = 0
         if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             try:
                 self._res = faiss.StandardGpuResources()
@@ -45,5 +46,11 @@ class Retriever:
         scores, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32), min(n, self.size))
         return ids, scores
 
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Live-added items (the index is an IndexIDMap2: ids are catalog indices). Called on the event loop,
+        where every search runs too, so a search never sees a half-added batch."""
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, np.int64))
+        self.added += len(ids)
+
     def describe(self) -> dict:
-        return {**self.meta, "device": self.device}
+        return {**self.meta, "device": self.device, "count": self.size, "added_live": self.added}

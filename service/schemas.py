@@ -71,3 +71,45 @@ class ErrorBody(BaseModel):
     """Every 4xx/5xx answer: a message (or, for 422, a list of field errors), never a trace or an address."""
 
     detail: str | list[dict]
+
+
+# --- the live data path (issue 10) -------------------------------------------------------------------------
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int = Field(..., ge=0, le=INT64_MAX)
+    item_id: int = Field(..., ge=0, le=INT64_MAX, description="a catalog item (or one added through /v1/items)")
+    ts: int = Field(..., ge=0, le=INT64_MAX, description="unix seconds; at most event_future_tolerance_s ahead")
+    event_id: str | None = Field(
+        None, min_length=1, max_length=128, description="idempotency key: an event_id seen before is skipped"
+    )
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(..., min_length=1, description="all written or none")
+
+
+class EventsResponse(BaseModel):
+    written: int
+    duplicates: int
+    users: int
+
+
+MetaValue = str | int | float | bool | None
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: int = Field(..., ge=0, le=INT64_MAX, description="a new id (known ids are a 409)")
+    text: str = Field(..., min_length=1, description="what the build's text model embeds, e.g. 'Title (Year) | Genres'")
+    metadata: dict[str, MetaValue] | None = Field(None, description="'title' is shown in results")
+
+
+class ItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemIn] = Field(..., min_length=1)
+
+
+class ItemsResponse(BaseModel):
+    accepted: list[int]
+    status: str = Field(description="'queued': servable on every replica once the worker has embedded it")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -70,3 +70,18 @@ class Settings(BaseSettings):
     # Per-user cache of the ranker's history K/V.
     kv_cache_users: int = Field(10_000, ge=0)
     kv_cache_ttl_s: float = Field(300.0, gt=0)
+
+    # Live data path (issue 10). Keys are 'scope[,scope]:secret' with scopes read, write, admin (admin: every
+    # scope). FALCONREC_API_KEYS is a JSON list; FALCONREC_API_KEYS_FILE holds one entry a line (# comments).
+    api_keys: list[SecretStr] = Field(default_factory=list, description="write endpoints need a key")
+    api_keys_file: Path | None = None
+    require_read_key: bool = Field(False, description="also require a 'read' key on /v1/recommend and /v1/score")
+    max_event_batch: int = Field(1000, ge=1, description="events in one POST /v1/events")
+    event_future_tolerance_s: float = Field(300.0, ge=0, description="events later than now + this are refused")
+    event_dedup_window: int = Field(10_000, ge=0, description="event_ids remembered per user for deduplication")
+    max_item_batch: int = Field(64, ge=1, description="items in one POST /v1/items")
+    max_item_text_chars: int = Field(4000, ge=1)
+    # lazy: spawn `falconrec ingest` on the first POST /v1/items; start: at startup; off: an external worker
+    # (needs Redis) takes the jobs.
+    ingest_worker: Literal["lazy", "start", "off"] = "lazy"
+    ingest_batch: int = Field(32, ge=1, description="texts the worker embeds per model call")

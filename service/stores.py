@@ -4,6 +4,9 @@ Redis layout (one place for it; exporters/redis_loader.py writes it):
     falconrec:version            -> the live data version (flipped last, atomically)
     emb:{version}:{item_id}      -> float16 bytes of the item's content embedding
     hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
+    evid:{version}:{user_id}     -> sorted set of the user's recent event_ids (dedup of POST /v1/events)
+    items:{version}:log          -> stream of items added live (service.live: every replica tails it)
+    falconrec:ingest             -> stream of POST /v1/items jobs for the ingestion worker
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +36,36 @@ def emb_key(version: str, item_id: int) -> str:
 
 def hist_key(version: str, user_id: int) -> str:
     return f"hist:{version}:{user_id}"
+
+
+def evid_key(version: str, user_id: int) -> str:
+    return f"evid:{version}:{user_id}"
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: int
+    item_id: int
+    ts: int
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Appended:
+    written: int  # events added to histories
+    duplicates: int  # events whose event_id was seen before (dropped)
+    users: int
+
+
+def merge_history(
+    items: np.ndarray, ts: np.ndarray, new_items: np.ndarray, new_ts: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The history with events merged in time order (stable: on equal times, older entries first), last `cap`.
+    The Redis script (APPEND_LUA) does the same; tests hold the two to it."""
+    all_i = np.concatenate([items, new_items]).astype(np.int64)
+    all_t = np.concatenate([ts, new_ts]).astype(np.int64)
+    order = np.argsort(all_t, kind="stable")
+    return all_i[order][-cap:], all_t[order][-cap:]
 
 
 def pack_history(items: np.ndarray, ts: np.ndarray) -> bytes:
@@ -74,6 +108,14 @@ class FeatureStore(ABC):
     @abstractmethod
     def status(self) -> dict: ...
 
+    @abstractmethod
+    async def append_events(self, events: list[Event], cap: int, dedup_window: int) -> Appended:
+        """Append to the users' histories, all at once or not at all; events are in time order per user."""
+
+    @abstractmethod
+    def add_embeddings(self, item_ids: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+        """Make live-added items' content embeddings (float32 rows) servable from this replica."""
+
     @property
     def healthy(self) -> bool:
         return True
@@ -91,16 +133,118 @@ class InProcessStore(FeatureStore):
         self.catalog = catalog
         self.table = np.zeros((content_emb.shape[0] + 1, content_emb.shape[1]), np.float32)
         self.table[1:] = content_emb
+        self.histories = dict(catalog.user_histories)  # the build's, then appended to by events
+        self.seen_events: dict[int, OrderedDict[str, None]] = {}
 
     async def embeddings(self, item_ids, timeout_s):
         idx = self.catalog.to_index(item_ids)
+        idx = np.where(idx < len(self.table), idx, 0)  # indexed in the catalog, row not here yet: not found
         return Embeddings(self.table[idx], idx > 0)
 
     async def history(self, user_id, timeout_s):
-        return self.catalog.user_histories.get(int(user_id))
+        return self.histories.get(int(user_id))
+
+    async def append_events(self, events, cap, dedup_window):
+        # No await between reading and writing: on the event loop this is atomic, as the Redis script is.
+        fresh: dict[int, list[Event]] = {}
+        dups = 0
+        for e in events:
+            seen = self.seen_events.setdefault(e.user_id, OrderedDict())
+            if e.event_id is not None:
+                if e.event_id in seen:
+                    dups += 1
+                    continue
+                seen[e.event_id] = None
+                while len(seen) > dedup_window:
+                    seen.popitem(last=False)
+            fresh.setdefault(e.user_id, []).append(e)
+        empty = (np.empty(0, np.int64), np.empty(0, np.int64))
+        for u, evs in fresh.items():
+            items, ts = self.histories.get(u, empty)
+            new_i = np.array([e.item_id for e in evs], np.int64)
+            new_t = np.array([e.ts for e in evs], np.int64)
+            self.histories[u] = merge_history(items, ts, new_i, new_t, cap)
+        return Appended(len(events) - dups, dups, len({e.user_id for e in events}))
+
+    def add_embeddings(self, item_ids, index, vectors):
+        n = int(index.max()) + 1
+        if n > len(self.table):
+            table = np.zeros((n, self.table.shape[1]), np.float32)
+            table[: len(self.table)] = self.table
+            self.table = table
+        self.table[index] = vectors
 
     def status(self) -> dict:
         return {"store": self.name, "ok": True, "items": self.catalog.num_items}
+
+
+# One script for a whole POST /v1/events: Redis runs it atomically, so every user of the batch gets its events or
+# none does, and no reader sees half a history. KEYS: per user, hist then evid. ARGV: cap, dedup window, then per
+# user: n, packed item ids, packed timestamps (in time order), n event ids ('' = none). Item ids are copied as
+# bytes; only timestamps are decoded (struct '<i8' -> a Lua double: exact below 2^53, and validation keeps
+# timestamps within a few minutes of now). Returns {written, duplicates}.
+APPEND_LUA = """
+local cap, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a, written, dups = 3, 0, 0
+for u = 1, #KEYS, 2 do
+  local hk, dk = KEYS[u], KEYS[u + 1]
+  local n, ids, tss = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  a = a + 3
+  local ni, nt = {}, {}
+  for j = 1, n do
+    local eid = ARGV[a + j - 1]
+    local t = struct.unpack('<i8', tss, 8 * j - 7)
+    local fresh = true
+    if eid ~= '' then
+      if redis.call('ZSCORE', dk, eid) then
+        fresh = false
+      elseif window > 0 then
+        redis.call('ZADD', dk, t, eid)
+      end
+    end
+    if fresh then
+      ni[#ni + 1] = string.sub(ids, 8 * j - 7, 8 * j)
+      nt[#nt + 1] = t
+      written = written + 1
+    else
+      dups = dups + 1
+    end
+  end
+  a = a + n
+  if window > 0 and n > 0 then
+    redis.call('ZREMRANGEBYRANK', dk, 0, -(window + 1))
+  end
+  if #ni > 0 then
+    local old = redis.call('GET', hk) or ''
+    local m = #old / 16
+    local oi, ot = {}, {}
+    for k = 1, m do
+      oi[k] = string.sub(old, 8 * k - 7, 8 * k)
+      ot[k] = struct.unpack('<i8', old, 8 * m + 8 * k - 7)
+    end
+    -- merge two time-ordered lists; on equal times the stored entry first (as merge_history does)
+    local mi, mt = {}, {}
+    local x, y = 1, 1
+    while x <= m or y <= #ni do
+      if y > #ni or (x <= m and ot[x] <= nt[y]) then
+        mi[#mi + 1], mt[#mt + 1] = oi[x], ot[x]
+        x = x + 1
+      else
+        mi[#mi + 1], mt[#mt + 1] = ni[y], nt[y]
+        y = y + 1
+      end
+    end
+    local first = math.max(1, #mi - cap + 1)
+    local pi, pt = {}, {}
+    for k = first, #mi do
+      pi[#pi + 1] = mi[k]
+      pt[#pt + 1] = struct.pack('<i8', mt[k])
+    end
+    redis.call('SET', hk, table.concat(pi) .. table.concat(pt))
+  end
+end
+return {written, dups}
+"""
 
 
 class RedisStore(FeatureStore):
@@ -131,6 +275,7 @@ class RedisStore(FeatureStore):
             url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0, retry_on_timeout=False
         )
         self.cache = EmbeddingCache(cache_items, dim)
+        self._append = self.client.register_script(APPEND_LUA)
         # Read only when Redis fails (every other read goes to Redis and refreshes the entry), so it has no
         # TTL: with one (60 s) an outage longer than the TTL turned every user into a failure.
         self.hist_cache: LRU[tuple[str, int], tuple[np.ndarray, np.ndarray]] = LRU(history_cache_users)
@@ -169,14 +314,14 @@ class RedisStore(FeatureStore):
             await asyncio.sleep(self.retry_s)
             await self._refresh()
 
-    async def _call(self, coro, timeout_s: float):
+    async def _call(self, coro, timeout_s: float, limit_s: float | None = None):
         if not self.ok or self.version is None:
             coro.close()
             raise StoreUnavailable(self.last_error or "not connected")
         try:
             # The store's own short timeout, not the request's remaining budget: a request that has
             # already spent its budget must not mark a healthy Redis as down.
-            return await asyncio.wait_for(coro, self.timeout_s)
+            return await asyncio.wait_for(coro, limit_s or self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
             raise StoreUnavailable(self.last_error or "error") from e
@@ -218,6 +363,29 @@ class RedisStore(FeatureStore):
         h = unpack_history(raw)
         self.hist_cache.put(key, h)
         return h
+
+    async def append_events(self, events, cap, dedup_window):
+        by_user: dict[int, list[Event]] = {}
+        for e in events:
+            by_user.setdefault(e.user_id, []).append(e)
+        version = self.version or ""
+        keys: list[str] = []
+        args: list[bytes | str | int] = [cap, dedup_window]
+        for u, evs in by_user.items():
+            keys += [hist_key(version, u), evid_key(version, u)]
+            args += [
+                len(evs),
+                np.array([e.item_id for e in evs], "<i8").tobytes(),
+                np.array([e.ts for e in evs], "<i8").tobytes(),
+                *(e.event_id or "" for e in evs),
+            ]
+        # A write is not retried by the store's timeout logic: a timed-out script may still have run, and the
+        # caller's retry is made safe by event_ids. Its own, longer timeout: it is not on a read's budget.
+        written, dups = await self._call(self._append(keys=keys, args=args), 0.0, limit_s=max(self.timeout_s, 1.0))
+        return Appended(int(written), int(dups), len(by_user))
+
+    def add_embeddings(self, item_ids, index, vectors):
+        self.cache.put(self.version or "", np.asarray(item_ids, np.int64), vectors)
 
     @property
     def healthy(self) -> bool:

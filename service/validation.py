@@ -8,13 +8,16 @@ document, so what is documented is what is enforced.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from service.deadline import Deadline
-from service.schemas import INT64_MAX, RecommendRequest, ScoreRequest, UserInput
+from service.schemas import INT64_MAX, EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest, UserInput
 from service.settings import Settings
+from service.stores import Event
 
 
 class InvalidInput(ValueError):
@@ -25,7 +28,9 @@ class InvalidInput(ValueError):
         self.field = field
 
     def as_error(self) -> dict:
-        return {"loc": ["body", self.field], "msg": str(self), "type": "value_error"}
+        # "events.3.item_id" -> ["body", "events", 3, "item_id"]: the offending entry, as pydantic names it
+        loc = [int(p) if p.isdigit() else p for p in self.field.split(".")]
+        return {"loc": ["body", *loc], "msg": str(self), "type": "value_error"}
 
 
 def field_errors(exc: ValidationError) -> list[dict]:
@@ -79,6 +84,47 @@ def check_score(body: ScoreRequest, s: Settings, start: float) -> Deadline:
     return deadline
 
 
+MAX_METADATA_BYTES = 4096
+
+
+def check_events(body: EventsRequest, s: Settings, known: Callable[[int], bool], now: float) -> list[Event]:
+    """The whole batch is checked before anything is written: one bad entry refuses all of them, and the
+    error names it (`events.3.item_id`)."""
+    if len(body.events) > s.max_event_batch:
+        raise InvalidInput("events", f"{len(body.events)} events in one request; the limit is {s.max_event_batch}")
+    latest = now + s.event_future_tolerance_s
+    for i, e in enumerate(body.events):
+        if not known(e.item_id):
+            raise InvalidInput(f"events.{i}.item_id", f"unknown item {e.item_id} (event {i}); nothing was written")
+        if e.ts > latest:
+            raise InvalidInput(
+                f"events.{i}.ts",
+                f"ts {e.ts} is over {s.event_future_tolerance_s:g} s in the future (event {i}); nothing was written",
+            )
+    return [Event(e.user_id, e.item_id, e.ts, e.event_id) for e in body.events]
+
+
+def check_items(body: ItemsRequest, s: Settings) -> None:
+    """Limits of a POST /v1/items (known ids are the caller's conflict: service.live checks them)."""
+    if len(body.items) > s.max_item_batch:
+        raise InvalidInput("items", f"{len(body.items)} items in one request; the limit is {s.max_item_batch}")
+    seen: set[int] = set()
+    for i, it in enumerate(body.items):
+        if len(it.text) > s.max_item_text_chars:
+            limit = s.max_item_text_chars
+            raise InvalidInput(f"items.{i}.text", f"text of {len(it.text)} characters; the limit is {limit}")
+        if not it.text.strip():
+            raise InvalidInput(f"items.{i}.text", "text is blank")
+        if it.item_id in seen:
+            raise InvalidInput(f"items.{i}.item_id", f"item {it.item_id} appears twice in the request")
+        seen.add(it.item_id)
+        if it.metadata is not None and len(json.dumps(it.metadata)) > MAX_METADATA_BYTES:
+            raise InvalidInput(f"items.{i}.metadata", f"metadata over {MAX_METADATA_BYTES} bytes as JSON")
+        title = (it.metadata or {}).get("title")
+        if title is not None and not isinstance(title, str):
+            raise InvalidInput(f"items.{i}.metadata.title", "title must be a string")
+
+
 # (schema, property, JSON-schema keyword, settings attribute)
 _LIMITS = [
     ("RecommendRequest", "k", "maximum", "max_k"),
@@ -90,6 +136,9 @@ _LIMITS = [
     ("ScoreRequest", "budget_ms", "maximum", "max_budget_ms"),
     ("RecommendRequest", "budget_ms", "minimum", "min_budget_ms"),
     ("ScoreRequest", "budget_ms", "minimum", "min_budget_ms"),
+    ("EventsRequest", "events", "maxItems", "max_event_batch"),
+    ("ItemsRequest", "items", "maxItems", "max_item_batch"),
+    ("ItemIn", "text", "maxLength", "max_item_text_chars"),
 ]
 
 

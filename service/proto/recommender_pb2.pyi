@@ -102,3 +102,62 @@ class UserScores(_message.Message):
     error: str
     error_code: str
     def __init__(self, request_id: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., degraded: _Optional[bool] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("user_id", "item_id", "ts", "event_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    item_id: int
+    ts: int
+    event_id: str
+    def __init__(self, user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., ts: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class RecordEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class RecordEventsResponse(_message.Message):
+    __slots__ = ("written", "duplicates", "users")
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    duplicates: int
+    users: int
+    def __init__(self, written: _Optional[int] = ..., duplicates: _Optional[int] = ..., users: _Optional[int] = ...) -> None: ...
+
+class NewItem(_message.Message):
+    __slots__ = ("item_id", "text", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    text: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, item_id: _Optional[int] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AddItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[NewItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[NewItem, _Mapping]]] = ...) -> None: ...
+
+class AddItemsResponse(_message.Message):
+    __slots__ = ("accepted", "status")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    accepted: _containers.RepeatedScalarFieldContainer[int]
+    status: str
+    def __init__(self, accepted: _Optional[_Iterable[int]] = ..., status: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,16 @@ class RecommenderStub:
                 request_serializer=service_dot_proto_dot_recommender__pb2.ScoreBatchRequest.SerializeToString,
                 response_deserializer=service_dot_proto_dot_recommender__pb2.UserScores.FromString,
                 _registered_method=True)
+        self.RecordEvents = channel.unary_unary(
+                '/falconrec.v1.Recommender/RecordEvents',
+                request_serializer=service_dot_proto_dot_recommender__pb2.RecordEventsRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_recommender__pb2.RecordEventsResponse.FromString,
+                _registered_method=True)
+        self.AddItems = channel.unary_unary(
+                '/falconrec.v1.Recommender/AddItems',
+                request_serializer=service_dot_proto_dot_recommender__pb2.AddItemsRequest.SerializeToString,
+                response_deserializer=service_dot_proto_dot_recommender__pb2.AddItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -62,6 +72,18 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddItems(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +96,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.ScoreBatch,
                     request_deserializer=service_dot_proto_dot_recommender__pb2.ScoreBatchRequest.FromString,
                     response_serializer=service_dot_proto_dot_recommender__pb2.UserScores.SerializeToString,
+            ),
+            'RecordEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvents,
+                    request_deserializer=service_dot_proto_dot_recommender__pb2.RecordEventsRequest.FromString,
+                    response_serializer=service_dot_proto_dot_recommender__pb2.RecordEventsResponse.SerializeToString,
+            ),
+            'AddItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddItems,
+                    request_deserializer=service_dot_proto_dot_recommender__pb2.AddItemsRequest.FromString,
+                    response_serializer=service_dot_proto_dot_recommender__pb2.AddItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +162,60 @@ class Recommender:
             '/falconrec.v1.Recommender/ScoreBatch',
             service_dot_proto_dot_recommender__pb2.ScoreBatchRequest.SerializeToString,
             service_dot_proto_dot_recommender__pb2.UserScores.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/falconrec.v1.Recommender/RecordEvents',
+            service_dot_proto_dot_recommender__pb2.RecordEventsRequest.SerializeToString,
+            service_dot_proto_dot_recommender__pb2.RecordEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/falconrec.v1.Recommender/AddItems',
+            service_dot_proto_dot_recommender__pb2.AddItemsRequest.SerializeToString,
+            service_dot_proto_dot_recommender__pb2.AddItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

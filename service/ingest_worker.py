@@ -1,0 +1,206 @@
+"""`falconrec ingest`: the ingestion worker. Item text -> the build's text model and pooling (training.embed, the
+very code `falconrec build` ran) -> float16 content embedding -> the live version in Redis + the item log.
+
+This is the one module under service/ that uses torch (through training.embed, imported lazily), and it runs in
+its own process: the API spawns it (`python -m service.ingest_worker`) or an operator runs `falconrec ingest`;
+the API never imports it. Two inputs:
+
+- Redis (FALCONREC_REDIS_URL, never on the command line: it may hold a password): jobs from the
+  `falconrec:ingest` stream, consumer group `workers` (several workers share it; jobs of one that died are claimed
+  after `--claim-after-s`); results to `emb:{v}:{id}` and `items:{v}:log`, which every API replica tails.
+- `--stdio` (the API's in-process default, no Redis): JSON lines in on stdin, JSON lines out on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.contract import Manifest
+from service.ingest_feed import GROUP, JOBS_STREAM, encode_result, log_key
+from service.live import IngestedItem
+from service.redact import for_log
+from service.stores import emb_key
+
+log = logging.getLogger("falconrec.ingest.worker")
+
+
+class Embedder:
+    """The build's text model for this repository: the config's model, checked against the manifest's key."""
+
+    def __init__(self, manifest: Manifest, text_model: str | None = None):
+        from training.embed import TextEncoder, model_key, resolve_text_model
+
+        name = text_model
+        if name is None:
+            from training.config import load_config
+
+            name = load_config(manifest.config).embed.model
+        if model_key(name) != manifest.embedding_model:
+            raise SystemExit(
+                f"text model {model_key(name)!r} is not the one this build embedded with "
+                f"({manifest.embedding_model!r}): new items must go through the same model"
+            )
+        t = time.perf_counter()
+        self.encoder = TextEncoder(resolve_text_model(name))
+        if self.encoder.dim != manifest.dims.content_dim:
+            raise SystemExit(f"text model width {self.encoder.dim} != the models' {manifest.dims.content_dim}")
+        log.info("text model %s loaded in %.1f s", manifest.embedding_model, time.perf_counter() - t)
+        self.items = 0
+        self.seconds = 0.0
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        t = time.perf_counter()
+        # float32 mean-pool -> float16, as training.embed.embed_texts stores the build's embeddings
+        out = self.encoder.encode(texts).astype(np.float16)
+        self.seconds += time.perf_counter() - t
+        self.items += len(texts)
+        return out
+
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    if parent_pid is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the parent dies, even by SIGKILL
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        raise SystemExit(0)
+
+
+class Stop:
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.requested = True
+
+
+# --- stdio ------------------------------------------------------------------------------------------------
+def run_stdio(embed: Embedder, batch: int, parent_pid: int | None) -> None:
+    fd = sys.stdin.fileno()
+    buf = b""
+    eof = False
+    while not eof or buf:
+        # Block for the first line, then take whatever else has arrived, up to `batch` lines per model call.
+        ready, _, _ = select.select([fd], [], [], 0 if b"\n" in buf else 1.0)
+        if ready:
+            chunk = os.read(fd, 1 << 16)
+            eof = not chunk
+            buf += chunk
+        elif b"\n" not in buf:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                return
+            continue
+        lines = buf.split(b"\n")
+        buf = lines.pop() if not eof else b""
+        jobs = [json.loads(x) for x in lines if x.strip()]
+        for a in range(0, len(jobs), batch):
+            chunk_jobs = jobs[a : a + batch]
+            vecs = embed([j["text"] for j in chunk_jobs])
+            out = [
+                json.dumps(encode_result(IngestedItem(int(j["item_id"]), j["title"], v, float(j["submitted_at"]))))
+                for j, v in zip(chunk_jobs, vecs, strict=True)
+            ]
+            sys.stdout.write("\n".join(out) + "\n")
+            sys.stdout.flush()
+
+
+# --- redis -------------------------------------------------------------------------------------------------
+def _text(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def run_redis(url: str, embed: Embedder, batch: int, parent_pid: int | None, claim_after_s: float, stop: Stop) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    ensured = False
+    while not stop.requested:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return
+        try:
+            if not ensured:
+                try:
+                    r.xgroup_create(JOBS_STREAM, GROUP, id="0", mkstream=True)
+                except redis.ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
+                ensured = True
+            # Jobs a dead worker took and never acknowledged first, then new ones.
+            _, entries, *_ = r.xautoclaim(JOBS_STREAM, GROUP, consumer, int(claim_after_s * 1000), "0-0", count=batch)
+            if not entries:
+                got = r.xreadgroup(GROUP, consumer, {JOBS_STREAM: ">"}, count=batch, block=1000)
+                entries = got[0][1] if got else []
+            if entries:
+                _process(r, embed, entries)
+        except redis.RedisError as e:
+            log.warning("redis: %s; retrying", for_log(e))
+            ensured = False
+            time.sleep(1.0)
+
+
+def _process(r, embed: Embedder, entries: list) -> None:
+    jobs = [(eid, {_text(k): _text(v) for k, v in f.items()}) for eid, f in entries if f]
+    if not jobs:
+        return
+    t = time.perf_counter()
+    vecs = embed([f["text"] for _, f in jobs])
+    pipe = r.pipeline(transaction=True)
+    for (eid, f), v in zip(jobs, vecs, strict=True):
+        item = IngestedItem(int(f["item_id"]), f["title"], v, float(f["submitted_at"]))
+        pipe.set(emb_key(f["version"], item.item_id), v.tobytes())
+        pipe.xadd(log_key(f["version"]), encode_result(item))
+        pipe.xack(JOBS_STREAM, GROUP, eid)
+        pipe.xdel(JOBS_STREAM, eid)
+    pipe.execute()
+    log.info(
+        "ingested %d items in %.0f ms (%.1f items/s overall)", len(jobs), (time.perf_counter() - t) * 1e3, embed.rate()
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="falconrec ingest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the served model repository")
+    p.add_argument("--batch", type=int, default=32, help="texts per model call")
+    p.add_argument("--stdio", action="store_true", help="JSON lines on stdin/stdout instead of Redis")
+    p.add_argument("--text-model", default=None, help="default: the build config's (checked against the manifest)")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    p.add_argument("--claim-after-s", type=float, default=30.0, help="take over jobs unacknowledged this long")
+    args = p.parse_args(argv)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=fmt)
+    logging.getLogger("falconrec").setLevel(os.environ.get("FALCONREC_LOG_LEVEL", "INFO"))
+    _die_with_parent(args.parent_pid)
+    manifest = Manifest.read(args.repo)
+    embed = Embedder(manifest, args.text_model)
+    if args.stdio:
+        run_stdio(embed, args.batch, args.parent_pid)
+        return
+    url = os.environ.get("FALCONREC_REDIS_URL")
+    if not url:
+        raise SystemExit("set FALCONREC_REDIS_URL (or pass --stdio)")
+    log.info("ingestion worker %d waiting for jobs on %s", os.getpid(), JOBS_STREAM)
+    # SIGTERM finishes the batch in hand (its jobs are acknowledged with its results); stdio mode just exits.
+    run_redis(url, embed, args.batch, args.parent_pid, args.claim_after_s, Stop())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The live data path in the API process: events into user histories, and new items from the ingestion worker
+into this replica's catalog, FAISS index and store.
+
+The LLM never runs here (no torch in the API process): POST /v1/items hands texts to the ingestion worker through
+a feed (service.ingest_feed) and answers 202. The worker's content embeddings come back through the same feed;
+`apply` runs the item tower (ONNX, no ID: the "unknown ID" embedding cold items were trained with), then adds the
+item to the catalog, the store and FAISS in one event-loop step, so a request sees all of it or none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from service.catalog import Catalog
+from service.contract import ITEM_TOWER, Manifest
+from service.inference import BackendUnavailable, InferenceBackend
+from service.metrics import Metrics
+from service.recommender import Unavailable
+from service.retrieval import Retriever
+from service.schemas import ItemIn
+from service.settings import Settings
+from service.stores import Appended, Event, FeatureStore, StoreUnavailable
+
+log = logging.getLogger("falconrec.live")
+VISIBLE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class ItemJob:
+    """One POST /v1/items entry on its way to the worker."""
+
+    item_id: int
+    text: str
+    title: str
+    submitted_at: float  # unix time of the POST: every replica measures POST -> servable from it
+
+
+@dataclass(frozen=True)
+class IngestedItem:
+    """What the worker sends back: the item's content embedding from the build's text model."""
+
+    item_id: int
+    title: str
+    emb: np.ndarray  # float16 [E]
+    submitted_at: float
+
+
+class Conflict(ValueError):
+    """The item already exists (or is being ingested): 409. Ids are immutable under one store version, which is
+    what lets the ranker's K/V cache key on raw ids."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def title_of(item: ItemIn) -> str:
+    """What results show: metadata.title, else the text before ' | ' (as the build's catalog titles)."""
+    title = (item.metadata or {}).get("title")
+    return str(title) if title else item.text.split(" | ")[0].strip()[:200]
+
+
+class LiveMetrics:
+    def __init__(self, m: Metrics):
+        self.events = Counter(
+            "falconrec_events_total", "events by outcome (written, duplicate)", ["outcome"], registry=m.registry
+        )
+        self.items = Counter("falconrec_live_items_total", "items added live on this replica", registry=m.registry)
+        self.visible = Histogram(
+            "falconrec_item_visible_seconds",
+            "POST /v1/items -> servable on this replica",
+            buckets=VISIBLE_BUCKETS,
+            registry=m.registry,
+        )
+
+
+class LiveData:
+    def __init__(
+        self,
+        settings: Settings,
+        manifest: Manifest,
+        catalog: Catalog,
+        backend: InferenceBackend,
+        store: FeatureStore,
+        retriever: Retriever,
+        metrics: Metrics,
+        fallback: InferenceBackend | None = None,
+    ):
+        self.s = settings
+        self.manifest = manifest
+        self.catalog = catalog
+        self.backend = backend
+        self.fallback = fallback
+        self.store = store
+        self.retriever = retriever
+        self.metrics = LiveMetrics(metrics)
+        self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet: a second POST is a 409
+        self.feed = None  # service.ingest_feed.ItemFeed, set by the app (it calls back into apply)
+
+    # --- events -----------------------------------------------------------------------------------------
+    async def record_events(self, events: list[Event]) -> Appended:
+        """Validated events (service.validation.check_events) into the store, all of them or none."""
+        ordered = sorted(events, key=lambda e: (e.user_id, e.ts))  # stable: same-time events keep request order
+        try:
+            out = await self.store.append_events(ordered, self.manifest.dims.max_len, self.s.event_dedup_window)
+        except StoreUnavailable as e:
+            raise Unavailable(f"user history store unavailable ({e.public}); nothing was written, retry") from e
+        self.metrics.events.labels("written").inc(out.written)
+        self.metrics.events.labels("duplicate").inc(out.duplicates)
+        return out
+
+    # --- items ------------------------------------------------------------------------------------------
+    def known(self, item_id: int) -> bool:
+        return item_id in self.catalog.index_of or item_id in self.pending
+
+    def jobs(self, items: list[ItemIn], now: float) -> list[ItemJob]:
+        """Jobs for validated items (service.validation.check_items); a known or pending id is a 409."""
+        for i, it in enumerate(items):
+            if self.known(it.item_id):
+                raise Conflict(f"items.{i}.item_id", f"item {it.item_id} already exists or is being added (item {i})")
+        return [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]
+
+    async def submit(self, jobs: list[ItemJob]) -> None:
+        if self.feed is None:
+            raise Unavailable("item ingestion is not available on this replica")
+        for j in jobs:
+            self.pending[j.item_id] = j.submitted_at
+        try:
+            await self.feed.submit(jobs)
+        except BaseException:
+            for j in jobs:
+                self.pending.pop(j.item_id, None)
+            raise
+
+    async def apply(self, items: list[IngestedItem]) -> int:
+        """Make ingested items servable here; items already in the catalog are skipped (replays, duplicates)."""
+        fresh: dict[int, IngestedItem] = {}
+        for it in items:
+            if it.item_id not in self.catalog.index_of:
+                fresh.setdefault(it.item_id, it)
+        if not fresh:
+            return 0
+        new = list(fresh.values())
+        emb = np.stack([it.emb for it in new]).astype(np.float32)
+        vecs = await self._item_vectors(emb)
+        # After the await: another apply may have added some of these meanwhile.
+        keep = [i for i, it in enumerate(new) if it.item_id not in self.catalog.index_of]
+        new, emb, vecs = [new[i] for i in keep], emb[keep], vecs[keep]
+        if not new:
+            return 0
+        ids = np.array([it.item_id for it in new], np.int64)
+        idx = np.arange(self.catalog.num_items + 1, self.catalog.num_items + 1 + len(new), dtype=np.int64)
+        # One synchronous step (no await): store rows, catalog, FAISS. A request sees all of it or none.
+        self.store.add_embeddings(ids, idx, emb)
+        got = self.catalog.add_items(ids.tolist(), [it.title for it in new])
+        assert np.array_equal(got, idx)
+        self.retriever.add(vecs, idx)
+        now = time.time()
+        for it in new:
+            self.pending.pop(it.item_id, None)
+            self.metrics.visible.observe(max(now - it.submitted_at, 0.0))
+        self.metrics.items.inc(len(new))
+        return len(new)
+
+    async def _item_vectors(self, emb: np.ndarray) -> np.ndarray:
+        inputs = {"content_emb": emb, "item_idx": np.zeros((len(emb), 1), np.int64)}
+        try:
+            return (await self.backend.infer(ITEM_TOWER, inputs, timeout_s=10.0))["item_vec"]
+        except BackendUnavailable:
+            if self.fallback is None:
+                raise
+            return (await self.fallback.infer(ITEM_TOWER, inputs, timeout_s=10.0))["item_vec"]
+
+    def status(self) -> dict:
+        return {
+            "live_items": self.catalog.num_items - self.catalog.num_trained,
+            "pending_here": len(self.pending),
+            "feed": self.feed.describe() if self.feed is not None else None,
+        }
+
+    async def close(self) -> None:
+        if self.feed is not None:
+            await self.feed.close()
