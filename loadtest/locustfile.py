@@ -7,6 +7,8 @@ Run through `falconrec loadtest` (loadtest/run.py), which sets:
   FALCONREC_LT_USERS    number of Locust users
   FALCONREC_LT_OUT      CSV of exact per-request latencies (Locust's own CSV rounds to whole ms)
   FALCONREC_LT_K / _CANDIDATES / _BUDGET_MS  request parameters
+  FALCONREC_LT_WRITE_FRACTION  share of requests that are POST /v1/events (the mixed profile; default 0)
+  FALCONREC_LT_API_KEY  the write key those need (an environment variable, never a command-line argument)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import uuid
 
 import gevent
 import numpy as np
@@ -24,13 +27,18 @@ N_USERS = int(os.environ.get("FALCONREC_LT_USERS", "10"))
 K = int(os.environ.get("FALCONREC_LT_K", "10"))
 CANDIDATES = int(os.environ.get("FALCONREC_LT_CANDIDATES", "0")) or None
 BUDGET_MS = float(os.environ.get("FALCONREC_LT_BUDGET_MS", "0")) or None
+WRITE_FRACTION = float(os.environ.get("FALCONREC_LT_WRITE_FRACTION", "0"))
+_AUTH = {"authorization": f"Bearer {os.environ.get('FALCONREC_LT_API_KEY', '')}"}
 
 _z = np.load(os.environ["FALCONREC_LT_DATA"], allow_pickle=False)
 _order = np.argsort(-_z["lengths"], kind="stable")  # most active users first
 USER_IDS = _z["user_raw_ids"][_order]
 _w = 1.0 / np.arange(1, len(USER_IDS) + 1) ** 1.07
 WEIGHTS = _w / _w.sum()
+ITEM_IDS = _z["item_raw_ids"]
 _rng = np.random.default_rng(int(os.environ.get("FALCONREC_LT_SEED", "0")))
+_events = 0
+_RUN = uuid.uuid4().hex[:12]  # event ids unique across runs: a rerun must not be deduplicated away
 
 _out = open(os.environ.get("FALCONREC_LT_OUT", "latencies.csv"), "w", newline="")  # noqa: SIM115
 _writer = csv.writer(_out)
@@ -81,6 +89,29 @@ class RecommendUser(FastHttpUser):
         return float(_rng.exponential(N_USERS / RATE))
 
     @task
+    def request(self) -> None:
+        # One Poisson stream; each arrival is a write with probability WRITE_FRACTION (the mixed profile).
+        if WRITE_FRACTION and _rng.random() < WRITE_FRACTION:
+            self.event()
+        else:
+            self.recommend()
+
+    def event(self) -> None:
+        global _events
+        _events += 1
+        uid = int(_rng.choice(USER_IDS, p=WEIGHTS))  # active users click more: the same skew as reads
+        ev = {
+            "user_id": uid,
+            "item_id": int(_rng.choice(ITEM_IDS)),
+            "ts": int(time.time()),
+            "event_id": f"lt-{_RUN}-{_events}",
+        }
+        with self.client.post(
+            "/v1/events", json={"events": [ev]}, headers=_AUTH, name="/v1/events", catch_response=True
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}")
+
     def recommend(self) -> None:
         uid = int(_rng.choice(USER_IDS, p=WEIGHTS))
         body = {"user_id": uid, "k": K}

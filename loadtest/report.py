@@ -41,11 +41,14 @@ class Summary:
         )
 
 
-def load(csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(completion time, latency ms, error, degraded, the service's own ms or NaN where not recorded)."""
+def load(csv_path: Path, name: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(completion time, latency ms, error, degraded, the service's own ms or NaN where not recorded), for the
+    requests called `name` (an endpoint: a mixed run holds reads and writes) or all of them."""
     t, lat, err, deg, server = [], [], [], [], []
     with open(csv_path) as f:
         for row in csv.DictReader(f):
+            if name is not None and row["name"] != name:
+                continue
             t.append(float(row["t"]))
             lat.append(float(row["latency_ms"]))
             err.append(row["status"] != "200" or bool(row["error"]))
@@ -54,8 +57,8 @@ def load(csv_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     return np.array(t), np.array(lat), np.array(err, bool), np.array(deg, bool), np.array(server)
 
 
-def summarize(csv_path: Path) -> Summary:
-    t, lat, err, deg, server = load(csv_path)
+def summarize(csv_path: Path, name: str | None = None) -> Summary:
+    t, lat, err, deg, server = load(csv_path, name)
     if len(lat) == 0:
         raise RuntimeError(f"{csv_path} holds no requests: did the server answer at all?")
     dur = max(float(t.max() - t.min()), 1e-9)

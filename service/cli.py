@@ -266,6 +266,27 @@ def load_redis_cmd(
     console.print(out)
 
 
+@app.command()
+def ingest(
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="FALCONREC_REDIS_URL", help="prefer the env var: ps shows argv")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="texts per model call")] = 32,
+    claim_after_s: Annotated[float, typer.Option(help="take over jobs another worker left unacknowledged")] = 30.0,
+) -> None:
+    """Ingestion worker: POST /v1/items texts from Redis -> the build's text model -> content embeddings into the
+    live version and the item log every replica tails. Run one or more beside the API (needs the train extra)."""
+    if not redis_url:
+        console.print("[red]set FALCONREC_REDIS_URL (without Redis the API runs its own worker)[/red]")
+        raise typer.Exit(2)
+    _offline()
+    from service.ingest_worker import main as worker_main
+
+    os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
+    worker_main(["--repo", str(repo), "--batch", str(batch), "--claim-after-s", str(claim_after_s)])
+
+
 @app.command("triton-local")
 def triton_local(
     repo: RepoOpt = DEFAULT_REPOSITORY,
@@ -318,6 +339,15 @@ def loadtest(
         typer.Option(help="budget_ms sent with each request (default: the server's); below the SLO by what HTTP costs"),
     ] = None,
     out: Annotated[Path, typer.Option(help="where CSV, PNG and summary.md go")] = Path("loadtest/results"),
+    write_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="mixed profile: a second phase at the same read rate with this share of POST /v1/events "
+            "(write key from FALCONREC_LT_API_KEY)",
+        ),
+    ] = 0.0,
 ) -> None:
     """Fixed-rate headless Locust run; exits 1 when p99 > budget or errors > 0.1 %."""
     from loadtest.run import run_loadtest
@@ -333,9 +363,40 @@ def loadtest(
         budget_ms,
         num_candidates=num_candidates,
         request_budget_ms=request_budget_ms,
+        write_fraction=write_fraction,
+        api_key=os.environ.get("FALCONREC_LT_API_KEY"),
     )
     Console().print(md)
     raise typer.Exit(rc)
+
+
+@app.command("ingest-latency")
+def ingest_latency(
+    host: Annotated[str, typer.Option(help="replica to POST /v1/items to")] = "http://127.0.0.1:8000",
+    replica: Annotated[str | None, typer.Option(help="replica to watch (default: --host)")] = None,
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    items: Annotated[int, typer.Option(help="items POSTed one at a time (p50/p99)")] = 60,
+    burst: Annotated[int, typer.Option(help="items POSTed at once (items/s)")] = 60,
+    start_id: Annotated[int, typer.Option(help="first new item id (ids must be new)")] = 10_000_000,
+) -> None:
+    """POST /v1/items -> recommendable on a replica: p50/p99 one at a time, and items/s for a burst.
+    The write key comes from FALCONREC_LT_API_KEY."""
+    import numpy as np
+
+    from loadtest.ingest import measure_ingest, variants
+    from service.artifacts import ArtifactPaths
+
+    key = os.environ.get("FALCONREC_LT_API_KEY")
+    if not key:
+        console.print("[red]set FALCONREC_LT_API_KEY to a key with the write scope[/red]")
+        raise typer.Exit(2)
+    texts = np.load(ArtifactPaths.for_config(config, artifacts).data)["item_texts"].tolist()
+    tag = f"r{start_id}"
+    rep = measure_ingest(
+        host, replica or host, key, variants(texts, items, tag), start_id, variants(texts[items:], burst, tag + "b")
+    )
+    Console().print(rep.markdown())
 
 
 @app.command()

@@ -366,3 +366,28 @@ def test_grpc_add_items(local):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with httpx.Client(base_url=local.url, timeout=30) as c:
         _wait_servable(c, new_id)
+
+
+def test_api_process_never_imports_torch():
+    """The LLM lives in the worker process: the API's modules (and the feed that spawns the worker) import no
+    torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.app, service.grpc_server, service.ingest_feed, service.live, service.cli\n"
+        "bad = [m for m in ('torch', 'transformers', 'training', 'service.ingest_worker') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_ingest_latency_measurement_runs(replicas, data):
+    """loadtest/ingest.py, the POST -> recommendable measurement, on a few items (POST to A, watch B)."""
+    from loadtest.ingest import measure_ingest, variants
+
+    a, b = replicas
+    texts = data["item_texts"].tolist()
+    rep = measure_ingest(a.url, b.url, SECRET, variants(texts, 3, "m"), 9_000_000, variants(texts[3:], 5, "mb"))
+    assert rep.n == 3 and rep.burst_n == 5 and rep.p50_ms > 0 and rep.items_per_s > 0
+    assert "items/s" in rep.markdown()

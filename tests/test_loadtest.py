@@ -36,3 +36,31 @@ def test_headless_run_writes_csv_png_summary(server, tiny_build, tmp_path):
         server.url, tiny_build.paths.data, rate=10, duration_s=2, users=2, out_dir=tmp_path / "b", budget_ms=0.001
     )
     assert rc2 == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust not installed")
+def test_mixed_profile_reports_reads_alone_beside_reads_with_writes(tiny_build, tmp_path):
+    from tests.conftest import RunningServer, server_settings
+
+    key = "loadtest-write-key-0123456789"
+    srv = RunningServer(server_settings(tiny_build, api_keys=[f"write:{key}"], grpc_port=0))
+    try:
+        rc, md = run_loadtest(
+            srv.url,
+            tiny_build.paths.data,
+            rate=10,
+            duration_s=3,
+            users=2,
+            out_dir=tmp_path,
+            budget_ms=5000,
+            write_fraction=0.3,
+            api_key=key,
+        )
+        events = srv.components.live.metrics.events.labels("written")._value.get()
+    finally:
+        srv.stop()
+    assert rc == 0, md
+    assert "reads alone" in md and "reads, with writes" in md and "writes (events)" in md
+    writes = summarize(tmp_path / "mixed.csv", "/v1/events")
+    assert writes.requests > 0 and writes.error_rate == 0.0 and events == writes.requests
+    assert summarize(tmp_path / "mixed.csv", "/v1/recommend").requests > 0
