@@ -66,6 +66,10 @@ def decode_result(fields: dict, dim: int) -> IngestedItem | None:
         return None
 
 
+def _entry_id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def worker_command(settings: Settings, stdio: bool) -> list[str]:
     cmd = [
         sys.executable,
@@ -204,9 +208,14 @@ class RedisFeed(ItemFeed):
         self.client = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=5.0)
         self._tail: asyncio.Task | None = None
         self.position = "0-0"
+        self._caught_up: str | None = None
         self.applied = 0
 
     async def start(self) -> None:
+        # Catch up with the items added so far before taking traffic: a replica started after a POST serves the
+        # item from its first request. Bounded: with Redis down it starts anyway and the tail catches up later.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._catch_up(), 30.0)
         self._tail = asyncio.create_task(self._follow())
         if self.s.ingest_worker == "start":
             await self._spawn_worker()
@@ -241,15 +250,25 @@ class RedisFeed(ItemFeed):
             raise Unavailable("feature store unavailable: items not queued, retry") from e
         await self._spawn_worker()
 
+    async def _catch_up(self) -> None:
+        version = self._caught_up = self.version()
+        while version is not None:
+            resp = await self.client.xread({log_key(version): self.position}, count=1024)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                return
+            self.applied += await self.apply([it for _, f in entries if (it := decode_result(f, self.dim))])
+            self.position = _entry_id(entries[-1][0])
+
     async def _follow(self) -> None:
-        version = None
+        version = self._caught_up  # self.position is where _catch_up left this version's log
         failed = False
         while True:
             v = self.version()
             if v is None:
                 await asyncio.sleep(self.s.redis_retry_s)
                 continue
-            if v != version:  # a new data version has its own log (and catalog): start from its beginning
+            if v != version:  # a new data version has its own log: start from its beginning
                 version, self.position = v, "0-0"
             try:
                 resp = await self.client.xread({log_key(version): self.position}, count=256, block=1000)
@@ -270,7 +289,7 @@ class RedisFeed(ItemFeed):
                     log.error("could not add live items: %s", for_log(e))
                     await asyncio.sleep(self.s.redis_retry_s)
                     break
-                self.position = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+                self.position = _entry_id(entries[-1][0])
 
     def describe(self) -> dict:
         return {"kind": "redis", "log_position": self.position, "applied": self.applied, **self._worker_state()}

@@ -162,7 +162,13 @@ def _process(r, embed: Embedder, entries: list) -> None:
     if not jobs:
         return
     t = time.perf_counter()
-    vecs = embed([f["text"] for _, f in jobs])
+    try:
+        vecs = embed([f["text"] for _, f in jobs])
+    except Exception as e:  # noqa: BLE001 - a job that breaks the model must not crash every worker that claims it
+        log.error("dropped %d jobs the text model failed on: %s", len(jobs), for_log(e))
+        r.xack(JOBS_STREAM, GROUP, *[eid for eid, _ in jobs])
+        r.xdel(JOBS_STREAM, *[eid for eid, _ in jobs])
+        return
     pipe = r.pipeline(transaction=True)
     for (eid, f), v in zip(jobs, vecs, strict=True):
         item = IngestedItem(int(f["item_id"]), f["title"], v, float(f["submitted_at"]))

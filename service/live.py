@@ -27,6 +27,7 @@ from service.settings import Settings
 from service.stores import Appended, Event, FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.live")
+PENDING_TTL_S = 300.0
 VISIBLE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
@@ -116,7 +117,11 @@ class LiveData:
 
     # --- items ------------------------------------------------------------------------------------------
     def known(self, item_id: int) -> bool:
-        return item_id in self.catalog.index_of or item_id in self.pending
+        if item_id in self.catalog.index_of:
+            return True
+        # A POST whose item never arrived (worker crashed, job dropped) blocks its id for a while, not for ever.
+        posted = self.pending.get(item_id)
+        return posted is not None and time.time() - posted < PENDING_TTL_S
 
     def jobs(self, items: list[ItemIn], now: float) -> list[ItemJob]:
         """Jobs for validated items (service.validation.check_items); a known or pending id is a 409."""

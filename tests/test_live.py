@@ -286,11 +286,11 @@ def test_near_copy_of_a_popular_item_reaches_top10_on_a_second_replica(replicas,
         _wait_servable(ca, new_id)
         ev = {"events": [{"user_id": 1, "item_id": new_id, "ts": int(time.time())}]}
         assert cb.post("/v1/events", json=ev, headers=AUTH).status_code == 200
-        # A replica started now replays the item log: it serves the item from its first request.
+        # A replica started now replays the item log before it takes traffic: it serves the item at once.
         c = RunningServer(b.settings.model_copy(update={"port": free_port(), "grpc_port": 0}))
         try:
             with httpx.Client(base_url=c.url, timeout=30) as cc:
-                _wait_servable(cc, new_id)
+                assert new_id in _rec(cc, {"history": hist, "num_candidates": 400})
         finally:
             c.stop()
 
