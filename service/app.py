@@ -26,8 +26,8 @@ from service.contract import Manifest
 from service.errors import refusal
 from service.http_guard import ARRIVAL, GuardMiddleware
 from service.inference import InferenceBackend
-from service.ingest_feed import ItemFeed, PipeFeed, RedisFeed
-from service.live import LiveData
+from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
+from service.ingest.live import LiveData
 from service.metrics import Metrics
 from service.onnx_backend import OnnxBackend
 from service.recommender import Recommender

@@ -281,7 +281,7 @@ def ingest(
         console.print("[red]set FALCONREC_REDIS_URL (without Redis the API runs its own worker)[/red]")
         raise typer.Exit(2)
     _offline()
-    from service.ingest_worker import main as worker_main
+    from service.ingest.worker import main as worker_main
 
     os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
     worker_main(["--repo", str(repo), "--batch", str(batch), "--claim-after-s", str(claim_after_s)])

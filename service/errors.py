@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from service.auth import AuthError
 from service.inference import BackendUnavailable
-from service.live import Conflict
+from service.ingest.live import Conflict
 from service.recommender import BadRequest, Overloaded, Unavailable, UnknownUser
 from service.validation import InvalidInput
 

@@ -5,7 +5,7 @@ Redis layout (one place for it; exporters/redis_loader.py writes it):
     emb:{version}:{item_id}      -> float16 bytes of the item's content embedding
     hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
     evid:{version}:{user_id}     -> sorted set of the user's recent event_ids (dedup of POST /v1/events)
-    items:{version}:log          -> stream of items added live (service.live: every replica tails it)
+    items:{version}:log          -> stream of items added live (service.ingest.live: every replica tails it)
     falconrec:ingest             -> stream of POST /v1/items jobs for the ingestion worker
 """
 

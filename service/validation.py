@@ -105,7 +105,7 @@ def check_events(body: EventsRequest, s: Settings, known: Callable[[int], bool],
 
 
 def check_items(body: ItemsRequest, s: Settings) -> None:
-    """Limits of a POST /v1/items (known ids are the caller's conflict: service.live checks them)."""
+    """Limits of a POST /v1/items (known ids are the caller's conflict: service.ingest.live checks them)."""
     if len(body.items) > s.max_item_batch:
         raise InvalidInput("items", f"{len(body.items)} items in one request; the limit is {s.max_item_batch}")
     seen: set[int] = set()

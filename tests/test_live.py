@@ -375,8 +375,8 @@ def test_api_process_never_imports_torch():
     import sys
 
     code = (
-        "import sys, service.app, service.grpc_server, service.ingest_feed, service.live, service.cli\n"
-        "bad = [m for m in ('torch', 'transformers', 'training', 'service.ingest_worker') if m in sys.modules]\n"
+        "import sys, service.app, service.grpc_server, service.ingest.feed, service.ingest.live, service.cli\n"
+        "bad = [m for m in ('torch', 'transformers', 'training', 'service.ingest.worker') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

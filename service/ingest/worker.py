@@ -2,7 +2,7 @@
 very code `falconrec build` ran) -> float16 content embedding -> the live version in Redis + the item log.
 
 This is the one module under service/ that uses torch (through training.embed, imported lazily), and it runs in
-its own process: the API spawns it (`python -m service.ingest_worker`) or an operator runs `falconrec ingest`;
+its own process: the API spawns it (`python -m service.ingest.worker`) or an operator runs `falconrec ingest`;
 the API never imports it. Two inputs:
 
 - Redis (FALCONREC_REDIS_URL, never on the command line: it may hold a password): jobs from the
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from service.contract import Manifest
-from service.ingest_feed import GROUP, JOBS_STREAM, encode_result, log_key
-from service.live import IngestedItem
+from service.ingest.feed import GROUP, JOBS_STREAM, encode_result, log_key
+from service.ingest.live import IngestedItem
 from service.redact import for_log
 from service.stores import emb_key
 

@@ -8,7 +8,7 @@
 - No Redis (`PipeFeed`, the in-process default): the API's own worker child, over its stdin/stdout (JSON lines).
 
 With `ingest_worker` = lazy/start the API spawns the worker as a child process (`python -m
-service.ingest_worker`); the module is never imported here: torch and the LLM stay out of this process.
+service.ingest.worker`); the module is never imported here: torch and the LLM stay out of this process.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.live import IngestedItem, ItemJob
+from service.ingest.live import IngestedItem, ItemJob
 from service.redact import for_log
 from service.settings import Settings
 
@@ -34,7 +34,7 @@ log = logging.getLogger("falconrec.ingest")
 
 JOBS_STREAM = "falconrec:ingest"
 GROUP = "workers"
-WORKER_MODULE = "service.ingest_worker"
+WORKER_MODULE = "service.ingest.worker"
 Apply = Callable[[list[IngestedItem]], Awaitable[int]]
 
 

@@ -2,7 +2,7 @@
 into this replica's catalog, FAISS index and store.
 
 The LLM never runs here (no torch in the API process): POST /v1/items hands texts to the ingestion worker through
-a feed (service.ingest_feed) and answers 202. The worker's content embeddings come back through the same feed;
+a feed (service.ingest.feed) and answers 202. The worker's content embeddings come back through the same feed;
 `apply` runs the item tower (ONNX, no ID: the "unknown ID" embedding cold items were trained with), then adds the
 item to the catalog, the store and FAISS in one event-loop step, so a request sees all of it or none of it.
 """
@@ -101,7 +101,7 @@ class LiveData:
         self.retriever = retriever
         self.metrics = LiveMetrics(metrics)
         self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet: a second POST is a 409
-        self.feed = None  # service.ingest_feed.ItemFeed, set by the app (it calls back into apply)
+        self.feed = None  # service.ingest.feed.ItemFeed, set by the app (it calls back into apply)
 
     # --- events -----------------------------------------------------------------------------------------
     async def record_events(self, events: list[Event]) -> Appended:
