@@ -68,6 +68,7 @@ def stage_breakdown(config: str, artifacts: Path, repo: Path, requests: int = 50
     return asyncio.run(go())
 
 
+@torch.inference_mode()  # scoped, never process-wide: callers may train afterwards
 def ranking_table(
     config: str,
     artifacts: Path,
@@ -88,7 +89,6 @@ def ranking_table(
     rng = np.random.default_rng(0)
     N = manifest.dims.num_items
     rows = []
-    torch.set_grad_enabled(False)
     for n in ns:
         for m in ms:
             rows.append(_ranking_row(ranker, hs, cs, rng, N, E, n, m, microbatch, repeat))

@@ -111,6 +111,7 @@ def cascade_ranks(
     return np.array(ranks)
 
 
+@torch.inference_mode()  # scoped: a process-wide set_grad_enabled(False) leaked into later training
 def evaluate(cfg_name: str, artifacts: Path, repo: Path, max_users: int | None = None, log=print) -> dict:
     paths = ArtifactPaths.for_config(cfg_name, artifacts)
     ds = Dataset.load(paths.data)
@@ -121,7 +122,6 @@ def evaluate(cfg_name: str, artifacts: Path, repo: Path, max_users: int | None =
     if max_users:
         users = users[:max_users]
     L = manifest.dims.max_len
-    torch.set_grad_enabled(False)
     ranker = T.load_checkpoint(paths.ranker, HSTURanker)
     sasrec = T.load_checkpoint(paths.sasrec, SASRec)
     pop = popularity_scorer(popularity_counts(ds), table.device)
