@@ -8,7 +8,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from service.retrieval import INDEX_FILE, INDEX_META
+from service.pipeline.retrieval import INDEX_FILE, INDEX_META
 
 
 def choose_kind(kind: str, n: int, exact_below: int) -> str:

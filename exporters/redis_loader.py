@@ -12,9 +12,9 @@ import redis
 from tqdm.auto import tqdm
 
 from service.artifacts import ArtifactPaths
-from service.catalog import Catalog
 from service.contract import Manifest
-from service.stores import VERSION_KEY, emb_key, hist_key, pack_history
+from service.pipeline.catalog import Catalog
+from service.stores.base import VERSION_KEY, emb_key, hist_key, pack_history
 
 CHUNK = 2000
 

@@ -215,7 +215,7 @@ def serve(
     build_if_missing: Annotated[bool, typer.Option(help="run `build` first when artifacts are missing")] = False,
 ) -> None:
     """Serve /v1/recommend and /v1/score over HTTP and Recommend/ScoreBatch over gRPC."""
-    from service.app import run
+    from service.api.app import run
     from service.contract import Manifest
     from service.settings import Settings
 

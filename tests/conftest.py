@@ -66,7 +66,7 @@ class RunningServer:
 
         import uvicorn
 
-        from service.app import create_app
+        from service.api.app import create_app
 
         self.settings = settings
         self.app = create_app(settings)

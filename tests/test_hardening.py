@@ -10,8 +10,8 @@ import socket
 import httpx
 import pytest
 
-from service.catalog import Catalog
-from service.schemas import INT64_MAX
+from service.api.schemas import INT64_MAX
+from service.pipeline.catalog import Catalog
 
 
 @pytest.fixture(scope="module")

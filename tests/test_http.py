@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.catalog import Catalog
+from service.pipeline.catalog import Catalog
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_rank_cost_estimate_is_not_inflated_by_small_rankings():
     """A ranking of a few candidates costs about one microbatch call. Learning per-candidate cost from it
     as time/m would make the next request afford fewer, and so on: the service ranked ~15 of 1,000 under
     load until this was charged per microbatch."""
-    from service.recommender import Recommender
+    from service.pipeline.recommender import Recommender
 
     r = Recommender.__new__(Recommender)  # only the estimator's state is needed
     r.microbatch, r._rank_cost_s = 128, 5e-6

@@ -20,10 +20,11 @@ import pytest
 import redis
 
 from exporters.redis_loader import load_redis
-from service.catalog import Catalog
+from service.pipeline.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
-from service.stores import VERSION_KEY, Event, RedisStore, hist_key, merge_history, unpack_history
+from service.stores.base import VERSION_KEY, Event, hist_key, merge_history, unpack_history
+from service.stores.redis import RedisStore
 from tests.conftest import RedisProcess, RunningServer, free_port, server_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -375,7 +376,7 @@ def test_api_process_never_imports_torch():
     import sys
 
     code = (
-        "import sys, service.app, service.grpc_server, service.ingest.feed, service.ingest.live, service.cli\n"
+        "import sys, service.api.app, service.api.grpc_server, service.ingest.feed, service.ingest.live, service.cli\n"
         "bad = [m for m in ('torch', 'transformers', 'training', 'service.ingest.worker') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from exporters.redis_loader import load_redis
-from service.catalog import Catalog
-from service.stores import VERSION_KEY, emb_key, hist_key, unpack_history
+from service.pipeline.catalog import Catalog
+from service.stores.base import VERSION_KEY, emb_key, hist_key, unpack_history
 from tests.conftest import REDIS_URL, RedisProcess, RunningServer, server_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")

@@ -36,8 +36,8 @@ def _median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
 
 
 def stage_breakdown(config: str, artifacts: Path, repo: Path, requests: int = 50) -> dict[str, float]:
-    from service.app import build_components
-    from service.deadline import Deadline
+    from service.api.app import build_components
+    from service.pipeline.deadline import Deadline
     from service.settings import Settings
 
     async def go():

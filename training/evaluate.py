@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from exporters.faiss_index import INDEX_FILE
 from service.artifacts import ArtifactPaths
+from service.backends.onnx import OnnxBackend
 from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
-from service.onnx_backend import OnnxBackend
 from training import train as T
 from training.batches import left_pad
 from training.data import Dataset

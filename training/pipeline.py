@@ -213,7 +213,7 @@ class Builder:
 
     def index(self, ds: Dataset, emb: np.ndarray, manifest: Manifest) -> None:
         from exporters.faiss_index import INDEX_FILE, build_index, save_index
-        from service.onnx_backend import OnnxBackend
+        from service.backends.onnx import OnnxBackend
 
         def run() -> dict:
             # Vectors come from the exported ONNX item tower: exactly what the service would compute.

@@ -151,7 +151,7 @@ class PipeFeed(ItemFeed):
 
     async def submit(self, jobs: list[ItemJob]) -> None:
         if self.s.ingest_worker == "off":
-            from service.recommender import Unavailable
+            from service.pipeline.recommender import Unavailable
 
             raise Unavailable("no ingestion worker here: set FALCONREC_INGEST_WORKER=lazy, or use Redis")
         proc = await self._spawn(stdio=True, env={})
@@ -226,7 +226,7 @@ class RedisFeed(ItemFeed):
             await self._spawn(stdio=False, env={"FALCONREC_REDIS_URL": self.s.redis_url or ""})
 
     async def submit(self, jobs: list[ItemJob]) -> None:
-        from service.recommender import Unavailable
+        from service.pipeline.recommender import Unavailable
 
         version = self.version()
         if version is None:

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from service.catalog import Catalog
+from service.api.schemas import ItemIn
+from service.backends.base import BackendUnavailable, InferenceBackend
 from service.contract import ITEM_TOWER, Manifest
-from service.inference import BackendUnavailable, InferenceBackend
 from service.metrics import Metrics
-from service.recommender import Unavailable
-from service.retrieval import Retriever
-from service.schemas import ItemIn
+from service.pipeline.catalog import Catalog
+from service.pipeline.recommender import Unavailable
+from service.pipeline.retrieval import Retriever
 from service.settings import Settings
-from service.stores import Appended, Event, FeatureStore, StoreUnavailable
+from service.stores.base import Appended, Event, FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.live")
 PENDING_TTL_S = 300.0
@@ -105,7 +105,7 @@ class LiveData:
 
     # --- events -----------------------------------------------------------------------------------------
     async def record_events(self, events: list[Event]) -> Appended:
-        """Validated events (service.validation.check_events) into the store, all of them or none."""
+        """Validated events (service.api.validation.check_events) into the store, all of them or none."""
         ordered = sorted(events, key=lambda e: (e.user_id, e.ts))  # stable: same-time events keep request order
         try:
             out = await self.store.append_events(ordered, self.manifest.dims.max_len, self.s.event_dedup_window)
@@ -124,7 +124,7 @@ class LiveData:
         return posted is not None and time.time() - posted < PENDING_TTL_S
 
     def jobs(self, items: list[ItemIn], now: float) -> list[ItemJob]:
-        """Jobs for validated items (service.validation.check_items); a known or pending id is a 409."""
+        """Jobs for validated items (service.api.validation.check_items); a known or pending id is a 409."""
         for i, it in enumerate(items):
             if self.known(it.item_id):
                 raise Conflict(f"items.{i}.item_id", f"item {it.item_id} already exists or is being added (item {i})")

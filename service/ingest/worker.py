@@ -32,7 +32,7 @@ from service.contract import Manifest
 from service.ingest.feed import GROUP, JOBS_STREAM, encode_result, log_key
 from service.ingest.live import IngestedItem
 from service.redact import for_log
-from service.stores import emb_key
+from service.stores.base import emb_key
 
 log = logging.getLogger("falconrec.ingest.worker")
 

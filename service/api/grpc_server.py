@@ -3,7 +3,7 @@ health service and reflection.
 
 Requests are decoded here (not by grpc's generated deserializer: a payload that is not the message answered
 UNKNOWN with a Python class name), converted into the HTTP request models and checked by the same
-service.validation, and failures are answered through the same service.errors mapping.
+service.api.validation, and failures are answered through the same service.api.errors mapping.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.auth import READ, WRITE, AuthError
-from service.errors import refusal
+from service.api.auth import READ, WRITE, AuthError
+from service.api.errors import refusal
+from service.api.schemas import EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest
+from service.api.validation import InvalidInput, check_events, check_items, check_recommend, check_score, parse
 from service.proto import recommender_pb2 as pb
 from service.redact import for_log
-from service.schemas import EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest
-from service.validation import InvalidInput, check_events, check_items, check_recommend, check_score, parse
 
 log = logging.getLogger("falconrec.grpc")
 SERVICE = "falconrec.v1.Recommender"

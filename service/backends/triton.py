@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
+from service.backends.base import BackendUnavailable, InferenceBackend
 from service.contract import TRITON_DTYPES, ModelDims, model_specs
-from service.inference import BackendUnavailable, InferenceBackend
 from service.redact import for_log, public_reason
 
 log = logging.getLogger("falconrec.triton")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.backends.base import InferenceBackend
 from service.contract import ITEM_TOWER, MODEL_NAMES, ModelDims, model_specs, onnx_path
-from service.inference import InferenceBackend
 
 log = logging.getLogger("falconrec.onnx")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

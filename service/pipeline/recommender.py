@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.catalog import Catalog
+from service.backends.base import BackendUnavailable, InferenceBackend
 from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest, time_buckets
-from service.deadline import Deadline, StageTimer
-from service.inference import BackendUnavailable, InferenceBackend
-from service.lru import LRU
 from service.metrics import Metrics
-from service.retrieval import Retriever
+from service.pipeline.catalog import Catalog
+from service.pipeline.deadline import Deadline, StageTimer
+from service.pipeline.lru import LRU
+from service.pipeline.retrieval import Retriever
 from service.settings import Settings
-from service.stores import Embeddings, FeatureStore, StoreUnavailable
+from service.stores.base import Embeddings, FeatureStore, StoreUnavailable
 
 log = logging.getLogger("falconrec.pipeline")
 REQUIRED_STAGE_FLOOR_S = 0.2

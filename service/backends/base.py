@@ -1,6 +1,6 @@
 """The narrow interface the pipeline depends on: run one named model on named numpy tensors.
 
-Backends: in-process ONNX Runtime (service.onnx_backend) and Triton (service.triton_backend).
+Backends: in-process ONNX Runtime (service.backends.onnx) and Triton (service.backends.triton).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Request/response bodies (HTTP, and gRPC requests are converted into them: one validation for both).
 
-Static bounds live here; limits from settings are checked and documented by service.validation.
+Static bounds live here; limits from settings are checked and documented by service.api.validation.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.auth import AuthError
-from service.inference import BackendUnavailable
+from service.api.auth import AuthError
+from service.api.validation import InvalidInput
+from service.backends.base import BackendUnavailable
 from service.ingest.live import Conflict
-from service.recommender import BadRequest, Overloaded, Unavailable, UnknownUser
-from service.validation import InvalidInput
+from service.pipeline.recommender import BadRequest, Overloaded, Unavailable, UnknownUser
 
 
 @dataclass(frozen=True)

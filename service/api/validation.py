@@ -1,6 +1,6 @@
 """One validation for HTTP and gRPC.
 
-Both transports turn a request into the pydantic models of service.schemas (static bounds: types, int64
+Both transports turn a request into the pydantic models of service.api.schemas (static bounds: types, int64
 ranges, positivity, no NaN) and then call the checks here (limits from settings). HTTP answers 422 and gRPC
 INVALID_ARGUMENT with the same messages. `document_limits` writes the same settings limits into the OpenAPI
 document, so what is documented is what is enforced.
@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from service.deadline import Deadline
-from service.schemas import INT64_MAX, EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest, UserInput
+from service.api.schemas import INT64_MAX, EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest, UserInput
+from service.pipeline.deadline import Deadline
 from service.settings import Settings
-from service.stores import Event
+from service.stores.base import Event
 
 
 class InvalidInput(ValueError):

@@ -1,6 +1,6 @@
 """FastAPI app factory. Singletons live in `app.state` and are closed in the lifespan context; routes
 depend on them through `Annotated[..., Depends(...)]`. HTTP is only the entrypoint: the work is in
-service.recommender, behind the narrow inference interface."""
+service.pipeline.recommender, behind the narrow inference interface."""
 
 from __future__ import annotations
 
@@ -19,21 +19,10 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.artifacts import ArtifactPaths
-from service.auth import READ, WRITE, AuthError, KeyRing
-from service.catalog import Catalog
-from service.contract import Manifest
-from service.errors import refusal
-from service.http_guard import ARRIVAL, GuardMiddleware
-from service.inference import InferenceBackend
-from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
-from service.ingest.live import LiveData
-from service.metrics import Metrics
-from service.onnx_backend import OnnxBackend
-from service.recommender import Recommender
-from service.redact import redact, redact_tree
-from service.retrieval import Retriever
-from service.schemas import (
+from service.api.auth import READ, WRITE, AuthError, KeyRing
+from service.api.errors import refusal
+from service.api.http_guard import ARRIVAL, GuardMiddleware
+from service.api.schemas import (
     ErrorBody,
     EventsRequest,
     EventsResponse,
@@ -46,9 +35,7 @@ from service.schemas import (
     ScoreResponse,
     UserInput,
 )
-from service.settings import Settings
-from service.stores import FeatureStore, InProcessStore, RedisStore
-from service.validation import (
+from service.api.validation import (
     InvalidInput,
     check_events,
     check_items,
@@ -57,6 +44,21 @@ from service.validation import (
     document_limits,
     field_errors,
 )
+from service.artifacts import ArtifactPaths
+from service.backends.base import InferenceBackend
+from service.backends.onnx import OnnxBackend
+from service.contract import Manifest
+from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
+from service.ingest.live import LiveData
+from service.metrics import Metrics
+from service.pipeline.catalog import Catalog
+from service.pipeline.recommender import Recommender
+from service.pipeline.retrieval import Retriever
+from service.redact import redact, redact_tree
+from service.settings import Settings
+from service.stores.base import FeatureStore
+from service.stores.memory import InProcessStore
+from service.stores.redis import RedisStore
 
 log = logging.getLogger("falconrec.app")
 
@@ -98,7 +100,7 @@ async def build_components(settings: Settings) -> Components:
     backend: InferenceBackend = onnx
     fallback = None
     if settings.backend == "triton":
-        from service.triton_backend import TritonBackend
+        from service.backends.triton import TritonBackend
 
         backend = TritonBackend.from_settings(settings, manifest.dims)
         fallback = onnx if settings.triton_fallback else None
@@ -167,7 +169,7 @@ def _history(body: UserInput) -> list[tuple[int, int]] | None:
 
 
 def _refuse(e: Exception, endpoint: str, metrics: Metrics) -> HTTPException:
-    """The HTTP answer for a pipeline exception (service.errors decides it for HTTP and gRPC alike)."""
+    """The HTTP answer for a pipeline exception (service.api.errors decides it for HTTP and gRPC alike)."""
     r = refusal(e)
     if r is None:
         raise e  # a bug: the guard answers 500 and logs it
@@ -234,7 +236,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
         c = components or await build_components(settings)
         live["metrics"] = c.metrics
         if settings.grpc_port and c.grpc_server is None:
-            from service.grpc_server import start_grpc
+            from service.api.grpc_server import start_grpc
 
             c.grpc_server = await start_grpc(c, settings.host, settings.grpc_port)
         app.state.components = c

@@ -1,0 +1,1 @@
+"""Inference backends: the interface (base.py), in-process ONNX Runtime (onnx.py) and Triton (triton.py)."""

@@ -1,0 +1,114 @@
+"""Where content embeddings and user histories come from: the store interface and what both stores share (the
+in-process store is service.stores.memory, the Redis one service.stores.redis).
+
+Redis layout (one place for it; exporters/redis_loader.py writes it):
+    falconrec:version            -> the live data version (flipped last, atomically)
+    emb:{version}:{item_id}      -> float16 bytes of the item's content embedding
+    hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
+    evid:{version}:{user_id}     -> sorted set of the user's recent event_ids (dedup of POST /v1/events)
+    items:{version}:log          -> stream of items added live (service.ingest.live: every replica tails it)
+    falconrec:ingest             -> stream of POST /v1/items jobs for the ingestion worker
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+VERSION_KEY = "falconrec:version"
+
+
+def emb_key(version: str, item_id: int) -> str:
+    return f"emb:{version}:{item_id}"
+
+
+def hist_key(version: str, user_id: int) -> str:
+    return f"hist:{version}:{user_id}"
+
+
+def evid_key(version: str, user_id: int) -> str:
+    return f"evid:{version}:{user_id}"
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: int
+    item_id: int
+    ts: int
+    event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Appended:
+    written: int  # events added to histories
+    duplicates: int  # events whose event_id was seen before (dropped)
+    users: int
+
+
+def merge_history(
+    items: np.ndarray, ts: np.ndarray, new_items: np.ndarray, new_ts: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The history with events merged in time order (stable: on equal times, older entries first), last `cap`.
+    The Redis script (APPEND_LUA) does the same; tests hold the two to it."""
+    all_i = np.concatenate([items, new_items]).astype(np.int64)
+    all_t = np.concatenate([ts, new_ts]).astype(np.int64)
+    order = np.argsort(all_t, kind="stable")
+    return all_i[order][-cap:], all_t[order][-cap:]
+
+
+def pack_history(items: np.ndarray, ts: np.ndarray) -> bytes:
+    return items.astype("<i8").tobytes() + ts.astype("<i8").tobytes()
+
+
+def unpack_history(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
+    a = np.frombuffer(raw, dtype="<i8")
+    n = len(a) // 2
+    return a[:n].astype(np.int64), a[n:].astype(np.int64)
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot answer now. The message is safe to show: `public_reason`, never the URL."""
+
+    def __init__(self, public: str):
+        super().__init__(public)
+        self.public = public
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray  # float32 [n, E]; zeros where missing
+    found: np.ndarray  # bool [n]
+    degraded: str | None = None  # why some could not be fetched
+    cache_hits: int | None = None  # rows served by a local cache in front of a remote store (None: no cache)
+    store_down: bool = False  # the missing rows are missing because the store is down, not unknown
+
+
+class FeatureStore(ABC):
+    name = "abstract"
+
+    @abstractmethod
+    async def embeddings(self, item_ids: np.ndarray, timeout_s: float) -> Embeddings: ...
+
+    @abstractmethod
+    async def history(self, user_id: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """(raw item ids, timestamps) oldest first, or None for an unknown user. Raises StoreUnavailable."""
+
+    @abstractmethod
+    def status(self) -> dict: ...
+
+    @abstractmethod
+    async def append_events(self, events: list[Event], cap: int, dedup_window: int) -> Appended:
+        """Append to the users' histories, all at once or not at all; events are in time order per user."""
+
+    @abstractmethod
+    def add_embeddings(self, item_ids: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
+        """Make live-added items' content embeddings (float32 rows) servable from this replica."""
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
