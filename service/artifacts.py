@@ -9,13 +9,20 @@ DEFAULT_ARTIFACTS = Path("artifacts")
 DEFAULT_REPOSITORY = Path("model_repository")
 
 
+def config_name(config: str) -> str:
+    """A build config's name: `ml1m` as given, or the stem of a `.toml` path (`path/to/mine.toml` -> `mine`),
+    as the build names its artifacts folder. Every command that takes --config goes through here."""
+    path = Path(config)
+    return path.stem if path.suffix else config
+
+
 @dataclass(frozen=True)
 class ArtifactPaths:
     root: Path  # artifacts/<config>
 
     @classmethod
     def for_config(cls, config: str, base: Path = DEFAULT_ARTIFACTS) -> ArtifactPaths:
-        return cls(Path(base) / config)
+        return cls(Path(base) / config_name(config))
 
     @property
     def data(self) -> Path:

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     # Per-user cache of the ranker's history K/V.
     kv_cache_users: int = Field(10_000, ge=0)
     kv_cache_ttl_s: float = Field(300.0, gt=0)
+    # Per-history cache of the user tower's output (its input is the history alone: unchanged, nothing to redo).
+    user_vec_cache_users: int = Field(10_000, ge=0)
+
+    # Cross-request batching of candidate scoring (service/pipeline/batching.py).
+    rank_batching: bool = Field(True, description="merge concurrent requests' ranking microbatches into one call")
+    rank_batch_max_rows: int = Field(16, ge=1, description="microbatches (of `microbatch` candidates) per call")
+    rank_batch_wait_us: float = Field(
+        0.0, ge=0, le=5000, description="hold a call this long for more rows (0: only what queued meanwhile)"
+    )
 
     # Live data path (issue 10). Keys are 'scope[,scope]:secret' with scopes read, write, admin (admin: every
     # scope). FALCONREC_API_KEYS is a JSON list; FALCONREC_API_KEYS_FILE holds one entry a line (# comments).

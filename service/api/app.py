@@ -140,6 +140,7 @@ async def close_components(c: Components) -> None:
     if c.grpc_server is not None:
         await c.grpc_server.stop(grace=1.0)
     await c.live.close()  # stops the worker this replica started
+    await c.recommender.close()  # the batcher's dispatch loop, before the backend it calls
     await c.store.close()
     await c.backend.close()
     if c.fallback is not None:

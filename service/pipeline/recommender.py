@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import numpy as np
 from service.backends.base import BackendUnavailable, InferenceBackend
 from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest, time_buckets
 from service.metrics import Metrics
+from service.pipeline.batching import CandidateBatcher
 from service.pipeline.catalog import Catalog
 from service.pipeline.deadline import Deadline, StageTimer
 from service.pipeline.lru import LRU
@@ -81,10 +83,11 @@ class UserState:
 
     hist_raw: np.ndarray  # [L] raw item ids (live-added items share model index 0: the raw id tells them apart)
     hist_idx: np.ndarray  # [1, L] model indices
-    hist_emb: np.ndarray  # [1, L, E]
+    hist_emb: np.ndarray | None  # [1, L, E]; None until fetched (both caches hit: never)
     hist_ts: np.ndarray  # [1, L]
     hist_valid: np.ndarray  # [1, L]
     kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
+    user_vec: np.ndarray | None = None  # [1, T]
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Recommender:
         self.retriever = retriever
         self.metrics = metrics
         self.kv_cache: LRU[tuple, dict[str, np.ndarray]] = LRU(settings.kv_cache_users, settings.kv_cache_ttl_s)
+        self.user_vec_cache: LRU[tuple, np.ndarray] = LRU(settings.user_vec_cache_users, settings.kv_cache_ttl_s)
         self.num_candidates = settings.num_candidates or manifest.num_candidates
         self.microbatch = settings.microbatch or manifest.microbatch
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
@@ -126,6 +130,21 @@ class Recommender:
         self._slots = asyncio.Semaphore(settings.max_active)
         self.waiting = 0
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
+        self.batcher = (
+            CandidateBatcher(
+                self._run_candidates,
+                self.microbatch,
+                parallel=settings.inference_workers or os.cpu_count() or 2,
+                max_rows=settings.rank_batch_max_rows,
+                max_wait_s=settings.rank_batch_wait_us / 1e6,
+            )
+            if settings.rank_batching
+            else None
+        )
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
 
     # --- inference with fallback ---------------------------------------------------------------------
     async def _infer(
@@ -145,6 +164,17 @@ class Recommender:
             if reason not in degraded:
                 degraded.append(reason)
             return await self.fallback.infer(model, inputs)
+
+    async def _run_candidates(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str | None]:
+        """One batched ranker_candidates call for the batcher: no deadline of its own (its rows belong to
+        several requests, each of which waits only its own budget), the fallback backend when this one fails."""
+        try:
+            return await self.backend.infer(RANKER_CANDIDATES, inputs), None
+        except BackendUnavailable:
+            if self.fallback is None:
+                raise
+            reason = f"{self.backend.name} unavailable; fell back to {self.fallback.name}"
+            return await self.fallback.infer(RANKER_CANDIDATES, inputs), reason
 
     async def _embeddings(self, raw_ids: np.ndarray, deadline: Deadline, degraded: list[str]) -> Embeddings:
         emb = await self.store.embeddings(raw_ids, deadline.remaining())
@@ -252,6 +282,36 @@ class Recommender:
         L = self.dims.max_len
         return History(items[-L:], ts[-L:], user_id)
 
+    def history_state(self, h: History) -> UserState:
+        """The user's inputs without their content embeddings: enough for the cache keys."""
+        return UserState(
+            hist_raw=h.items,
+            hist_idx=self.catalog.model_index(h.items)[None, :],
+            hist_emb=None,
+            hist_ts=h.ts[None, :],
+            hist_valid=np.ones((1, len(h.items)), np.float32),
+        )
+
+    async def cached_user_state(self, h: History, query_ts: int, deadline: Deadline, degraded: list[str]) -> UserState:
+        """The user's state, from the caches when the history is unchanged (then neither the embeddings nor
+        the models run), else with the embeddings fetched and the missing parts left for the stages.
+
+        Both caches are keyed by exactly the items (raw ids and times) an entry was computed from, and an item's
+        embedding never changes under one store version, so the lookup with the whole history here is sound
+        even when an earlier request stored an entry for a history with some items dropped (other key)."""
+        st = self.history_state(h)
+        kv = self.kv_cache.get(self._kv_key(h, st, query_ts))
+        uv = self.user_vec_cache.get(self._uv_key(st))
+        self.metrics.cache("kv", kv is not None)
+        self.metrics.cache("user_vec", uv is not None)
+        if kv is not None and uv is not None:
+            st.kv, st.user_vec = kv, uv
+            return st
+        full = await self.user_state(h, deadline, degraded)
+        if len(full.hist_raw) == len(st.hist_raw):  # nothing dropped: the lookups above were for this state
+            full.kv, full.user_vec = kv, uv
+        return full
+
     async def user_state(self, h: History, deadline: Deadline, degraded: list[str]) -> UserState:
         emb = await self._embeddings(h.items, deadline, degraded)
         keep = emb.found
@@ -282,13 +342,36 @@ class Recommender:
         fp = hashlib.blake2b(raw, digest_size=12).digest()
         return (h.user_id, fp, self.manifest.model_version, getattr(self.store, "version", None))
 
+    def _uv_key(self, st: UserState) -> tuple:
+        # The user tower reads the items only (ids and content, no times); same reasoning as _kv_key.
+        fp = hashlib.blake2b(st.hist_raw.astype(np.int64).tobytes(), digest_size=12).digest()
+        return (fp, self.manifest.model_version, getattr(self.store, "version", None))
+
+    async def user_vector(self, st: UserState, deadline: Deadline, degraded: list[str]) -> np.ndarray:
+        if st.user_vec is None:
+            st.user_vec = self.user_vec_cache.get(self._uv_key(st))  # an entry for the history minus dropped items
+        if st.user_vec is None:
+            assert st.hist_emb is not None
+            out = await self._infer(
+                USER_TOWER,
+                {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid},
+                deadline,
+                degraded,
+                required=True,
+            )
+            st.user_vec = out["user_vec"]
+            self.user_vec_cache.put(self._uv_key(st), st.user_vec)
+        return st.user_vec
+
     async def history_kv(
         self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str]
     ) -> None:
+        if st.kv is not None:  # cached_user_state found it (and counted the lookup)
+            return
         key = self._kv_key(h, st, query_ts)
-        kv = self.kv_cache.get(key)
-        self.metrics.cache("kv", kv is not None)
+        kv = self.kv_cache.get(key)  # differs from cached_user_state's key only when items were dropped
         if kv is None:
+            assert st.hist_emb is not None
             kv = await self._infer(
                 RANKER_HISTORY,
                 {
@@ -323,8 +406,15 @@ class Recommender:
             "hist_valid": st.hist_valid,
             "query_ts": np.array([[query_ts]], np.int64),
         }
-        bm = self.microbatch
         cand_item = np.where(cand_idx > self.catalog.num_trained, 0, cand_idx)  # live-added items: unknown ID
+        if self.batcher is not None:
+            scores, reason = await asyncio.wait_for(
+                self.batcher.score(base, cand_emb, cand_item), max(deadline.remaining(), 1e-3)
+            )
+            if reason and reason not in degraded:
+                degraded.append(reason)
+            return scores
+        bm = self.microbatch
         calls = [
             asyncio.ensure_future(
                 self._infer(
@@ -365,11 +455,11 @@ class Recommender:
             h = await self.resolve_history(user_id, history, deadline, deg)
             self._note_store(deg)
             tm.mark("history")
-            st = await self.user_state(h, deadline, deg)
+            qts = query_time(query_ts, deadline)
+            st = await self.cached_user_state(h, qts, deadline, deg)
             tm.mark("embeddings")
             # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
             # candidate fetch (the second inference worker), and ranking waits for it.
-            qts = query_time(query_ts, deadline)
             kv_task = asyncio.ensure_future(self.history_kv(h, st, qts, deadline, deg))
             kv_task.add_done_callback(_retrieve)
             try:
@@ -390,17 +480,11 @@ class Recommender:
         res: Result,
     ) -> Result:
         deg, tm = res.degraded, res.timings
-        uv = await self._infer(
-            USER_TOWER,
-            {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid},
-            deadline,
-            deg,
-            required=True,
-        )
+        user_vec = await self.user_vector(st, deadline, deg)
         tm.mark("user_tower")
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
         seen = np.unique(self.catalog.to_index(h.items)) if exclude_seen else np.empty(0, np.int64)
-        ids, sims = self.retriever.search(uv["user_vec"], n + len(seen))
+        ids, sims = self.retriever.search(user_vec, n + len(seen))
         keep = ids[0] > 0
         if exclude_seen:
             keep &= ~np.isin(ids[0], seen)
@@ -471,9 +555,9 @@ class Recommender:
             tm.mark("queue")
             h = await self.resolve_history(user_id, history, deadline, deg)
             self._note_store(deg)
-            st = await self.user_state(h, deadline, deg)
-            tm.mark("embeddings")
             qts = query_time(query_ts, deadline)
+            st = await self.cached_user_state(h, qts, deadline, deg)
+            tm.mark("embeddings")
             await self.history_kv(h, st, qts, deadline, deg)
             tm.mark("ranker_history")
             raw = np.array(item_ids, np.int64)
