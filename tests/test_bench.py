@@ -19,3 +19,18 @@ def test_bench_prints_side_by_side(tiny_build):
         print(r)
         # measured side by side in one run: caching the history beats one pass per candidate
         assert r["M-FALCON torch (ms)"] < r["pass per candidate, torch (ms)"]
+
+
+def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
+    """`falconrec bench --config some.toml` took the path as a folder name and crashed."""
+    from training.bench import efficiency_table
+    from training.config import CONFIG_DIR
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text((CONFIG_DIR / "tiny.toml").read_text())
+    eff = efficiency_table(str(toml), tiny_build.artifacts, tiny_build.repo, microbatch=128, n=32, m=300, repeat=3)
+    assert eff["gemm_peak_gflops"] > 0
+    assert len(eff["rows"]) == 3
+    for r in eff["rows"].values():
+        # FLOPs counted on the served torch graphs, time on ONNX Runtime: a rate, and a fraction of the peak
+        assert r["MFLOP"] > 0 and r["ms"] > 0 and 0 < r["of peak"] == r["GFLOP/s"] / eff["gemm_peak_gflops"]

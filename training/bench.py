@@ -3,7 +3,8 @@
 1. per-stage breakdown of one /v1/recommend request (in-process pipeline, no HTTP);
 2. ranking m candidates after a history of n: M-FALCON (history once + microbatches) vs the naive
    single pass with a causal mask vs one pass per candidate, for m in {100, 500, 1000}, n in {50, 200};
-3. ONNX Runtime vs torch eager for the M-FALCON ranker.
+3. ONNX Runtime vs torch eager for the M-FALCON ranker;
+4. the served graphs' FLOPs and their rate as a fraction of a single-thread GEMM peak measured in the same run.
 """
 
 from __future__ import annotations
@@ -35,14 +36,25 @@ def _median_ms(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def stage_breakdown(config: str, artifacts: Path, repo: Path, requests: int = 50) -> dict[str, float]:
+def stage_breakdown(
+    config: str, artifacts: Path, repo: Path, requests: int = 50, cached: bool = False
+) -> dict[str, float]:
+    """Median ms per stage of one request for users with a full history. cached=False: the per-history caches
+    off (everything computed); True: each user asked twice, the second (timed) request served from them."""
     from service.api.app import build_components
     from service.pipeline.deadline import Deadline
     from service.settings import Settings
 
     async def go():
         c = await build_components(
-            Settings(config=config, artifacts_dir=artifacts, model_repository=repo, grpc_port=0, kv_cache_users=0)
+            Settings(
+                config=config,
+                artifacts_dir=artifacts,
+                model_repository=repo,
+                grpc_port=0,
+                kv_cache_users=10_000 if cached else 0,
+                user_vec_cache_users=10_000 if cached else 0,
+            )
         )
         users = [u for u, (h, _) in c.recommender.catalog.user_histories.items() if len(h) >= 200][:requests] or list(
             c.recommender.catalog.user_histories
@@ -50,17 +62,22 @@ def stage_breakdown(config: str, artifacts: Path, repo: Path, requests: int = 50
         for u in users[:5]:
             await c.recommender.recommend(u, None, 10, True, None, Deadline.ms(10_000))
         sums: dict[str, list[float]] = {}
-        totals = []
+        totals, cpu = [], []
         for u in users:
-            t = time.perf_counter()
+            if cached:
+                await c.recommender.recommend(u, None, 10, True, None, Deadline.ms(10_000))
+            t, tc = time.perf_counter(), time.process_time()
             res = await c.recommender.recommend(u, None, 10, True, None, Deadline.ms(10_000))
             totals.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.process_time() - tc) * 1000)  # every thread of the process: the cores it cost
             for k, v in res.timings.stages.items():
                 sums.setdefault(k, []).append(v)
         out = {k: statistics.median(v) for k, v in sums.items()}
         out["total (median)"] = statistics.median(totals)
         out["total (p99)"] = float(np.percentile(totals, 99))
+        out["CPU per request (median)"] = statistics.median(cpu)
         out["candidates ranked"] = float(res.candidates_ranked)
+        await c.recommender.close()
         await c.store.close()
         await c.backend.close()
         return out
@@ -159,3 +176,81 @@ def _ranking_row(ranker, hs, cs, rng, N: int, E: int, n: int, m: int, microbatch
         "naive causal pass, torch (ms)": _median_ms(torch_naive, repeat),
         "pass per candidate, torch (ms)": _median_ms(torch_per_candidate, 1, warmup=0),
     }
+
+
+def gemm_peak_gflops(size: int = 512, repeat: int = 20) -> float:
+    """Single-thread float32 GEMM rate this machine reaches now (torch's BLAS on one thread), GFLOP/s: the
+    yardstick for the served graphs, which ONNX Runtime runs one intra-op thread per call here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        ms = _median_ms(lambda: a @ b, repeat, warmup=3)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / (ms / 1000) / 1e9
+
+
+def _graph_flops(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    return int(fc.get_total_flops())
+
+
+@torch.inference_mode()
+def efficiency_table(
+    config: str, artifacts: Path, repo: Path, microbatch: int, n: int = 200, m: int = 1000, repeat: int = 20
+) -> dict:
+    """FLOPs (torch's counter on the served graphs), ONNX Runtime time on one thread, and the fraction of the
+    GEMM peak measured in the same run, for the user tower and the ranker (history pass + m candidates)."""
+    from exporters.onnx_export import served_graphs
+    from service.contract import USER_TOWER
+    from training.models import TwoTower
+
+    paths = ArtifactPaths.for_config(config, artifacts)
+    manifest = Manifest.read(repo)
+    graphs = served_graphs(T.load_checkpoint(paths.towers, TwoTower), T.load_checkpoint(paths.ranker, HSTURanker))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = {
+        name: ort.InferenceSession(str(onnx_path(repo, name)), so, providers=["CPUExecutionProvider"])
+        for name in (USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES)
+    }
+    rng = np.random.default_rng(0)
+    N, E = manifest.dims.num_items, manifest.dims.content_dim
+    hist = {
+        "hist_emb": rng.standard_normal((1, n, E)).astype(np.float32),
+        "hist_item": rng.integers(1, N + 1, size=(1, n)).astype(np.int64),
+        "hist_ts": np.sort(rng.integers(10**9, 10**9 + 10**7, size=(1, n))).astype(np.int64),
+        "hist_valid": np.ones((1, n), np.float32),
+        "query_ts": np.full((1, 1), 10**9 + 2 * 10**7, np.int64),
+    }
+    ut_in = {k: hist[k] for k in ("hist_emb", "hist_item", "hist_valid")}
+    k, v, q = sess[RANKER_HISTORY].run(None, hist)
+    cands = [
+        {
+            "hist_k": k,
+            "hist_v": v,
+            "hist_q": q,
+            "hist_ts": hist["hist_ts"],
+            "hist_valid": hist["hist_valid"],
+            "query_ts": hist["query_ts"],
+            "cand_emb": rng.standard_normal((1, min(microbatch, m - a), E)).astype(np.float32),
+            "cand_item": rng.integers(1, N + 1, size=(1, min(microbatch, m - a))).astype(np.int64),
+        }
+        for a in range(0, m, microbatch)
+    ]
+    peak = gemm_peak_gflops()
+    rows = {}
+    for label, model, calls in (
+        (f"user tower (n={n})", USER_TOWER, [ut_in]),
+        (f"ranker history (n={n})", RANKER_HISTORY, [hist]),
+        (f"ranker candidates (m={m})", RANKER_CANDIDATES, cands),
+    ):
+        flops = sum(_graph_flops(graphs[model], c) for c in calls)
+        ms = _median_ms(lambda calls=calls, model=model: [sess[model].run(None, c) for c in calls], repeat)
+        rate = flops / (ms / 1000) / 1e9
+        rows[label] = {"MFLOP": flops / 1e6, "ms": ms, "GFLOP/s": rate, "of peak": rate / peak}
+    return {"gemm_peak_gflops": peak, "rows": rows}

@@ -44,7 +44,7 @@ from service.api.validation import (
     document_limits,
     field_errors,
 )
-from service.artifacts import ArtifactPaths
+from service.artifacts import ArtifactPaths, config_name
 from service.backends.base import InferenceBackend
 from service.backends.onnx import OnnxBackend
 from service.contract import Manifest
@@ -82,7 +82,7 @@ async def build_components(settings: Settings) -> Components:
     keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading
     repo = Path(settings.model_repository)
     manifest = Manifest.read(repo)
-    if manifest.config != settings.config:
+    if manifest.config != config_name(settings.config):
         log.warning(
             "repository %s holds config %r, not %r: serving %r", repo, manifest.config, settings.config, manifest.config
         )
