@@ -442,6 +442,40 @@ def bench(
     Console().print(t)
 
 
+@app.command("bench-index")
+def bench_index(
+    config: ConfigOpt = _default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    items: Annotated[int, typer.Option(help="catalog size to grow the built one to")] = 1_000_000,
+    kinds: Annotated[str, typer.Option(help="index kinds, comma-separated; flat (exact) first for recall")] = (
+        "flat,hnsw,ivf"
+    ),
+    queries: Annotated[int, typer.Option(help="real user vectors to search with")] = 200,
+    k: Annotated[int, typer.Option(help="candidates recalled (recall@k against exact search)")] = 1000,
+) -> None:
+    """Recall, memory, build time and search latency of each FAISS index kind at catalog scale (up to 1M)."""
+    _offline()
+    from training.scale import index_scale_bench
+
+    out = index_scale_bench(config, artifacts, repo, items, tuple(kinds.split(",")), queries, k, log=console.print)
+    t = Table(title=f"{out['items']:,} items, {out['queries']} real user vectors, top {out['k']}")
+    cols = ["index", "build s", "MB", "search p50 ms", "search p99 ms", f"recall@{out['k']}"]
+    for col in cols:
+        t.add_column(col, justify="right")
+    for kind, r in out["rows"].items():
+        rec = r.get(f"recall@{out['k']}")
+        t.add_row(
+            kind,
+            f"{r['build_s']:.1f}",
+            f"{r['bytes'] / 1e6:.0f}",
+            f"{r['search_p50_ms']:.2f}",
+            f"{r['search_p99_ms']:.2f}",
+            "-" if rec is None else f"{rec:.4f}",
+        )
+    Console().print(t)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("falconrec").setLevel(os.environ.get("FALCONREC_LOG_LEVEL", "INFO"))

@@ -34,3 +34,21 @@ def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
     for r in eff["rows"].values():
         # FLOPs counted on the served torch graphs, time on ONNX Runtime: a rate, and a fraction of the peak
         assert r["MFLOP"] > 0 and r["ms"] > 0 and 0 < r["of peak"] == r["GFLOP/s"] / eff["gemm_peak_gflops"]
+
+
+def test_index_scale_bench_grows_the_catalog_and_scores_recall(tiny_build):
+    from training.scale import index_scale_bench
+
+    out = index_scale_bench(
+        "tiny",
+        tiny_build.artifacts,
+        tiny_build.repo,
+        items=3000,
+        kinds=("flat", "ivf"),
+        queries=20,
+        k=50,
+        log=lambda m: None,
+    )
+    flat, ivf = out["rows"]["flat"], out["rows"]["ivf"]
+    assert flat["recall@50"] == 1.0  # exact search against itself
+    assert 0.0 < ivf["recall@50"] <= 1.0 and ivf["bytes"] > 3000 * 4  # at least the vectors themselves
