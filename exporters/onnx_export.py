@@ -1,4 +1,4 @@
-"""torch -> ONNX for the four served graphs, with names, dtypes and dynamic axes from service.contract."""
+"""torch -> ONNX for the served graphs, with names, dtypes and dynamic axes from service.contract."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from service.contract import (
     ITEM_TOWER,
     RANKER_CANDIDATES,
     RANKER_HISTORY,
+    RANKER_ITEM,
     USER_TOWER,
     ModelDims,
     ModelSpec,
@@ -27,7 +28,7 @@ from training.models import HSTURanker, TwoTower
 OPSET = 18
 # Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
 # build` re-exports instead of keeping a repository written by older code.
-GRAPH_REVISION = 3
+GRAPH_REVISION = 4
 
 
 class ItemTowerGraph(nn.Module):
@@ -65,12 +66,23 @@ class RankerCandidatesGraph(nn.Module):
         super().__init__()
         self.m = ranker
 
-    def forward(self, hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_emb, cand_item):
+    def forward(self, hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_token):
         # Position and time are shared by all candidates: [B,1], broadcast inside (bias computed once per user).
         pos = torch.ones_like(query_ts) * hist_ts.shape[1]
         return self.m.candidates(
-            hist_k, hist_v, hist_q.unsqueeze(1), hist_ts, hist_valid, cand_emb, cand_item, pos, query_ts
+            hist_k, hist_v, hist_q.unsqueeze(1), hist_ts, hist_valid, None, None, pos, query_ts, cand_token=cand_token
         )
+
+
+class RankerItemGraph(nn.Module):
+    """A candidate's input token from its content and ID: run per item at export and for items added live."""
+
+    def __init__(self, ranker: HSTURanker):
+        super().__init__()
+        self.m = ranker
+
+    def forward(self, content_emb: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        return self.m.item_token(content_emb, item_idx[:, 0])
 
 
 def example_inputs(
@@ -173,12 +185,13 @@ def check_onnx_against_spec(path: Path, spec: ModelSpec) -> None:
 
 
 def served_graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
-    """The four exported wrappers, by model name."""
+    """The exported wrappers, by model name."""
     return {
         ITEM_TOWER: ItemTowerGraph(towers),
         USER_TOWER: UserTowerGraph(towers),
         RANKER_HISTORY: RankerHistoryGraph(ranker),
         RANKER_CANDIDATES: RankerCandidatesGraph(ranker),
+        RANKER_ITEM: RankerItemGraph(ranker),
     }
 
 

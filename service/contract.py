@@ -19,7 +19,12 @@ ITEM_TOWER = "item_tower"
 USER_TOWER = "user_tower"
 RANKER_HISTORY = "ranker_history"
 RANKER_CANDIDATES = "ranker_candidates"
-MODEL_NAMES = (ITEM_TOWER, USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES)
+RANKER_ITEM = "ranker_item"  # a candidate's input token: a function of the item alone, precomputed per item
+MODEL_NAMES = (ITEM_TOWER, USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES, RANKER_ITEM)
+# ranker_item's output for every catalog item [N+1, d_model] (row 0 unused), written beside the FAISS index by
+# the build; the service gathers candidates' tokens from it instead of their content embeddings, and items
+# added live get theirs from ranker_item when they join the index.
+ITEM_TOKENS_FILE = "ranker_item_tokens.npy"
 
 MANIFEST = "falconrec.json"  # written at the repository root by the exporter
 ONNX_FILE = "model.onnx"
@@ -126,10 +131,14 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
                 TensorSpec("hist_ts", i64, (B, L)),
                 TensorSpec("hist_valid", f32, (B, L)),
                 TensorSpec("query_ts", i64, (B, 1)),
-                TensorSpec("cand_emb", f32, (B, M, E)),
-                TensorSpec("cand_item", i64, (B, M)),
+                TensorSpec("cand_token", f32, (B, M, d.d_model)),  # ranker_item of each candidate
             ),
             (TensorSpec("scores", f32, (B, M)),),
+        ),
+        ModelSpec(
+            RANKER_ITEM,
+            (TensorSpec("content_emb", f32, (B, E)), TensorSpec("item_idx", i64, (B, 1))),
+            (TensorSpec("item_token", f32, (B, d.d_model)),),
         ),
     ]
     return {s.name: s for s in specs}

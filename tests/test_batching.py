@@ -42,8 +42,8 @@ def _user(backend, dims, rng, n: int, qts: int) -> dict[str, np.ndarray]:
     return {**kv, **{k: hist[k] for k in ("hist_ts", "hist_valid", "query_ts")}}
 
 
-def _alone(backend, user, emb, item) -> np.ndarray:
-    return backend.run(RANKER_CANDIDATES, {**user, "cand_emb": emb[None], "cand_item": item[None]})["scores"][0]
+def _alone(backend, user, tokens) -> np.ndarray:
+    return backend.run(RANKER_CANDIDATES, {**user, "cand_token": tokens[None]})["scores"][0]
 
 
 def test_batched_scores_equal_each_request_alone(backend, tiny_build):
@@ -52,25 +52,19 @@ def test_batched_scores_equal_each_request_alone(backend, tiny_build):
     # Different history lengths (left padding), candidate counts (right padding, a partial last row) and times.
     specs = [(3, 5), (40, 97), (17, 256), (dims.max_len, 300), (8, 1)]
     users = [_user(backend, dims, rng, n, 10**9 + 2 * 10**7 + 3600 * i) for i, (n, _) in enumerate(specs)]
-    cands = [
-        (
-            rng.standard_normal((m, dims.content_dim)).astype(np.float32),
-            rng.integers(0, dims.num_items + 1, size=m).astype(np.int64),
-        )
-        for _, m in specs
-    ]
-    alone = [_alone(backend, u, e, i) for u, (e, i) in zip(users, cands, strict=True)]
+    cands = [rng.standard_normal((m, dims.d_model)).astype(np.float32) for _, m in specs]
+    alone = [_alone(backend, u, t) for u, t in zip(users, cands, strict=True)]
 
     calls: list[int] = []
 
     async def run(inputs):
-        calls.append(inputs["cand_item"].shape[0])
+        calls.append(inputs["cand_token"].shape[0])
         return await backend.infer(RANKER_CANDIDATES, inputs), None
 
     async def go():
         batcher = CandidateBatcher(run, microbatch=64, parallel=1, max_rows=64)
         try:
-            return await asyncio.gather(*(batcher.score(u, e, i) for u, (e, i) in zip(users, cands, strict=True)))
+            return await asyncio.gather(*(batcher.score(u, t) for u, t in zip(users, cands, strict=True)))
         finally:
             await batcher.close()
 
@@ -87,12 +81,11 @@ def test_idle_request_splits_over_free_workers_and_failures_reach_every_request(
     dims = Manifest.read(tiny_build.repo).dims
     rng = np.random.default_rng(1)
     user = _user(backend, dims, rng, 30, 10**9 + 2 * 10**7)
-    emb = rng.standard_normal((1000, dims.content_dim)).astype(np.float32)
-    item = rng.integers(1, dims.num_items + 1, size=1000).astype(np.int64)
+    tokens = rng.standard_normal((1000, dims.d_model)).astype(np.float32)
     sizes: list[int] = []
 
     async def run(inputs):
-        sizes.append(inputs["cand_item"].shape[0])
+        sizes.append(inputs["cand_token"].shape[0])
         return await backend.infer(RANKER_CANDIDATES, inputs), None
 
     async def fail(inputs):
@@ -102,9 +95,9 @@ def test_idle_request_splits_over_free_workers_and_failures_reach_every_request(
         b = CandidateBatcher(run, microbatch=256, parallel=2, max_rows=16)
         bad = CandidateBatcher(fail, microbatch=256, parallel=2, max_rows=16)
         try:
-            scores, _ = await b.score(user, emb, item)
+            scores, _ = await b.score(user, tokens)
             with pytest.raises(RuntimeError, match="exploded"):
-                await asyncio.wait_for(asyncio.gather(bad.score(user, emb, item), bad.score(user, emb, item)), 10)
+                await asyncio.wait_for(asyncio.gather(bad.score(user, tokens), bad.score(user, tokens)), 10)
             return scores
         finally:
             await b.close()
@@ -112,7 +105,7 @@ def test_idle_request_splits_over_free_workers_and_failures_reach_every_request(
 
     scores = asyncio.run(go())
     assert sorted(sizes) == [2, 2]  # 4 rows of 256 over the 2 free workers, not one call on one core
-    np.testing.assert_allclose(scores, _alone(backend, user, emb, item), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scores, _alone(backend, user, tokens), atol=1e-5, rtol=0)
 
 
 def test_unchanged_history_runs_no_model_twice_and_an_event_recomputes(server, catalog):

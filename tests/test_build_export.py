@@ -70,15 +70,45 @@ def test_onnx_cached_microbatches_equal_single_call(tiny_build):
     parts = [
         cand_s.run(
             None,
-            {**feeds, "cand_emb": feeds["cand_emb"][:, a : a + 64], "cand_item": feeds["cand_item"][:, a : a + 64]},
+            {**feeds, "cand_token": feeds["cand_token"][:, a : a + 64]},
         )[0]
         for a in range(0, 500, 64)
     ]
     assert np.abs(np.concatenate(parts, 1) - whole).max() <= 1e-5
-    (alone,) = cand_s.run(
-        None, {**feeds, "cand_emb": feeds["cand_emb"][:, 123:124], "cand_item": feeds["cand_item"][:, 123:124]}
-    )
+    (alone,) = cand_s.run(None, {**feeds, "cand_token": feeds["cand_token"][:, 123:124]})
     assert abs(float(alone[0, 0]) - float(whole[0, 123])) <= 1e-5
+
+
+def test_served_tokens_score_as_the_trained_ranker(tiny_build):
+    """The build's token table (ranker_item per catalog item) fed to ranker_candidates gives the trained torch
+    ranker's own scores (content projected per candidate, standardisation not folded): the precomputation and
+    the fold change nothing."""
+    from service.contract import ITEM_TOKENS_FILE
+
+    manifest = Manifest.read(tiny_build.repo)
+    ranker = T.load_checkpoint(tiny_build.paths.ranker, HSTURanker).eval()
+    tokens = np.load(tiny_build.paths.index_dir / ITEM_TOKENS_FILE)
+    emb = np.load(tiny_build.paths.content_emb).astype(np.float32)
+    assert tokens.shape == (manifest.dims.num_items + 1, manifest.dims.d_model)
+    table = np.vstack([np.zeros((1, emb.shape[1]), np.float32), emb])
+    rng = np.random.default_rng(0)
+    n, m = 15, 40
+    items = rng.integers(1, manifest.dims.num_items + 1, size=(1, n)).astype(np.int64)
+    ts = np.sort(rng.integers(10**9, 10**9 + 10**7, size=(1, n))).astype(np.int64)
+    valid, qts = np.ones((1, n), np.float32), ts[:, -1:] + 3600
+    cand = rng.choice(np.arange(1, manifest.dims.num_items + 1), size=(1, m), replace=False).astype(np.int64)
+    hist_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_history")))
+    cand_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_candidates")))
+    k, v, q = hist_s.run(
+        None, {"hist_emb": table[items], "hist_item": items, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
+    )
+    feeds = {"hist_k": k, "hist_v": v, "hist_q": q, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
+    (served,) = cand_s.run(None, {**feeds, "cand_token": tokens[cand]})
+    with torch.no_grad():
+        want = ranker.score_full(
+            *map(torch.from_numpy, (table[items], items, ts, valid, qts, table[cand], cand))
+        ).numpy()
+    assert np.abs(served - want).max() <= 1e-4 * (1 + np.abs(want).max())
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from exporters.faiss_index import INDEX_FILE
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import OnnxBackend
-from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.contract import ITEM_TOKENS_FILE, RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
 from training import train as T
 from training.batches import left_pad
 from training.data import Dataset
@@ -71,6 +71,7 @@ def cascade_ranks(
     manifest = Manifest.read(repo)
     be = OnnxBackend(repo, manifest.dims, providers=["CPUExecutionProvider"], intra_op_threads=0)
     index = faiss.read_index(str(index_dir / INDEX_FILE))
+    tokens = np.load(index_dir / ITEM_TOKENS_FILE)  # the served candidates' ranker inputs, as the service reads them
     n = manifest.dims.max_len
     table = np.zeros((emb16.shape[0] + 1, emb16.shape[1]), np.float32)
     table[1:] = emb16
@@ -100,8 +101,7 @@ def cascade_ranks(
                 "hist_ts": ts,
                 "hist_valid": valid,
                 "query_ts": qts,
-                "cand_emb": table[cand],
-                "cand_item": cand,
+                "cand_token": tokens[cand],
             },
         )["scores"]
         scores = np.where(cand > 0, scores, -np.inf)

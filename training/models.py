@@ -210,7 +210,12 @@ class HSTURanker(nn.Module):
 
     def item_out(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
         """Item side of the score: the same item representation, L2-normalised (no dropout on targets)."""
-        return F.normalize(self.items(content, idx, dropout=False), dim=-1)
+        return F.normalize(self.item_token(content, idx), dim=-1)
+
+    def item_token(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        """What a candidate brings of itself: a function of the item alone (content + ID), so serving computes it
+        once per item at export (ranker_item) instead of projecting every candidate's content per request."""
+        return self.items(content, idx, dropout=False)
 
     def _tokens(self, content: torch.Tensor | None, idx: torch.Tensor, abs_pos: torch.Tensor) -> torch.Tensor:
         """Input token: item embedding x sqrt(d) + absolute position (counted from the window's oldest item)."""
@@ -263,15 +268,17 @@ class HSTURanker(nn.Module):
         cand_item: torch.Tensor,  # [B,M]
         cand_pos: torch.Tensor,  # [B,M] or [B,1] index of the target position: attends to history j < cand_pos
         cand_ts: torch.Tensor,  # [B,M] or [B,1]
+        cand_token: torch.Tensor | None = None,  # [B,M,d] item_token of each candidate, instead of emb + item
     ) -> torch.Tensor:
         """Scores [B,M]. Each candidate sees history j < cand_pos and itself, nothing else.
 
         Serving puts every candidate at the same position and time: pass cand_pos/cand_ts as [B,1] and the
         relative bias and mask are computed once per user instead of once per candidate (broadcast, same values).
+        Serving also passes `cand_token`, precomputed per item (see item_token), for cand_emb/cand_item.
         """
-        B, M = cand_item.shape
+        e_raw = self.item_token(cand_emb, cand_item) if cand_token is None else cand_token
+        B, M = e_raw.shape[:2]
         L = hist_ts.shape[1]
-        e_raw = self.items(cand_emb, cand_item, dropout=False)
         e_out = F.normalize(e_raw, dim=-1)  # target side of the score: no dropout (== item_out)
         j = torch.arange(L, device=e_raw.device)
         dist = cand_pos.unsqueeze(-1) - j  # [B,M,L]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from service.artifacts import ArtifactPaths
-from service.contract import MANIFEST, MODEL_NAMES, Manifest, ModelDims, onnx_path
+from service.contract import ITEM_TOKENS_FILE, MANIFEST, MODEL_NAMES, Manifest, ModelDims, onnx_path
 from training.config import BuildConfig
 from training.data import Dataset, default_ml1m_dir, load_ml1m, make_synthetic, sha256_file
 
@@ -215,22 +215,26 @@ class Builder:
         from exporters.faiss_index import INDEX_FILE, build_index, save_index
         from service.backends.onnx import OnnxBackend
 
+        tokens_path = self.paths.index_dir / ITEM_TOKENS_FILE
+
         def run() -> dict:
-            # Vectors come from the exported ONNX item tower: exactly what the service would compute.
+            # Vectors and ranker tokens come from the exported ONNX graphs: exactly what the service would compute.
             backend = OnnxBackend(self.repo, manifest.dims, providers=["CPUExecutionProvider"])
             ids = np.arange(1, ds.num_items + 1, dtype=np.int64)
-            vecs = np.concatenate(
-                [
-                    backend.item_vectors(emb[a - 1 : a - 1 + 4096].astype(np.float32), ids[a - 1 : a - 1 + 4096])
-                    for a in range(1, ds.num_items + 1, 4096)
-                ]
-            )
+            chunks = [
+                (emb[a - 1 : a - 1 + 4096].astype(np.float32), ids[a - 1 : a - 1 + 4096])
+                for a in range(1, ds.num_items + 1, 4096)
+            ]
+            vecs = np.concatenate([backend.item_vectors(c, i) for c, i in chunks])
+            tokens = np.zeros((ds.num_items + 1, manifest.dims.d_model), np.float32)  # row 0: no item
+            tokens[1:] = np.concatenate([backend.item_tokens(c, i) for c, i in chunks])
             index, kind = build_index(vecs, ids, self.cfg.index.kind, self.cfg.index.exact_below, self.cfg.index.hnsw_m)
             save_index(index, self.paths.index_dir, kind, manifest.model_version)
-            return {"kind": kind, "count": int(index.ntotal)}
+            np.save(tokens_path, tokens)
+            return {"kind": kind, "count": int(index.ntotal), "token_bytes": int(tokens.nbytes)}
 
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
-        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE], run)
+        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path], run)
 
     def build(self) -> list[StepResult]:
         ds = self.data()

@@ -52,6 +52,7 @@ from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
 from service.ingest.live import LiveData
 from service.metrics import Metrics
 from service.pipeline.catalog import Catalog
+from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.recommender import Recommender
 from service.pipeline.retrieval import Retriever
 from service.redact import redact, redact_tree
@@ -123,9 +124,15 @@ async def build_components(settings: Settings) -> Components:
             f"FAISS index in {paths.index_dir} belongs to model {retriever.meta.get('model_version')}, "
             f"repository {repo} to {manifest.model_version}: rebuild (`falconrec build`)"
         )
-    rec = Recommender(settings, manifest, catalog, backend, store, retriever, metrics, fallback)
+    tokens = ItemTokens.load(paths.index_dir)
+    if tokens.model_version != manifest.model_version or tokens.rows != catalog.num_items + 1:
+        raise RuntimeError(
+            f"ranker tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
+            f"{catalog.num_items} items: rebuild (`falconrec build`)"
+        )
+    rec = Recommender(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
     await rec.warmup()
-    live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, fallback)
+    live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
     feed: ItemFeed
     if isinstance(store, RedisStore):
         feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version)

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import InferenceBackend
-from service.contract import ITEM_TOWER, MODEL_NAMES, ModelDims, model_specs, onnx_path
+from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, model_specs, onnx_path
 
 log = logging.getLogger("falconrec.onnx")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -74,9 +74,15 @@ class OnnxBackend(InferenceBackend):
         return await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
 
     def item_vectors(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._per_item(ITEM_TOWER, content, ids)["item_vec"]
+
+    def item_tokens(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._per_item(RANKER_ITEM, content, ids)["item_token"]
+
+    def _per_item(self, model: str, content: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(
-            ITEM_TOWER, {"content_emb": content.astype(np.float32), "item_idx": ids.reshape(-1, 1).astype(np.int64)}
-        )["item_vec"]
+            model, {"content_emb": content.astype(np.float32), "item_idx": ids.reshape(-1, 1).astype(np.int64)}
+        )
 
     def describe(self) -> dict:
         return {

@@ -18,9 +18,10 @@ from prometheus_client import Counter, Histogram
 
 from service.api.schemas import ItemIn
 from service.backends.base import BackendUnavailable, InferenceBackend
-from service.contract import ITEM_TOWER, Manifest
+from service.contract import ITEM_TOWER, RANKER_ITEM, Manifest
 from service.metrics import Metrics
 from service.pipeline.catalog import Catalog
+from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.recommender import Unavailable
 from service.pipeline.retrieval import Retriever
 from service.settings import Settings
@@ -90,9 +91,11 @@ class LiveData:
         store: FeatureStore,
         retriever: Retriever,
         metrics: Metrics,
+        tokens: ItemTokens,
         fallback: InferenceBackend | None = None,
     ):
         self.s = settings
+        self.tokens = tokens
         self.manifest = manifest
         self.catalog = catalog
         self.backend = backend
@@ -152,18 +155,20 @@ class LiveData:
             return 0
         new = list(fresh.values())
         emb = np.stack([it.emb for it in new]).astype(np.float32)
-        vecs = await self._item_vectors(emb)
-        # After the await: another apply may have added some of these meanwhile.
+        vecs = await self._per_item(ITEM_TOWER, emb, "item_vec")
+        toks = await self._per_item(RANKER_ITEM, emb, "item_token")
+        # After the awaits: another apply may have added some of these meanwhile.
         keep = [i for i, it in enumerate(new) if it.item_id not in self.catalog.index_of]
-        new, emb, vecs = [new[i] for i in keep], emb[keep], vecs[keep]
+        new, emb, vecs, toks = [new[i] for i in keep], emb[keep], vecs[keep], toks[keep]
         if not new:
             return 0
         ids = np.array([it.item_id for it in new], np.int64)
         idx = np.arange(self.catalog.num_items + 1, self.catalog.num_items + 1 + len(new), dtype=np.int64)
-        # One synchronous step (no await): store rows, catalog, FAISS. A request sees all of it or none.
+        # One synchronous step (no await): store rows, catalog, ranker tokens, FAISS. A request sees all of it or none.
         self.store.add_embeddings(ids, idx, emb)
         got = self.catalog.add_items(ids.tolist(), [it.title for it in new])
         assert np.array_equal(got, idx)
+        self.tokens.add(idx, toks)
         self.retriever.add(vecs, idx)
         now = time.time()
         for it in new:
@@ -172,14 +177,15 @@ class LiveData:
         self.metrics.items.inc(len(new))
         return len(new)
 
-    async def _item_vectors(self, emb: np.ndarray) -> np.ndarray:
+    async def _per_item(self, model: str, emb: np.ndarray, output: str) -> np.ndarray:
+        """A per-item graph (item tower, ranker token) on new items' content, with the unknown ID (index 0)."""
         inputs = {"content_emb": emb, "item_idx": np.zeros((len(emb), 1), np.int64)}
         try:
-            return (await self.backend.infer(ITEM_TOWER, inputs, timeout_s=10.0))["item_vec"]
+            return (await self.backend.infer(model, inputs, timeout_s=10.0))[output]
         except BackendUnavailable:
             if self.fallback is None:
                 raise
-            return (await self.fallback.infer(ITEM_TOWER, inputs, timeout_s=10.0))["item_vec"]
+            return (await self.fallback.infer(model, inputs, timeout_s=10.0))[output]
 
     def status(self) -> dict:
         return {

@@ -31,19 +31,17 @@ RunCall = Callable[[dict[str, np.ndarray]], Awaitable[tuple[dict[str, np.ndarray
 @dataclass(eq=False)
 class _Row:
     user: dict[str, np.ndarray]
-    cand_emb: np.ndarray  # [m, E]
-    cand_item: np.ndarray  # [m]
+    cand_token: np.ndarray  # [m, d] (contract.RANKER_ITEM of each candidate)
     future: asyncio.Future
 
 
 def stack_rows(rows: list[_Row]) -> dict[str, np.ndarray]:
     """One ranker_candidates input batch from rows of different users: histories left-padded (invalid,
-    zero K/V) to the longest, candidates right-padded with item 0 and a zero embedding (their scores are
-    dropped)."""
+    zero K/V) to the longest, candidates right-padded with zero tokens (their scores are dropped)."""
     B = len(rows)
     L = max(r.user["hist_k"].shape[2] for r in rows)
-    M = max(len(r.cand_item) for r in rows)
-    k0, v0, e0 = rows[0].user["hist_k"], rows[0].user["hist_v"], rows[0].cand_emb
+    M = max(len(r.cand_token) for r in rows)
+    k0, v0, t0 = rows[0].user["hist_k"], rows[0].user["hist_v"], rows[0].cand_token
     out = {
         "hist_k": np.zeros((B, k0.shape[1], L, k0.shape[3]), np.float32),
         "hist_v": np.zeros((B, v0.shape[1], L, v0.shape[3]), np.float32),
@@ -51,11 +49,10 @@ def stack_rows(rows: list[_Row]) -> dict[str, np.ndarray]:
         "hist_ts": np.zeros((B, L), np.int64),
         "hist_valid": np.zeros((B, L), np.float32),
         "query_ts": np.empty((B, 1), np.int64),
-        "cand_emb": np.zeros((B, M, e0.shape[1]), np.float32),
-        "cand_item": np.zeros((B, M), np.int64),
+        "cand_token": np.zeros((B, M, t0.shape[1]), np.float32),
     }
     for b, r in enumerate(rows):
-        u, n, m = r.user, r.user["hist_k"].shape[2], len(r.cand_item)
+        u, n, m = r.user, r.user["hist_k"].shape[2], len(r.cand_token)
         out["hist_k"][b, :, L - n :] = u["hist_k"][0]
         out["hist_v"][b, :, L - n :] = u["hist_v"][0]
         out["hist_q"][b] = u["hist_q"][0]
@@ -63,8 +60,7 @@ def stack_rows(rows: list[_Row]) -> dict[str, np.ndarray]:
         out["hist_ts"][b, : L - n] = u["hist_ts"][0, 0]  # masked; a real time keeps the bias lookups in range
         out["hist_valid"][b, L - n :] = u["hist_valid"][0]
         out["query_ts"][b] = u["query_ts"][0]
-        out["cand_emb"][b, :m] = r.cand_emb
-        out["cand_item"][b, :m] = r.cand_item
+        out["cand_token"][b, :m] = r.cand_token
     return out
 
 
@@ -90,18 +86,13 @@ class CandidateBatcher:
         self.calls = 0  # counters for /metrics and the bench: calls made, rows and users they carried
         self.rows = 0
 
-    async def score(
-        self, user: dict[str, np.ndarray], cand_emb: np.ndarray, cand_item: np.ndarray
-    ) -> tuple[np.ndarray, str | None]:
+    async def score(self, user: dict[str, np.ndarray], cand_token: np.ndarray) -> tuple[np.ndarray, str | None]:
         """Scores [m] of this user's candidates, and a degradation reason if a fallback computed them."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._dispatch())
         loop = asyncio.get_running_loop()
         bm = self.microbatch
-        rows = [
-            _Row(user, cand_emb[a : a + bm], cand_item[a : a + bm], loop.create_future())
-            for a in range(0, len(cand_item), bm)
-        ]
+        rows = [_Row(user, cand_token[a : a + bm], loop.create_future()) for a in range(0, len(cand_token), bm)]
         self._queue.extend(rows)
         self._wake.set()
         try:
@@ -148,7 +139,7 @@ class CandidateBatcher:
             self.rows += len(batch)
             for b, r in enumerate(batch):
                 if not r.future.done():
-                    r.future.set_result((scores[b, : len(r.cand_item)], reason))
+                    r.future.set_result((scores[b, : len(r.cand_token)], reason))
         except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, none hangs
             for r in batch:
                 if not r.future.done():

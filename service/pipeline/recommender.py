@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.pipeline.batching import CandidateBatcher
 from service.pipeline.catalog import Catalog
 from service.pipeline.deadline import Deadline, StageTimer
+from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.lru import LRU
 from service.pipeline.retrieval import Retriever
 from service.settings import Settings
@@ -109,6 +110,7 @@ class Recommender:
         store: FeatureStore,
         retriever: Retriever,
         metrics: Metrics,
+        tokens: ItemTokens,
         fallback_backend: InferenceBackend | None = None,
     ):
         self.s = settings
@@ -120,6 +122,7 @@ class Recommender:
         self.store = store
         self.retriever = retriever
         self.metrics = metrics
+        self.tokens = tokens
         self.kv_cache: LRU[tuple, dict[str, np.ndarray]] = LRU(settings.kv_cache_users, settings.kv_cache_ttl_s)
         self.user_vec_cache: LRU[tuple, np.ndarray] = LRU(settings.user_vec_cache_users, settings.kv_cache_ttl_s)
         self.num_candidates = settings.num_candidates or manifest.num_candidates
@@ -388,15 +391,10 @@ class Recommender:
         st.kv = kv
 
     async def rank(
-        self,
-        st: UserState,
-        cand_idx: np.ndarray,
-        cand_emb: np.ndarray,
-        query_ts: int,
-        deadline: Deadline,
-        degraded: list[str],
+        self, st: UserState, cand_idx: np.ndarray, query_ts: int, deadline: Deadline, degraded: list[str]
     ) -> np.ndarray:
-        """Scores for the candidates, microbatches run concurrently (each one isolated: M-FALCON)."""
+        """Scores for the candidates (item indices), in microbatches, each one isolated (M-FALCON): batched with
+        other requests' (self.batcher), or this request's own calls run concurrently."""
         assert st.kv is not None
         base = {
             "hist_k": st.kv["hist_k"],
@@ -406,11 +404,9 @@ class Recommender:
             "hist_valid": st.hist_valid,
             "query_ts": np.array([[query_ts]], np.int64),
         }
-        cand_item = np.where(cand_idx > self.catalog.num_trained, 0, cand_idx)  # live-added items: unknown ID
+        tokens = self.tokens.gather(cand_idx)  # [m, d]: content + ID already projected, per item at build time
         if self.batcher is not None:
-            scores, reason = await asyncio.wait_for(
-                self.batcher.score(base, cand_emb, cand_item), max(deadline.remaining(), 1e-3)
-            )
+            scores, reason = await asyncio.wait_for(self.batcher.score(base, tokens), max(deadline.remaining(), 1e-3))
             if reason and reason not in degraded:
                 degraded.append(reason)
             return scores
@@ -419,7 +415,7 @@ class Recommender:
             asyncio.ensure_future(
                 self._infer(
                     RANKER_CANDIDATES,
-                    {**base, "cand_emb": cand_emb[None, a : a + bm], "cand_item": cand_item[None, a : a + bm]},
+                    {**base, "cand_token": tokens[None, a : a + bm]},
                     deadline,
                     degraded,
                 )
@@ -506,17 +502,11 @@ class Recommender:
                 else "budget: ranking skipped, recall order"
             )
         if m >= k and m > 0:
-            cand_raw = self.catalog.raw_ids[cand_idx[:m] - 1]
-            emb = await self._embeddings(cand_raw, deadline, deg)
-            tm.mark("candidate_embeddings")
             t0 = deadline.elapsed()
             try:
                 await kv_task
                 tm.mark("ranker_history")
-                ranked = await self.rank(st, cand_idx[:m], emb.vectors, query_ts, deadline, deg)
-                # Candidates without an embedding cannot be ranked fairly: keep them after the ranked ones.
-                ranked = np.where(emb.found, ranked, -np.inf)
-                scores = ranked
+                scores = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
                 cand_idx = cand_idx[:m]
                 res.candidates_ranked = m
                 self._learn_rank_cost(deadline.elapsed() - t0, m)
@@ -560,12 +550,7 @@ class Recommender:
             tm.mark("embeddings")
             await self.history_kv(h, st, qts, deadline, deg)
             tm.mark("ranker_history")
-            raw = np.array(item_ids, np.int64)
-            emb = await self._embeddings(raw, deadline, deg)
-            if not emb.found.all():
-                if emb.store_down:
-                    raise Unavailable("embedding store unavailable and some item_ids not in the local cache")
-                raise BadRequest("item_ids", emb.degraded or "some items have no content embedding")
-            scores = await self.rank(st, self.catalog.to_index(raw), emb.vectors, qts, deadline, deg)
+            # Candidates need no store: their ranker tokens are in memory (ItemTokens), live items' included.
+            scores = await self.rank(st, self.catalog.to_index(np.array(item_ids, np.int64)), qts, deadline, deg)
             tm.mark("ranking")
         return scores, deg, tm
