@@ -1,4 +1,4 @@
-"""FAISS index of item-tower vectors: exact inner product for small catalogs, HNSW or IVF when large."""
+"""FAISS index of item-tower vectors: exact inner product for small catalogs, IVF (or HNSW) when large."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from service.pipeline.retrieval import INDEX_FILE, INDEX_META
 
 
 def choose_kind(kind: str, n: int, exact_below: int) -> str:
+    # Large catalogs get IVF: at 1M items (`falconrec bench-index`) it recalled 0.995 of the exact top 1,000 in
+    # 1.4 ms per query on one thread, 273 MB, 53 s to build; HNSW took 536 MB and 83 s, and needs efSearch >= k.
     if kind != "auto":
         return kind
-    return "flat" if n < exact_below else "hnsw"
+    return "flat" if n < exact_below else "ivf"
 
 
 def build_index(

@@ -87,7 +87,7 @@ class ColdStartCfg:
 
 @dataclass(frozen=True)
 class IndexCfg:
-    kind: str = "auto"  # "auto" | "flat" | "hnsw" | "ivf"
+    kind: str = "auto"  # "auto" (flat below exact_below items, else ivf) | "flat" | "hnsw" | "ivf"
     hnsw_m: int = 32
     exact_below: int = 50_000
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from exporters.faiss_index import build_index
 from service.artifacts import ArtifactPaths
 from service.contract import ITEM_TOWER, USER_TOWER, Manifest, onnx_path
+from service.pipeline.retrieval import hnsw_graph
 from training.data import Dataset
 
 
@@ -68,6 +69,9 @@ def user_vectors(ds: Dataset, content: np.ndarray, repo: Path, users: int, max_l
 
 
 def _search_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
+    hnsw = hnsw_graph(index)
+    if hnsw is not None:
+        hnsw.efSearch = max(hnsw.efSearch, k)  # as service.pipeline.retrieval searches it
     ids, times = [], []
     for q in queries:
         t = time.perf_counter()

@@ -14,6 +14,13 @@ INDEX_FILE = "items.faiss"  # written by exporters/faiss_index.py
 INDEX_META = "index.json"
 
 
+def hnsw_graph(index: faiss.Index):
+    """The HNSW graph under an IndexIDMap2 wrapper (SWIG hands out the base class: downcast), else None."""
+    inner = getattr(index, "index", None)
+    inner = faiss.downcast_index(inner) if inner is not None else index
+    return getattr(inner, "hnsw", None)
+
+
 class Retriever:
     def __init__(self, index_dir: Path, use_gpu: bool = True, threads: int | None = 1):
         # One OpenMP thread: a single-query search gains nothing from more, and FAISS's spinning OpenMP
@@ -43,7 +50,13 @@ class Retriever:
 
     def search(self, user_vec: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-n item indices (1..N) and similarities per row; -1 padding removed by the caller."""
-        scores, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32), min(n, self.size))
+        k = min(n, self.size)
+        hnsw = hnsw_graph(self.index)
+        if hnsw is not None and hnsw.efSearch < k:
+            # HNSW returns at most efSearch good neighbours: efSearch 128 for k = 1000 recalled half of the exact
+            # top 1,000 at 1M items (`falconrec bench-index`).
+            hnsw.efSearch = k
+        scores, ids = self.index.search(np.ascontiguousarray(user_vec, dtype=np.float32), k)
         return ids, scores
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
