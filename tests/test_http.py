@@ -168,7 +168,9 @@ def test_overload_gives_fast_503(tiny_build, catalog):
         assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0
         shed = [r for r in rs if r.status_code == 503]
         assert all(r.headers.get("retry-after") == "1" for r in shed)
-        assert all(r.elapsed.total_seconds() < 1.0 for r in shed)  # refused at once, not queued
+        # refused at the door by the in-flight cap, not after waiting in the pipeline queue (no timed assertion:
+        # CI is a busy 2-core machine)
+        assert all("too many requests in flight" in r.json()["detail"] for r in shed)
     finally:
         srv.stop()
 

@@ -35,6 +35,7 @@ class Retriever:
         self.index = faiss.read_index(str(path))
         self.device = "cpu"
         self.added = 0
+        self._hnsw = hnsw_graph(self.index)  # found once: search runs on every request
         if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             try:
                 self._res = faiss.StandardGpuResources()
@@ -51,7 +52,7 @@ class Retriever:
     def search(self, user_vec: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-n item indices (1..N) and similarities per row; -1 padding removed by the caller."""
         k = min(n, self.size)
-        hnsw = hnsw_graph(self.index)
+        hnsw = self._hnsw
         if hnsw is not None and hnsw.efSearch < k:
             # HNSW returns at most efSearch good neighbours: efSearch 128 for k = 1000 recalled half of the exact
             # top 1,000 at 1M items (`falconrec bench-index`).
