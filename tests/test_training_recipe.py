@@ -61,6 +61,30 @@ def test_loss_equals_the_masked_cross_entropy_computed_by_hand():
     assert torch.allclose(got, torch.stack(losses).mean(), atol=1e-5)
 
 
+def test_full_catalog_loss_is_cross_entropy_over_every_item():
+    """negatives = 0: each position's positive competes with every catalog item (or every warm one)."""
+    N, temp = 7, 0.1
+    q = _unit(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1)))
+    vec = _unit(torch.randn(N + 1, 8, generator=torch.Generator().manual_seed(2)))
+    tgt = torch.tensor([[1, 4, 7], [2, 2, 5]])
+    mask = torch.tensor([[0.0, 1, 1], [1, 1, 1]])
+    got = T.sampled_softmax(q, tgt, mask, lambda ids: vec[ids], N, 0, temp, torch.Generator())
+    sel = mask.flatten() > 0
+    want = F.cross_entropy(q.flatten(0, 1)[sel] @ vec[1:].T / temp, tgt.flatten()[sel] - 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    warm = torch.tensor([2, 4, 5, 7])  # a cold-start run: held-out items are never negatives
+    cols = {2: 0, 4: 1, 5: 2, 7: 3}
+    keep = sel & torch.tensor([int(x) in cols for x in tgt.flatten()])
+    want_warm = F.cross_entropy(
+        q.flatten(0, 1)[keep] @ vec[warm].T / temp, torch.tensor([cols[int(x)] for x in tgt.flatten()[keep]])
+    )
+    mask_warm = mask * torch.tensor([[int(x) in cols for x in row] for row in tgt.tolist()])
+    got_warm = T.sampled_softmax(q, tgt, mask_warm, lambda ids: vec[ids], warm, 0, temp, torch.Generator())
+    assert torch.allclose(got_warm, want_warm, atol=1e-6)
+    with pytest.raises(ValueError, match="not in the training catalog"):
+        T.sampled_softmax(q, tgt, torch.ones(2, 3), lambda ids: vec[ids], warm, 0, temp, torch.Generator())
+
+
 def test_negatives_are_drawn_per_position():
     pool, pick = T.sample_negatives(50, 1000, 16, torch.Generator().manual_seed(0), 256, torch.device("cpu"))
     negs = pool[pick]  # [50, 16] item ids
@@ -165,3 +189,22 @@ def test_abs_positions_ignore_left_padding(n):
         a, _, _ = m.history(emb, item, ts, torch.ones(1, 4), q)
         b, _, _ = m.history(pad(emb, 0.0), pad(item, 0), pad(ts, 0), pad(torch.ones(1, 4), 0.0), q)
     assert torch.allclose(a, b[:, n:], atol=1e-6)
+
+
+def test_reranked_validation_scores_equal_the_full_scores_on_the_first_stage_top_n():
+    """The ranker's cheaper validation keeps the full score of the next-item score's top n unseen items."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ds = _dataset([rng.permutation(np.arange(1, 41))[: rng.integers(4, 12)].tolist() for _ in range(6)], 40)
+    m = HSTURanker(8, 40, 16, 8, 2, 1, 8, 8, dropout=0.0).eval()
+    table = T.content_table(rng.standard_normal((40, 8)).astype(np.float16))
+    hist = T.history_tensors(ds, list(range(6)), "valid", 16, table)
+    full = T.ranker_scores_full(m, hist, table)
+    got = T.ranker_scores_reranked(m, hist, table, top_n=7)
+    kept = torch.isfinite(got)
+    assert kept.sum(1).tolist() == [7] * 6
+    assert torch.allclose(got[kept], full[kept], atol=1e-5)
+    item, valid = hist[1], hist[3]
+    for u in range(6):  # the history items are never among the n
+        seen = item[u][valid[u] > 0] - 1
+        assert not kept[u, seen].any()

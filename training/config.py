@@ -40,13 +40,14 @@ class RankerCfg:
     train_budget_s: float = 0.0  # wall-clock cap on training (0 = none)
     batch_size: int = 128
     lr: float = 1e-3
-    negatives: int = 128  # sampled-softmax negatives of the next-item loss, drawn per position
+    negatives: int = 128  # sampled-softmax negatives of the next-item loss, drawn per position; 0 = full catalog
     negative_pool: int = 1024  # ... from a pool of this many uniformly drawn items (whole catalog if smaller)
     target_positions: int = 4  # positions per sequence trained through the candidate path
     cand_negatives: int = 32  # negatives per such position (each one is a candidate token: costly)
     temperature: float = 0.05
     aux_weight: float = 1.0
     eval_every: int = 1  # validate the ranker every N epochs (its full-catalog validation is the costly one)
+    valid_rerank: int = 0  # > 0: validate on the full score of the next-item score's top N only (cheaper)
 
 
 @dataclass(frozen=True)

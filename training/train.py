@@ -124,6 +124,27 @@ def ranker_scores_full(model: HSTURanker, hist, table: torch.Tensor, chunk: int 
 
 
 @torch.inference_mode()
+def ranker_scores_reranked(model: HSTURanker, hist, table: torch.Tensor, top_n: int) -> torch.Tensor:
+    """Validation's cheaper stand-in for ranker_scores_full [U, N]: the full score for the top `top_n` items
+    of the next-item score (the history items in the window left out, as the paper protocol does), -inf for
+    the rest. 200 of 3,706 items cost ~1/18 of the full pass (~30 s per validation on 2 cores for ml1m),
+    and a target the first stage misses cannot reach the top 10 anyway."""
+    emb, item, ts, valid, _, qts = hist
+    hidden, k, v = model.history(emb, item, ts, valid, qts.unsqueeze(1))
+    U, L = item.shape
+    q = model.next_item_query(hidden[:, -1])
+    ids = torch.arange(1, table.shape[0], device=table.device)
+    base = q @ model.item_out(table[ids], ids).T  # [U,N], column i = item i+1
+    seen = (item > 0) & (valid > 0)
+    base[torch.arange(U, device=base.device).unsqueeze(1).expand(U, L)[seen], item[seen] - 1] = -torch.inf
+    top = base.topk(min(top_n, base.shape[1]), dim=1).indices  # [U,n] columns
+    c_item = top + 1
+    pos = torch.full((U, 1), L, dtype=torch.int64, device=table.device)
+    scores = model.candidates(k, v, q.unsqueeze(1), ts, valid, table[c_item], c_item, pos, qts.unsqueeze(1))
+    return torch.full_like(base, -torch.inf).scatter_(1, top, scores)
+
+
+@torch.inference_mode()
 def dot_scores_full(user_vec: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
     return user_vec @ item_vecs.T
 
@@ -232,6 +253,8 @@ def sampled_softmax(
     sel = mask.flatten() > 0
     qv = q.flatten(0, 1)[sel]  # [P,d]
     t = tgt.flatten()[sel]  # [P]
+    if num_negatives <= 0:
+        return full_softmax(qv, t, item_vecs, catalog, temperature)
     pool, pick = sample_negatives(len(t), catalog, num_negatives, gen, pool_size, q.device)
     pool_vec = item_vecs(pool)
     in_order = isinstance(catalog, int) and len(pool) == catalog  # the whole catalog: row i = item i+1
@@ -240,6 +263,28 @@ def sampled_softmax(
     neg = neg.masked_fill(pool[pick] == t.unsqueeze(1), MASKED_LOGIT * temperature)
     logits = torch.cat([(qv * pos_vec).sum(-1, keepdim=True), neg], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=q.device))
+
+
+def full_softmax(
+    qv: torch.Tensor, t: torch.Tensor, item_vecs: Callable[[torch.Tensor], torch.Tensor], catalog, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy of each position's positive against EVERY catalog item (negatives = 0 in a config).
+
+    For a catalog of a few thousand items this costs one [P,N] matmul, about what the 1,024-item pool of the
+    sampled loss costs already, and every item is a negative at every step: on ML-1M it reached a given
+    validation HR@10 in far fewer epochs than 128 sampled negatives (the ablation is in the README)."""
+    if isinstance(catalog, int):
+        ids = torch.arange(1, catalog + 1, device=qv.device)
+        col = t - 1
+    else:
+        ids = catalog.to(qv.device)
+        where = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=qv.device)
+        where[ids] = torch.arange(len(ids), device=qv.device)
+        col = where[t]
+        if bool((col < 0).any()):
+            raise ValueError("a target item is not in the training catalog")
+    logits = qv @ item_vecs(ids).T / temperature
+    return F.cross_entropy(logits, col)
 
 
 def draw_items(catalog: int | torch.Tensor, shape: tuple[int, ...], gen: torch.Generator, dev) -> torch.Tensor:
@@ -459,6 +504,10 @@ def train_ranker(
     vusers = _valid_users(ds, cfg.seed)
 
     def validate() -> dict:
+        if r.valid_rerank:
+            return evaluate_scorer(
+                ds, vusers, "valid", L, table, lambda h: ranker_scores_reranked(model, h, table, r.valid_rerank)
+            )
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: ranker_scores_full(model, h, table))
 
     plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every)
