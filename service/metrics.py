@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0)
 
@@ -42,6 +42,11 @@ class Metrics:
         )
         self.cache_lookups = Counter(
             "falconrec_cache_lookups_total", "cache lookups", ["cache", "result"], registry=self.registry
+        )
+
+        # Users of ScoreBatch calls being scored now: 0 soon after every batch's client is done or gone.
+        self.score_batch_workers = Gauge(
+            "falconrec_score_batch_workers", "ScoreBatch workers scoring users now", registry=self.registry
         )
 
     def cache(self, name: str, hit: bool) -> None:

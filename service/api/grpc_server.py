@@ -182,8 +182,12 @@ class RecommenderServicer:
         done: asyncio.Queue[pb.UserScores] = asyncio.Queue()
 
         async def worker() -> None:
-            for u in users:
-                await done.put(await self._score_one(u, budget))
+            self.c.metrics.score_batch_workers.inc()
+            try:
+                for u in users:
+                    await done.put(await self._score_one(u, budget))
+            finally:
+                self.c.metrics.score_batch_workers.dec()
 
         workers = [asyncio.ensure_future(worker()) for _ in range(self.c.settings.score_batch_concurrency)]
         try:
