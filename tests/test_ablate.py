@@ -1,0 +1,24 @@
+"""`python -m training.ablate`: fixed epochs with overrides, on the tiny build's data and embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training import ablate
+
+
+def test_ablation_trains_the_given_epochs_with_overrides(tiny_build, monkeypatch, capsys):
+    monkeypatch.setenv("FALCONREC_ABLATE_CONFIG", "tiny")
+    monkeypatch.setenv("FALCONREC_ARTIFACTS", str(tiny_build.artifacts))
+    ablate.main(["sasrec", "batch_size=8,lr=0.002", "2"])
+    info = json.loads((tiny_build.artifacts / "tiny" / "ablate-sasrec-batch_size8_lr0.002.json").read_text())
+    assert info["epochs_run"] == 2 and info["stopped"] == "max_epochs"  # early stopping and budget off
+    assert [e["epoch"] for e in info["epochs"]] == [1, 2] and all("hr@10" in e for e in info["epochs"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs_run"] == 2
+
+
+def test_ablation_refuses_an_unknown_model():
+    with pytest.raises(SystemExit, match="usage"):
+        ablate.main(["bert4rec", "base", "1"])
