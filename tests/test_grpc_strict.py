@@ -109,18 +109,18 @@ def test_message_over_the_cap_is_refused(channel, server, catalog):
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def _metric(url: str, prefix: str) -> float:
+    """Sum of the /metrics samples whose line starts with `prefix`."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def _kv_lookups(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith('falconrec_cache_lookups_total{cache="kv"')
-    )
+    return _metric(url, 'falconrec_cache_lookups_total{cache="kv"')
 
 
-def _gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+def _batch_workers(url: str) -> float:
+    return _metric(url, "falconrec_score_batch_workers ")
 
 
 def test_score_batch_queues_instead_of_failing_and_stops_when_cancelled(tiny_build, catalog):
@@ -147,10 +147,10 @@ def test_score_batch_queues_instead_of_failing_and_stops_when_cancelled(tiny_bui
         # The server notices the cancellation: its batch workers end (bounded wait, not a timing assertion; the
         # old check, no request waiting and no slot held, also held between two users of the departed batch).
         for _ in range(600):
-            if _gauge(srv.url, "falconrec_score_batch_workers") == 0:
+            if _batch_workers(srv.url) == 0:
                 break
             time.sleep(0.05)
-        assert _gauge(srv.url, "falconrec_score_batch_workers") == 0
+        assert _batch_workers(srv.url) == 0
         settled = _kv_lookups(srv.url)
         time.sleep(1.0)
         assert _kv_lookups(srv.url) == settled  # nothing scored for the departed client
