@@ -48,6 +48,7 @@ class RankerCfg:
     aux_weight: float = 1.0
     eval_every: int = 1  # validate the ranker every N epochs (its full-catalog validation is the costly one)
     valid_rerank: int = 0  # > 0: validate on the full score of the next-item score's top N only (cheaper)
+    lr_decay: float = 0.0  # > 0: end with a linear decay of lr to zero over this share of the budget (schedule.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class TowersCfg:
     negatives: int = 512
     negative_pool: int = 2048
     temperature: float = 0.05
+    lr_decay: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class SasrecCfg:
     patience: int = 5
     train_budget_s: float = 0.0
     lr: float = 1e-3
+    lr_decay: float = 0.0
 
 
 @dataclass(frozen=True)

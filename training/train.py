@@ -27,6 +27,7 @@ from training.config import BuildConfig
 from training.data import Dataset
 from training.metrics import rank_metrics
 from training.models import HSTURanker, ItemEmbedding, SASRec, TwoTower
+from training.schedule import DecaySchedule
 
 # Validation users for early stopping (the second-last item of each; the test item is never looked at).
 VALID_USERS = 1000
@@ -311,7 +312,9 @@ def sample_negatives(
 @dataclass(frozen=True)
 class FitPlan:
     """How long to train: up to max_epochs, stopping after `patience` validations without a new best, or
-    before an epoch that would not finish inside `budget_s` seconds of wall clock (0 = no budget)."""
+    before an epoch that would not finish inside `budget_s` seconds of wall clock (0 = no budget). With
+    `lr_decay` > 0 the plateau (or the last `lr_decay` of the budget) starts a linear decay of the rate to
+    zero instead, and training ends when it is done."""
 
     max_epochs: int
     patience: int
@@ -319,6 +322,7 @@ class FitPlan:
     batch_size: int
     lr: float
     eval_every: int = 1
+    lr_decay: float = 0.0  # see training/schedule.py: share of the budget spent decaying the rate to zero
 
 
 def _fit(
@@ -340,12 +344,18 @@ def _fit(
     t0 = time.time()
     train_s: list[float] = []
     stop = "max_epochs"
+    sched = DecaySchedule(plan.lr, plan.lr_decay, plan.budget_s, plan.max_epochs)
+    decay_epoch = 0
     for epoch in range(1, plan.max_epochs + 1):
         te = time.time()
         model.train()
         losses = []
-        bar = tqdm(length_batches(lengths, plan.batch_size, rng), desc=f"{name} epoch {epoch}", leave=False)
-        for batch in bar:
+        epoch_batches = length_batches(lengths, plan.batch_size, rng)
+        bar = tqdm(epoch_batches, desc=f"{name} epoch {epoch}", leave=False)
+        for i, batch in enumerate(bar):
+            lr = sched.rate(time.time() - t0, epoch - 1 + i / len(epoch_batches))
+            for group in opt.param_groups:
+                group["lr"] = lr
             with training_catalog(model, table):
                 loss = step(users[batch], rng)
             opt.zero_grad()
@@ -354,7 +364,7 @@ def _fit(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         train_s.append(time.time() - te)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1]}
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1], "lr": lr}
         if epoch % plan.eval_every == 0 or epoch == plan.max_epochs:
             tv = time.time()
             model.eval()
@@ -368,11 +378,21 @@ def _fit(
                 f" ({train_s[-1]:.1f}s train, {row['valid_s']:.1f}s valid)"
             )
         history.append(row)
-        if epoch - best_epoch >= plan.patience * plan.eval_every:
+        elapsed = time.time() - t0
+        cost = elapsed / epoch  # of the next epoch, validation included
+        if sched.finished(elapsed, epoch, cost):
+            stop = f"learning rate decayed to zero (from epoch {decay_epoch})"
+            break
+        plateau = epoch - best_epoch >= plan.patience * plan.eval_every
+        was_decaying = sched.decaying
+        if not sched.maybe_start(elapsed, epoch, cost, plateau):
             stop = f"no better validation for {plan.patience} checks"
             break
-        elapsed = time.time() - t0
-        if plan.budget_s and elapsed + elapsed / epoch > plan.budget_s:
+        if sched.decaying and not was_decaying:
+            decay_epoch = epoch + 1
+            why = "validation plateau" if plateau else f"last {plan.lr_decay:.0%} of the budget"
+            log(f"{name}: linear learning-rate decay to zero from epoch {decay_epoch} ({why})")
+        if plan.budget_s and elapsed + cost > plan.budget_s:
             stop = f"time budget {plan.budget_s:.0f}s"
             break
     model.load_state_dict(best_state)
@@ -383,6 +403,7 @@ def _fit(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped": stop,
+        "decay_from_epoch": decay_epoch,
         "sec_per_epoch": float(np.mean(train_s)) if train_s else 0.0,
         "epochs": history,
         "train_seconds": time.time() - t0,
@@ -509,7 +530,7 @@ def train_ranker(
             score = lambda h: ranker_scores_full(model, h, table)  # noqa: E731
         return evaluate_scorer(ds, vusers, "valid", L, table, score)
 
-    plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every)
+    plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every, r.lr_decay)
     model, info = _fit("ranker", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
@@ -567,7 +588,7 @@ def train_sasrec(
     def validate():
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: sasrec_scores_full(model, h, table))
 
-    plan = FitPlan(c.epochs, c.patience, c.train_budget_s, r.batch_size, c.lr)  # validation is cheap: every epoch
+    plan = FitPlan(c.epochs, c.patience, c.train_budget_s, r.batch_size, c.lr, lr_decay=c.lr_decay)
     model, info = _fit("sasrec", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
@@ -640,7 +661,7 @@ def train_towers(
         iv = all_item_vecs(model, table)
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: towers_user_vec(model, h) @ iv.T)
 
-    plan = FitPlan(t.epochs, t.patience, t.train_budget_s, t.batch_size, t.lr)  # validation is cheap: every epoch
+    plan = FitPlan(t.epochs, t.patience, t.train_budget_s, t.batch_size, t.lr, lr_decay=t.lr_decay)
     model, info = _fit("towers", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
