@@ -18,7 +18,7 @@ from service.contract import MODEL_NAMES, TRITON_DTYPES, Manifest, model_specs, 
 from training import train as T
 from training.config import load_config
 from training.models import HSTURanker, TwoTower
-from training.pipeline import Builder
+from training.pipeline import Builder, train_inputs
 
 
 def test_tiny_builds_end_to_end(tiny_build):
@@ -37,6 +37,23 @@ def _graphs(tiny_build):
     towers = T.load_checkpoint(tiny_build.paths.towers, TwoTower)
     ranker = T.load_checkpoint(tiny_build.paths.ranker, HSTURanker)
     return served_graphs(towers, ranker)
+
+
+def test_only_what_a_model_reads_retrains_it():
+    """A longer ranker budget or schedule retrains the ranker only; its sizes retrain SASRec too (shared)."""
+    import dataclasses
+
+    cfg = load_config("ml1m")
+    base = train_inputs(cfg)
+    longer = train_inputs(
+        dataclasses.replace(cfg, ranker=dataclasses.replace(cfg.ranker, train_budget_s=9999, lr_decay=0.5))
+    )
+    assert longer["ranker"] != base["ranker"]
+    assert longer["sasrec"] == base["sasrec"] and longer["towers"] == base["towers"]
+    wider = train_inputs(dataclasses.replace(cfg, ranker=dataclasses.replace(cfg.ranker, d_model=64)))
+    assert wider["sasrec"] != base["sasrec"] and wider["towers"] == base["towers"]
+    sasrec_only = train_inputs(dataclasses.replace(cfg, sasrec=dataclasses.replace(cfg.sasrec, lr_decay=0.1)))
+    assert sasrec_only["sasrec"] != base["sasrec"] and sasrec_only["ranker"] == base["ranker"]
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

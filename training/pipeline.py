@@ -39,6 +39,19 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
+def train_inputs(cfg: BuildConfig) -> dict[str, str]:
+    """Hash of the config each model's training reads (data and embeddings aside): the towers take only max_len
+    from [ranker], SASRec its sizes, batches and negatives (not the ranker's budget or schedule)."""
+    from training.train import SASREC_FROM_RANKER
+
+    r = cfg.ranker
+    return {
+        "towers": _h(cfg.section_hash("towers"), r.max_len),
+        "ranker": cfg.section_hash("ranker"),
+        "sasrec": _h(cfg.section_hash("sasrec"), {k: getattr(r, k) for k in SASREC_FROM_RANKER}),
+    }
+
+
 class Builder:
     def __init__(
         self,
@@ -129,13 +142,11 @@ class Builder:
         from training import train as T
 
         base = _h(self.state["data"]["info"]["fingerprint"], file_hash(self.paths.content_emb), self.cfg.seed)
-        r = self.cfg.ranker
-        # What each model's training reads: the towers take only max_len from [ranker].
-        towers_in = _h(self.cfg.section_hash("towers"), r.max_len)
+        inputs = train_inputs(self.cfg)
         jobs = [
-            ("towers", towers_in, self.paths.towers, T.train_towers),
-            ("ranker", self.cfg.section_hash("ranker"), self.paths.ranker, T.train_ranker),
-            ("sasrec", self.cfg.section_hash("ranker", "sasrec"), self.paths.sasrec, T.train_sasrec),
+            ("towers", inputs["towers"], self.paths.towers, T.train_towers),
+            ("ranker", inputs["ranker"], self.paths.ranker, T.train_ranker),
+            ("sasrec", inputs["sasrec"], self.paths.sasrec, T.train_sasrec),
         ]
         for name, section_hash, path, fn in jobs:
             if only is not None and name not in only:

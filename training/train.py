@@ -538,6 +538,21 @@ def train_ranker(
 # --------------------------------------------------------------------------------------------------
 # SASRec baseline
 # --------------------------------------------------------------------------------------------------
+# What SASRec takes from [ranker] (its sizes, batches, negatives; not the ranker's budget or schedule): the build
+# retrains it only when one of these or [sasrec] changes.
+SASREC_FROM_RANKER = (
+    "max_len",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "dropout",
+    "temperature",
+    "batch_size",
+    "negatives",
+    "negative_pool",
+)
+
+
 def sasrec_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
     r = cfg.ranker
     return dict(
