@@ -54,6 +54,9 @@ def test_only_what_a_model_reads_retrains_it():
     assert wider["sasrec"] != base["sasrec"] and wider["towers"] == base["towers"]
     sasrec_only = train_inputs(dataclasses.replace(cfg, sasrec=dataclasses.replace(cfg.sasrec, lr_decay=0.1)))
     assert sasrec_only["sasrec"] != base["sasrec"] and sasrec_only["ranker"] == base["ranker"]
+    # the validation split changes what every model trains on
+    split = train_inputs(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, valid_holdout="all")))
+    assert all(split[m] != base[m] for m in base)
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

@@ -208,3 +208,29 @@ def test_reranked_validation_scores_equal_the_full_scores_on_the_first_stage_top
     for u in range(6):  # the history items are never among the n
         seen = item[u][valid[u] > 0] - 1
         assert not kept[u, seen].any()
+
+
+@pytest.mark.parametrize("holdout", ["all", "valid_users"])
+def test_training_never_sees_a_validation_users_validation_item(holdout):
+    from training.config import BuildConfig, DataCfg
+    from training.data import make_synthetic
+
+    ds = make_synthetic(num_users=1500, num_items=80, seed=2)
+    cfg = BuildConfig(name="t", data=DataCfg(valid_holdout=holdout))
+    batcher = T._batcher(cfg, ds, torch.device("cpu"))
+    vusers = set(T._valid_users(ds, cfg.seed))
+    assert len(vusers) == T.VALID_USERS
+    for u in range(ds.num_users):
+        n = int(batcher.packed.lengths[u])
+        # validation users always stop before their validation item; the others only under "all"
+        expect = len(ds.seqs[u]) - (2 if u in vusers or holdout == "all" else 1)
+        assert n == expect, (u, n, expect)
+        w, _, wv = batcher.packed.windows(np.array([u]), n, np.random.default_rng(0))
+        assert w[0, wv[0] > 0].tolist() == ds.seqs[u][:expect].tolist()
+
+
+def test_a_bad_valid_holdout_is_refused_by_name():
+    from training.config import DataCfg
+
+    with pytest.raises(ValueError, match="valid_holdout"):
+        DataCfg(valid_holdout="everyone")

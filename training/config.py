@@ -17,6 +17,13 @@ class DataCfg:
     num_users: int = 300
     num_items: int = 400
     seed: int = 0
+    # Whose second-last item training never sees: "all" users, or only the validation users (the reference's
+    # split: everyone else trains on all but the test item, so the transition next to it is learned).
+    valid_holdout: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.valid_holdout not in ("all", "valid_users"):
+            raise ValueError(f'[data] valid_holdout must be "all" or "valid_users", got {self.valid_holdout!r}')
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Datasets: MovieLens-1M (local dir or verified download) and a synthetic catalog with planted structure.
 
 Items are re-indexed to 1..N (0 is padding everywhere); every user's interactions are sorted by time.
-The split is leave-one-out as in SASRec/HSTU: last item = test, second last = validation.
+The split is leave-one-out as in SASRec/HSTU: last item = test, second last = validation. Training reads
+everything but the test item, except for the validation users, whose validation item is held out too
+(`[data] valid_holdout = "valid_users"`, the reference's way); "all" holds it out for every user.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ class Dataset:
         return h.hexdigest()[:16]
 
     # --- leave-one-out split -------------------------------------------------------------------
-    def train_seq(self, u: int) -> tuple[np.ndarray, np.ndarray]:
-        """Everything except the validation and test items."""
-        return self.seqs[u][:-2], self.times[u][:-2]
+    def train_seq(self, u: int, keep_valid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Everything except the validation and test items (`keep_valid`: except the test item only)."""
+        end = -1 if keep_valid else -2
+        return self.seqs[u][:end], self.times[u][:end]
 
     def valid_example(self, u: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(history items, history times, target item, target time) with the second-last item as target."""

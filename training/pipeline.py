@@ -40,15 +40,16 @@ class StepResult:
 
 
 def train_inputs(cfg: BuildConfig) -> dict[str, str]:
-    """Hash of the config each model's training reads (data and embeddings aside): the towers take only max_len
-    from [ranker], SASRec its sizes, batches and negatives (not the ranker's budget or schedule)."""
+    """Hash of the config each model's training reads (data and embeddings aside, but with the validation
+    split): the towers take only max_len from [ranker], SASRec its sizes, batches and negatives (not the ranker's
+    budget or schedule)."""
     from training.train import SASREC_FROM_RANKER
 
-    r = cfg.ranker
+    r, split = cfg.ranker, cfg.data.valid_holdout
     return {
-        "towers": _h(cfg.section_hash("towers"), r.max_len),
-        "ranker": cfg.section_hash("ranker"),
-        "sasrec": _h(cfg.section_hash("sasrec"), {k: getattr(r, k) for k in SASREC_FROM_RANKER}),
+        "towers": _h(cfg.section_hash("towers"), r.max_len, split),
+        "ranker": _h(cfg.section_hash("ranker"), split),
+        "sasrec": _h(cfg.section_hash("sasrec"), {k: getattr(r, k) for k in SASREC_FROM_RANKER}, split),
     }
 
 

@@ -200,10 +200,10 @@ class Batcher:
     """Training windows of max_len+1 items (inputs are the first max_len, targets the shifted ones), built
     by array ops over every user's training prefix packed once."""
 
-    def __init__(self, ds: Dataset, max_len: int, dev: torch.device):
-        self.packed = PackedSequences(
-            [ds.train_seq(u)[0] for u in range(ds.num_users)], [ds.train_seq(u)[1] for u in range(ds.num_users)]
-        )
+    def __init__(self, ds: Dataset, max_len: int, dev: torch.device, held_out: set[int] | None = None):
+        """`held_out`: the users whose validation item training must not see (None: every user's)."""
+        seqs = [ds.train_seq(u, keep_valid=held_out is not None and u not in held_out) for u in range(ds.num_users)]
+        self.packed = PackedSequences([s for s, _ in seqs], [t for _, t in seqs])
         self.max_len, self.dev = max_len, dev
 
     def __call__(self, users: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
@@ -421,6 +421,11 @@ def training_catalog(model: torch.nn.Module, table: torch.Tensor) -> Iterator[No
         yield
 
 
+def _batcher(cfg: BuildConfig, ds: Dataset, dev: torch.device) -> Batcher:
+    held_out = set(_valid_users(ds, cfg.seed)) if cfg.data.valid_holdout == "valid_users" else None
+    return Batcher(ds, cfg.ranker.max_len, dev, held_out)
+
+
 def _valid_users(ds: Dataset, seed: int) -> list[int]:
     rng = np.random.default_rng(seed + 1)
     users = np.array([u for u in range(ds.num_users) if len(ds.seqs[u]) >= 3])
@@ -471,7 +476,7 @@ def train_ranker(
     model = HSTURanker(**kwargs).to(dev)
     model.items.set_content_stats(table)
     L, S, K, N = r.max_len, r.target_positions, r.cand_negatives, ds.num_items
-    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    batches, gen = _batcher(cfg, ds, dev), _generator(cfg.seed, dev)
     catalog = _negative_catalog(N, warm, dev)
 
     def step(users: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -579,7 +584,7 @@ def train_sasrec(
     model = SASRec(**kwargs).to(dev)
     model.items.set_content_stats(table)
     L, N = r.max_len, ds.num_items
-    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    batches, gen = _batcher(cfg, ds, dev), _generator(cfg.seed, dev)
     catalog = _negative_catalog(N, warm, dev)
 
     def step(users, rng):
@@ -651,7 +656,7 @@ def train_towers(
     model.item_in.set_content_stats(table)
     model.user_in.set_content_stats(table)
     L, N = cfg.ranker.max_len, ds.num_items
-    batches, gen = Batcher(ds, L, dev), _generator(cfg.seed, dev)
+    batches, gen = _batcher(cfg, ds, dev), _generator(cfg.seed, dev)
     catalog = _negative_catalog(N, warm, dev)
 
     def step(users, rng):
