@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from training import train as T
-from training.coldstart import VARIANTS, cold_test_users, pick_cold_items, run, without_items
+from training.coldstart import (
+    VARIANTS,
+    cold_test_users,
+    order_random_ties,
+    pick_cold_items,
+    rank_random_ties,
+    run,
+    without_items,
+)
 from training.config import load_config
 from training.data import Dataset, make_synthetic
 
@@ -54,3 +62,20 @@ def test_cold_start_runs_both_variants(tiny_build, tmp_path):
     for m in out["results"].values():
         assert 0.0 <= m["hr@10"] <= m["hr@50"] <= 1.0 and m["users"] == out["cold_test_events"]
     assert json.loads((tmp_path / "cold_start.json").read_text())["results"] == out["results"]
+
+
+def test_tied_scores_give_no_item_the_first_place():
+    """An ID-only model scores all cold items alike (float32 ~20, where 1e-6 noise rounds away): a tied target
+    must land anywhere among its ties, not first, and the recall cut must pick among ties at random."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.full((400,), 20.123, dtype=torch.float32)
+    scores[:10] = 25.0  # ten clear winners
+    ranks = np.array([rank_random_ties(scores, 200, gen) for _ in range(2000)])
+    assert ranks.min() >= 10 and ranks.max() <= 399
+    assert abs(ranks.mean() - (10 + 399) / 2) < 10  # uniform over the tie positions
+    assert rank_random_ties(scores, 3, gen) in range(10)  # ties among the winners only
+    firsts = {tuple(order_random_ties(scores, gen)[:12].tolist()) for _ in range(20)}
+    assert len(firsts) > 1 and all(set(f[:10]) == set(range(10)) for f in firsts)
+    untied = torch.arange(50, dtype=torch.float32)
+    assert order_random_ties(untied, gen).tolist() == list(range(49, -1, -1))
+    assert rank_random_ties(untied, 49, gen) == 0 and rank_random_ties(untied, 0, gen) == 49
