@@ -213,6 +213,9 @@ def serve(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     redis_url: Annotated[str | None, typer.Option(help="read embeddings/histories from Redis")] = None,
     build_if_missing: Annotated[bool, typer.Option(help="run `build` first when artifacts are missing")] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="server processes on the port (FALCONREC_WORKERS; writes need Redis when > 1)")
+    ] = None,
 ) -> None:
     """Serve /v1/recommend and /v1/score over HTTP and Recommend/ScoreBatch over gRPC."""
     from service.api.app import run
@@ -229,6 +232,7 @@ def serve(
             "artifacts_dir": artifacts,
             "model_repository": repo,
             "redis_url": redis_url,
+            "workers": workers,
         }.items()
         if v is not None
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -289,7 +290,7 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "pid": os.getpid()}  # pid: which worker answered (serve --workers)
 
     @app.get("/readyz", responses={503: _error("starting")})
     async def readyz(request: Request) -> JSONResponse:
@@ -408,8 +409,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
     return app
 
 
-async def serve(settings: Settings) -> None:
-    """HTTP (uvicorn) and gRPC in one process and one event loop."""
+async def serve(settings: Settings, sockets: list | None = None) -> None:
+    """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them)."""
     import uvicorn
 
     app = create_app(settings)
@@ -418,8 +419,12 @@ async def serve(settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     log.info("HTTP on http://%s:%d  gRPC on %s:%d", settings.host, settings.port, settings.host, settings.grpc_port)
-    await server.serve()
+    await server.serve(sockets=sockets)
 
 
 def run(settings: Settings) -> None:
+    if settings.workers > 1:
+        from service.api.workers import run_workers
+
+        raise SystemExit(run_workers(settings))
     asyncio.run(serve(settings))

@@ -106,9 +106,19 @@ class LiveData:
         self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet: a second POST is a 409
         self.feed = None  # service.ingest.feed.ItemFeed, set by the app (it calls back into apply)
 
+    def _check_shared_store(self) -> None:
+        """With several server processes and no Redis, a write would reach one worker's in-process store only
+        and the others would serve without it: refuse it, and say what to set."""
+        if self.s.workers > 1 and not self.s.redis_url:
+            raise Unavailable(
+                f"writes need a shared store: this server runs {self.s.workers} worker processes, each with its own "
+                "in-process store; set FALCONREC_REDIS_URL, or serve with --workers 1"
+            )
+
     # --- events -----------------------------------------------------------------------------------------
     async def record_events(self, events: list[Event]) -> Appended:
         """Validated events (service.api.validation.check_events) into the store, all of them or none."""
+        self._check_shared_store()
         ordered = sorted(events, key=lambda e: (e.user_id, e.ts))  # stable: same-time events keep request order
         try:
             out = await self.store.append_events(ordered, self.manifest.dims.max_len, self.s.event_dedup_window)
@@ -134,6 +144,7 @@ class LiveData:
         return [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]
 
     async def submit(self, jobs: list[ItemJob]) -> None:
+        self._check_shared_store()
         if self.feed is None:
             raise Unavailable("item ingestion is not available on this replica")
         for j in jobs:
