@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import httpx
 import numpy as np
@@ -27,7 +28,7 @@ def _user(catalog):
 
 
 def test_health_ready_metrics(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}  # in-process test server
     r = client.get("/readyz").json()
     assert r["status"] == "ok" and r["backend"]["providers"] == ["CPUExecutionProvider"]
     assert r["index"]["count"] > 0 and r["store"]["store"] == "in-process"
