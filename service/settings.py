@@ -42,7 +42,9 @@ class Settings(BaseSettings):
     triton_fallback: bool = Field(True, description="fall back to in-process ONNX Runtime when Triton fails")
     onnx_providers: list[str] | None = None  # default: TensorRT -> CUDA -> CPU, whichever exist
     intra_op_threads: int = Field(1, ge=0)
-    inference_workers: int | None = None
+    # Threads running model calls. 0 runs them inline on the event loop: no thread hand-off per call, at the cost of
+    # the loop doing nothing else meanwhile; meant for `--workers N` with one process per core (issue 11).
+    inference_workers: int | None = Field(None, ge=0, le=64, description="model-call threads (0: inline)")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads for FAISS search (process-wide)")
 
     # Budget: a request never waits past it.

@@ -5,6 +5,7 @@ nothing."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -128,3 +129,41 @@ def test_unchanged_history_runs_no_model_twice_and_an_event_recomputes(server, c
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:-1], ts[:-1], strict=True)]
         c.post("/v1/recommend", json={"history": hist, "k": 10, "query_ts": now})
         assert len(rec.user_vec_cache) == uv_entries + 1 and len(rec.kv_cache) == kv_entries + 1
+
+
+def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, tiny_build):
+    """inference_workers = 0 (one process per core): model calls run on the event loop's own thread, and batched
+    requests still get the scores they get alone from the threaded backend."""
+    dims = Manifest.read(tiny_build.repo).dims
+    inline = OnnxBackend(tiny_build.repo, dims, workers=0)
+    rng = np.random.default_rng(2)
+    users = [_user(backend, dims, rng, n, 10**9 + 2 * 10**7 + 60 * n) for n in (5, 33, dims.max_len)]
+    cands = [rng.standard_normal((m, dims.d_model)).astype(np.float32) for m in (70, 129, 3)]
+    alone = [_alone(backend, u, t) for u, t in zip(users, cands, strict=True)]
+    threads: set[int] = set()
+    run_once = inline.run
+
+    def recording_run(model, inputs):
+        threads.add(threading.get_ident())
+        return run_once(model, inputs)
+
+    inline.run = recording_run  # instrumentation only: the real ONNX Runtime call still runs
+
+    async def go():
+        async def run(inputs):
+            return await inline.infer(RANKER_CANDIDATES, inputs), None
+
+        batcher = CandidateBatcher(run, microbatch=64, parallel=1, max_rows=64)
+        try:
+            return threading.get_ident(), await asyncio.gather(
+                *(batcher.score(u, t) for u, t in zip(users, cands, strict=True))
+            )
+        finally:
+            await batcher.close()
+            await inline.close()
+
+    loop_thread, batched = asyncio.run(go())
+    assert threads == {loop_thread}
+    for (s, reason), ref in zip(batched, alone, strict=True):
+        assert reason is None
+        np.testing.assert_allclose(s, ref, atol=1e-5, rtol=0)

@@ -41,7 +41,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def per_worker(settings: Settings) -> Settings:
     """Each worker's settings: the cores split between the workers' inference threads unless set."""
-    threads = settings.inference_workers or max(1, (os.cpu_count() or 2) // settings.workers)
+    if settings.inference_workers is not None:
+        return settings
+    threads = max(1, (os.cpu_count() or 2) // settings.workers)
     return settings.model_copy(update={"inference_workers": threads})
 
 

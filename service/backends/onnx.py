@@ -61,7 +61,9 @@ class OnnxBackend(InferenceBackend):
             self.sessions[m] = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         self.providers = self.sessions[MODEL_NAMES[0]].get_providers()
         log.info("onnxruntime %s providers %s", ort.__version__, self.providers)
-        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="ort")
+        # workers == 0: calls run inline on the caller's thread (one process per core, no hand-off per call).
+        n = (os.cpu_count() or 2) if workers is None else workers
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ort") if n > 0 else None
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[model]
@@ -69,6 +71,8 @@ class OnnxBackend(InferenceBackend):
         return {t.name: o for t, o in zip(spec.outputs, outs, strict=True)}
 
     async def infer(self, model, inputs, timeout_s=None):
+        if self._pool is None:
+            return self.run(model, inputs)
         # Off the event loop: ORT releases the GIL while it computes.
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self.run, model, inputs)
         return await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
@@ -93,4 +97,5 @@ class OnnxBackend(InferenceBackend):
         }
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

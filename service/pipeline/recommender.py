@@ -133,11 +133,12 @@ class Recommender:
         self._slots = asyncio.Semaphore(settings.max_active)
         self.waiting = 0
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
+        cores = os.cpu_count() or 2
         self.batcher = (
             CandidateBatcher(
                 self._run_candidates,
                 self.microbatch,
-                parallel=settings.inference_workers or os.cpu_count() or 2,
+                parallel=max(1, settings.inference_workers if settings.inference_workers is not None else cores),
                 max_rows=settings.rank_batch_max_rows,
                 max_wait_s=settings.rank_batch_wait_us / 1e6,
             )
