@@ -22,3 +22,12 @@ def test_ablation_trains_the_given_epochs_with_overrides(tiny_build, monkeypatch
 def test_ablation_refuses_an_unknown_model():
     with pytest.raises(SystemExit, match="usage"):
         ablate.main(["bert4rec", "base", "1"])
+
+
+def test_ablation_overrides_reach_the_data_split(tiny_build, monkeypatch):
+    # A [data] key is applied (and validated) like a model's own: a bad split is refused by name before training.
+    monkeypatch.setenv("FALCONREC_ABLATE_CONFIG", "tiny")
+    monkeypatch.setenv("FALCONREC_ARTIFACTS", str(tiny_build.artifacts))
+    with pytest.raises(ValueError, match="valid_holdout"):
+        ablate.main(["sasrec", "valid_holdout=everyone", "1"])
+    assert ablate._value("valid_users") == "valid_users" and ablate._value("16") == 16

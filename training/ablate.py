@@ -3,9 +3,11 @@ validation curve (budgets and early stopping off, so runs compare epoch for epoc
 
     python -m training.ablate sasrec batch_size=16 8
     python -m training.ablate ranker batch_size=16,valid_rerank=200 3
+    python -m training.ablate ranker valid_holdout=all 30
 
 Needs `falconrec build --config CONFIG` to have run its data and embed steps (FALCONREC_ABLATE_CONFIG, default
-ml1m). Overrides apply to the model's own section and to [ranker], whose sizes SASRec shares; the result (per
+ml1m). Overrides apply to the model's own section, to [ranker], whose sizes SASRec shares, and to [data] (the
+training split); the result (per
 epoch loss, validation and seconds) is written to artifacts/<config>/ablate-<model>-<overrides>.json.
 """
 
@@ -26,14 +28,16 @@ from training.embed import load_embeddings
 TRAINERS = {"sasrec": T.train_sasrec, "towers": T.train_towers, "ranker": T.train_ranker}
 
 
-def _value(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
-def _override(section, changes: dict[str, int | float], **fixed):
+def _override(section, changes: dict[str, int | float | str], **fixed):
     names = {f.name for f in dataclasses.fields(section)}
     return dataclasses.replace(section, **{k: v for k, v in changes.items() if k in names}, **fixed)
 
@@ -47,6 +51,7 @@ def main(argv: list[str]) -> None:
     off = dict(epochs=epochs, patience=epochs + 1, train_budget_s=0)
     cfg = dataclasses.replace(
         cfg,
+        data=_override(cfg.data, changes),
         ranker=_override(cfg.ranker, changes if model != "towers" else {}, **off),
         towers=_override(cfg.towers, changes if model == "towers" else {}, **off),
         sasrec=_override(cfg.sasrec, changes if model == "sasrec" else {}, **off),
