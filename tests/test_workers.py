@@ -111,3 +111,33 @@ def test_two_workers_answer_on_one_port_refuse_local_writes_and_stop_together(tw
     while any(_alive(p) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in pids), "a worker outlived the server"
+
+
+def test_the_shared_socket_hands_out_connections_with_nagle_off():
+    """Connections accepted on the workers' socket have TCP_NODELAY, as on uvicorn's own: with Nagle on, a response
+    written in two segments waits for the client's delayed ACK (40 ms on Linux)."""
+    import asyncio
+    import socket
+
+    from service.api.workers import bind
+
+    sock = bind("127.0.0.1", 0)
+    seen: list[int] = []
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport):
+            seen.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    async def go():
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(go())
+    assert seen and seen[0] != 0
