@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,12 @@ class Settings(BaseSettings):
     # Threads running model calls. 0 runs them inline on the event loop: no thread hand-off per call, at the cost of
     # the loop doing nothing else meanwhile; meant for `--workers N` with one process per core (issue 11).
     inference_workers: int | None = Field(None, ge=0, le=64, description="model-call threads (0: inline)")
+
+    @property
+    def inference_threads(self) -> int:
+        """The model-call threads this process runs: the setting, else one per core (0: inline)."""
+        return self.inference_workers if self.inference_workers is not None else (os.cpu_count() or 2)
+
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads for FAISS search (process-wide)")
 
     # Budget: a request never waits past it.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.api.workers import bind
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 from tests.conftest import free_port, kill_process_group
@@ -116,11 +119,6 @@ def test_two_workers_answer_on_one_port_refuse_local_writes_and_stop_together(tw
 def test_the_shared_socket_hands_out_connections_with_nagle_off():
     """Connections accepted on the workers' socket have TCP_NODELAY, as on uvicorn's own: with Nagle on, a response
     written in two segments waits for the client's delayed ACK (40 ms on Linux)."""
-    import asyncio
-    import socket
-
-    from service.api.workers import bind
-
     sock = bind("127.0.0.1", 0)
     seen: list[int] = []
 

@@ -96,7 +96,7 @@ async def build_components(settings: Settings) -> Components:
         manifest.dims,
         settings.onnx_providers,
         settings.intra_op_threads,
-        settings.inference_workers,
+        settings.inference_threads,
         trt_cache=paths.root / "trt_cache",
     )
     backend: InferenceBackend = onnx

@@ -31,7 +31,6 @@ def bind(host: str, port: int) -> socket.socket:
     # it is TCP. Without it Nagle held each response's last segment for the client's delayed ACK, and ~10 % of
     # requests under load took 40 ms longer (issue 11's two-worker runs: a second latency mode at 50-70 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

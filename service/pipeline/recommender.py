@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -133,12 +132,11 @@ class Recommender:
         self._slots = asyncio.Semaphore(settings.max_active)
         self.waiting = 0
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
-        cores = os.cpu_count() or 2
         self.batcher = (
             CandidateBatcher(
                 self._run_candidates,
                 self.microbatch,
-                parallel=max(1, settings.inference_workers if settings.inference_workers is not None else cores),
+                parallel=max(1, settings.inference_threads),  # inline (0) is one call at a time
                 max_rows=settings.rank_batch_max_rows,
                 max_wait_s=settings.rank_batch_wait_us / 1e6,
             )
