@@ -234,3 +234,69 @@ def test_a_bad_valid_holdout_is_refused_by_name():
 
     with pytest.raises(ValueError, match="valid_holdout"):
         DataCfg(valid_holdout="everyone")
+
+
+def test_target_position_rows_score_as_each_candidate_at_its_own_position():
+    """The ranker step groups candidates by target position ([B*S, C] rows sharing one position and time);
+    the scores equal those of a [B, S*C] call where every candidate carries its own position and time."""
+    torch.manual_seed(0)
+    m = HSTURanker(8, 40, 16, 8, 2, 1, 8, 8, dropout=0.0).eval()
+    with torch.no_grad():
+        m.rab.ts_w.normal_()
+        m.rab.pos_w.normal_()
+    table = torch.randn(41, 8)
+    B, L, S, C = 3, 10, 2, 5
+    item = torch.randint(1, 41, (B, L))
+    ts = torch.cumsum(torch.randint(1, 10**5, (B, L)), 1) + 10**9
+    valid = torch.ones(B, L)
+    valid[0, :4] = 0
+    pos_t = torch.tensor([[10, 6], [10, 3], [10, 8]])
+    cand = torch.randint(1, 41, (B, S, C))
+    with torch.no_grad(), T.training_catalog(m, table):
+        hidden, k, v = m.history(None, item, ts, valid, ts[:, -1:] + 50)
+        q_at = m.next_item_query(hidden).gather(1, (pos_t - 1).unsqueeze(-1).expand(B, S, 8))
+        ts_t = torch.where(pos_t < L, ts.gather(1, pos_t.clamp(max=L - 1)), ts[:, -1:] + 50)
+        got = T.target_position_scores(m, k, v, q_at, ts, valid, cand, pos_t, ts_t)
+        each = m.candidates(
+            k,
+            v,
+            q_at.unsqueeze(2).expand(B, S, C, 8).reshape(B, S * C, 8),
+            ts,
+            valid,
+            None,
+            cand.reshape(B, S * C),
+            pos_t.unsqueeze(-1).expand(B, S, C).reshape(B, S * C),
+            ts_t.unsqueeze(-1).expand(B, S, C).reshape(B, S * C),
+        ).reshape(B, S, C)
+    assert torch.allclose(got, each, atol=1e-5)
+    assert not torch.allclose(got[:, 0], got[:, 1])  # positions differ: the rows are not all the same
+
+
+def test_dropout_keeps_the_expectation_and_is_seeded():
+    from training.models import Dropout
+
+    x = torch.ones(64, 100, 50)
+    torch.manual_seed(3)
+    a = Dropout(0.2).train()(x)
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.8) < 0.01
+    assert torch.allclose(a[a != 0], torch.full_like(a[a != 0], 1 / 0.8))
+    torch.manual_seed(3)
+    assert torch.equal(Dropout(0.2).train()(x), a)  # same torch seed, same mask
+    assert torch.equal(Dropout(0.2).eval()(x), x)
+
+
+def test_standardised_catalog_follows_new_statistics():
+    from training.models import ItemEmbedding
+
+    torch.manual_seed(0)
+    emb = ItemEmbedding(6, 4, 9)
+    table = torch.randn(10, 6) * 5 + 2
+    idx = torch.tensor([[1, 2, 9]])
+    with torch.no_grad(), emb.training_catalog(table):
+        before = emb(None, idx, dropout=False)
+        emb.set_content_stats(table)
+        after = emb(None, idx, dropout=False)
+        direct = emb.proj((table[idx] - emb.content_mean) / emb.content_std) + emb.ids(idx)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, direct, atol=1e-6)
