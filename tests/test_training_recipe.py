@@ -300,3 +300,35 @@ def test_standardised_catalog_follows_new_statistics():
         direct = emb.proj((table[idx] - emb.content_mean) / emb.content_std) + emb.ids(idx)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, direct, atol=1e-6)
+
+
+def test_an_inference_mode_catalog_is_embedded_without_the_cache():
+    """`falconrec eval` builds its table under inference mode (no version counter to key a cache on)."""
+    from training.models import ItemEmbedding
+
+    torch.manual_seed(0)
+    emb = ItemEmbedding(6, 4, 9)
+    with torch.inference_mode():
+        table = torch.randn(10, 6)
+        emb.set_content_stats(table)
+        idx = torch.tensor([[3, 1]])
+        with emb.training_catalog(table):
+            got = emb(None, idx, dropout=False)
+        want = emb.proj((table[idx] - emb.content_mean) / emb.content_std) + emb.ids(idx)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_cache_built_during_validation_still_trains():
+    """Validation (inference mode) may embed the catalog first; the next training step must backpropagate."""
+    from training.models import ItemEmbedding
+
+    torch.manual_seed(0)
+    emb = ItemEmbedding(6, 4, 9)
+    table = torch.randn(10, 6)
+    emb.set_content_stats(table)
+    idx = torch.tensor([[3, 1]])
+    with emb.training_catalog(table):
+        with torch.inference_mode():
+            emb(None, idx, dropout=False)
+        emb(None, idx, dropout=False).sum().backward()
+    assert emb.proj.weight.grad is not None and emb.proj.weight.grad.abs().sum() > 0

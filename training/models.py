@@ -37,7 +37,7 @@ class Dropout(nn.Dropout):
         self._rng: np.random.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu":
             return super().forward(x)
         if self._rng is None:
             self._rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
@@ -93,13 +93,21 @@ class ItemEmbedding(nn.Module):
     def _standardised(self) -> torch.Tensor:
         """The catalog's standardised content, computed once per table and statistics (buffers, not trained),
         not on every call: that was two elementwise passes over [~1,500, E] three times per ranker step."""
-        key = (self._catalog, self._catalog._version, self.content_mean._version, self.content_std._version)
+        table, mean, std = self._catalog, self.content_mean, self.content_std
+        if table.is_inference() or mean.is_inference():  # no version counters to key on: do not cache
+            return (table - mean) / std
+        key = (table, mean, std, table._version, mean._version, std._version)
         cached = self._std_cache
-        if cached is None or cached[0] is not key[0] or cached[1:4] != key[1:4]:
-            with torch.no_grad():
-                z = (self._catalog - self.content_mean) / self.content_std
+        same = cached is not None and all(a is b for a, b in zip(cached[:3], key[:3], strict=True))
+        if not same or cached[3:6] != key[3:]:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, even if first asked for in eval
+                z = (table - mean) / std
             self._std_cache = (*key, z)
-        return self._std_cache[4]
+        return self._std_cache[6]
+
+    def clear_cache(self) -> None:
+        """Drop the cached standardised catalog (training is over; the copy is not needed for serving)."""
+        self._std_cache = None
 
     @contextmanager
     def training_catalog(self, table: torch.Tensor) -> Iterator[None]:

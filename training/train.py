@@ -399,6 +399,9 @@ def _fit(
             stop = f"time budget {plan.budget_s:.0f}s"
             break
     model.load_state_dict(best_state)
+    for m in model.modules():
+        if isinstance(m, ItemEmbedding):
+            m.clear_cache()
     model.eval().cpu()
     log(f"{name}: best epoch {best_epoch} of {len(history)} (stopped: {stop})")
     return model, {
