@@ -7,8 +7,8 @@ validation curve (budgets and early stopping off, so runs compare epoch for epoc
 
 Needs `falconrec build --config CONFIG` to have run its data and embed steps (FALCONREC_ABLATE_CONFIG, default
 ml1m). Overrides apply to the model's own section, to [ranker], whose sizes SASRec shares, and to [data] (the
-training split); the result (per
-epoch loss, validation and seconds) is written to artifacts/<config>/ablate-<model>-<overrides>.json.
+training split); the result (per epoch loss, validation and seconds) is written to
+artifacts/<config>/ablate-<model>-<overrides>.json.
 """
 
 from __future__ import annotations

@@ -69,13 +69,14 @@ class ItemEmbedding(nn.Module):
         self.drop = Dropout(dropout)
         self.folded = False  # see fold_standardisation
         self._catalog: torch.Tensor | None = None  # see training_catalog
-        self._std_cache: tuple | None = None  # see _standardised
+        self._standard: torch.Tensor | None = None  # see _standardised
 
     def set_content_stats(self, table: torch.Tensor) -> None:
         """Standardisation statistics from the catalog's content embeddings (rows 1..N; row 0 is padding)."""
         with torch.no_grad():
             self.content_mean.copy_(table[1:].mean(0))
             self.content_std.copy_(table[1:].std(0).clamp(min=1e-3))
+        self._standard = None
 
     def forward(self, content: torch.Tensor | None, idx: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         if self._catalog is not None:
@@ -91,23 +92,14 @@ class ItemEmbedding(nn.Module):
         return (self.proj(self._standardised()[uniq]) + self.ids(uniq))[inv]
 
     def _standardised(self) -> torch.Tensor:
-        """The catalog's standardised content, computed once per table and statistics (buffers, not trained),
-        not on every call: that was two elementwise passes over [~1,500, E] three times per ranker step."""
-        table, mean, std = self._catalog, self.content_mean, self.content_std
-        if table.is_inference() or mean.is_inference():  # no version counters to key on: do not cache
-            return (table - mean) / std
-        key = (table, mean, std, table._version, mean._version, std._version)
-        cached = self._std_cache
-        same = cached is not None and all(a is b for a, b in zip(cached[:3], key[:3], strict=True))
-        if not same or cached[3:6] != key[3:]:
-            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, even if first asked for in eval
-                z = (table - mean) / std
-            self._std_cache = (*key, z)
-        return self._std_cache[6]
-
-    def clear_cache(self) -> None:
-        """Drop the cached standardised catalog (training is over; the copy is not needed for serving)."""
-        self._std_cache = None
+        """The catalog's standardised content, computed once per training_catalog (and again after
+        set_content_stats), not on every call: that was two elementwise passes over [~1,500, E] three times
+        per ranker step. A normal tensor even when validation (inference mode) asks first, so training can
+        backpropagate through what it is indexed with."""
+        if self._standard is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._standard = (self._catalog - self.content_mean) / self.content_std
+        return self._standard
 
     @contextmanager
     def training_catalog(self, table: torch.Tensor) -> Iterator[None]:
@@ -118,11 +110,11 @@ class ItemEmbedding(nn.Module):
         history tokens but ~3,000 distinct items, and the per-token standardisation + projection was half
         of a SASRec step. Serving and export never enter it (cold items share id 0 but not content).
         """
-        self._catalog = table
+        self._catalog, self._standard = table, None
         try:
             yield
         finally:
-            self._catalog = None
+            self._catalog, self._standard = None, None
 
     def fold_standardisation(self) -> None:
         """For export: W((c-mu)/sigma) + b == (W/sigma) c + (b - (W/sigma) mu), so the served graph skips two

@@ -349,59 +349,56 @@ def _fit(
     stop = "max_epochs"
     sched = DecaySchedule(plan.lr, plan.lr_decay, plan.budget_s, plan.max_epochs)
     decay_epoch = 0
-    for epoch in range(1, plan.max_epochs + 1):
-        te = time.time()
-        model.train()
-        losses = []
-        epoch_batches = length_batches(lengths, plan.batch_size, rng)
-        bar = tqdm(epoch_batches, desc=f"{name} epoch {epoch}", leave=False)
-        for i, batch in enumerate(bar):
-            lr = sched.rate(time.time() - t0, epoch - 1 + i / len(epoch_batches))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with training_catalog(model, table):
+    # One catalog for the whole fit (steps and validation): its standardised content is computed once.
+    with training_catalog(model, table):
+        for epoch in range(1, plan.max_epochs + 1):
+            te = time.time()
+            model.train()
+            losses = []
+            epoch_batches = length_batches(lengths, plan.batch_size, rng)
+            bar = tqdm(epoch_batches, desc=f"{name} epoch {epoch}", leave=False)
+            for i, batch in enumerate(bar):
+                lr = sched.rate(time.time() - t0, epoch - 1 + i / len(epoch_batches))
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 loss = step(users[batch], rng)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        train_s.append(time.time() - te)
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1], "lr": lr}
-        if epoch % plan.eval_every == 0 or epoch == plan.max_epochs:
-            tv = time.time()
-            model.eval()
-            with training_catalog(model, table):
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            train_s.append(time.time() - te)
+            row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1], "lr": lr}
+            if epoch % plan.eval_every == 0 or epoch == plan.max_epochs:
+                tv = time.time()
+                model.eval()
                 m = validate()
-            row.update({**m, "valid_s": time.time() - tv})
-            if m["ndcg@10"] > best:
-                best, best_epoch, best_state = m["ndcg@10"], epoch, copy.deepcopy(model.state_dict())
-            log(
-                f"{name} epoch {epoch}: loss {row['loss']:.4f} valid NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}"
-                f" ({train_s[-1]:.1f}s train, {row['valid_s']:.1f}s valid)"
-            )
-        history.append(row)
-        elapsed = time.time() - t0
-        cost = elapsed / epoch  # of the next epoch, validation included
-        if sched.finished(elapsed, epoch, cost):
-            stop = f"learning rate decayed to zero (from epoch {decay_epoch})"
-            break
-        plateau = epoch - best_epoch >= plan.patience * plan.eval_every
-        was_decaying = sched.decaying
-        if not sched.maybe_start(elapsed, epoch, cost, plateau):
-            stop = f"no better validation for {plan.patience} checks"
-            break
-        if sched.decaying and not was_decaying:
-            decay_epoch = epoch + 1
-            why = "validation plateau" if plateau else f"last {plan.lr_decay:.0%} of the budget"
-            log(f"{name}: linear learning-rate decay to zero from epoch {decay_epoch} ({why})")
-        if plan.budget_s and elapsed + cost > plan.budget_s:
-            stop = f"time budget {plan.budget_s:.0f}s"
-            break
+                row.update({**m, "valid_s": time.time() - tv})
+                if m["ndcg@10"] > best:
+                    best, best_epoch, best_state = m["ndcg@10"], epoch, copy.deepcopy(model.state_dict())
+                log(
+                    f"{name} epoch {epoch}: loss {row['loss']:.4f} valid NDCG@10 {m['ndcg@10']:.4f}"
+                    f" HR@10 {m['hr@10']:.4f} ({train_s[-1]:.1f}s train, {row['valid_s']:.1f}s valid)"
+                )
+            history.append(row)
+            elapsed = time.time() - t0
+            cost = elapsed / epoch  # of the next epoch, validation included
+            if sched.finished(elapsed, epoch, cost):
+                stop = f"learning rate decayed to zero (from epoch {decay_epoch})"
+                break
+            plateau = epoch - best_epoch >= plan.patience * plan.eval_every
+            was_decaying = sched.decaying
+            if not sched.maybe_start(elapsed, epoch, cost, plateau):
+                stop = f"no better validation for {plan.patience} checks"
+                break
+            if sched.decaying and not was_decaying:
+                decay_epoch = epoch + 1
+                why = "validation plateau" if plateau else f"last {plan.lr_decay:.0%} of the budget"
+                log(f"{name}: linear learning-rate decay to zero from epoch {decay_epoch} ({why})")
+            if plan.budget_s and elapsed + cost > plan.budget_s:
+                stop = f"time budget {plan.budget_s:.0f}s"
+                break
     model.load_state_dict(best_state)
-    for m in model.modules():
-        if isinstance(m, ItemEmbedding):
-            m.clear_cache()
     model.eval().cpu()
     log(f"{name}: best epoch {best_epoch} of {len(history)} (stopped: {stop})")
     return model, {
