@@ -18,6 +18,7 @@ from service.contract import (
     RANKER_HISTORY,
     RANKER_ITEM,
     USER_TOWER,
+    USER_TOWER_EXTEND,
     ModelDims,
     ModelSpec,
     model_specs,
@@ -28,7 +29,7 @@ from training.models import HSTURanker, TwoTower
 OPSET = 18
 # Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
 # build` re-exports instead of keeping a repository written by older code.
-GRAPH_REVISION = 4
+GRAPH_REVISION = 5
 
 
 class ItemTowerGraph(nn.Module):
@@ -45,8 +46,17 @@ class UserTowerGraph(nn.Module):
         super().__init__()
         self.m = towers
 
-    def forward(self, hist_emb, hist_item, hist_valid) -> torch.Tensor:
-        return self.m.user_seq(hist_emb, hist_item, hist_valid, last_only=True)[:, -1]
+    def forward(self, hist_emb, hist_item, hist_valid):
+        return self.m.user_state(hist_emb, hist_item, hist_valid)
+
+
+class UserTowerExtendGraph(nn.Module):
+    def __init__(self, towers: TwoTower):
+        super().__init__()
+        self.m = towers
+
+    def forward(self, past_k, past_v, new_emb, new_item):
+        return self.m.user_extend(new_emb, new_item, past_k, past_v)
 
 
 class RankerHistoryGraph(nn.Module):
@@ -96,9 +106,11 @@ def example_inputs(
         shape[0] = batch
         if t.name.startswith("hist_") and t.name != "hist_q":
             shape[2 if t.name in ("hist_k", "hist_v") else 1] = hist
-        if t.name.startswith("cand_"):
+        if t.name in ("past_k", "past_v"):
+            shape[2] = hist
+        if t.name.startswith(("cand_", "new_")):
             shape[1] = cands
-        if t.name in ("hist_item", "cand_item", "item_idx"):
+        if t.name in ("hist_item", "cand_item", "item_idx", "new_item"):
             out[t.name] = rng.integers(0, dims.num_items + 1, size=shape).astype(np.int64)
         elif t.name == "hist_ts":
             out[t.name] = np.sort(rng.integers(10**9, 10**9 + 10**7, size=shape), axis=-1).astype(np.int64)
@@ -116,12 +128,15 @@ def example_inputs(
 def _dynamic_shapes(spec: ModelSpec) -> dict[str, dict[int, object]]:
     Dim = torch.export.Dim
     batch, hist, cand = Dim("batch", min=1, max=65536), Dim("hist", min=2, max=4096), Dim("cand", min=1, max=65536)
-    names = {"batch": batch, "hist": hist, "cand": cand}
+    new = Dim("new", min=1, max=4096)
+    names = {"batch": batch, "hist": hist, "cand": cand, "new": new}
     dyn: dict[str, dict[int, object]] = {}
     for t in spec.inputs:
         axes = {0: names["batch"]}
-        if t.name in ("hist_k", "hist_v"):
+        if t.name in ("hist_k", "hist_v", "past_k", "past_v"):
             axes[2] = names["hist"]
+        elif t.name.startswith("new_"):
+            axes[1] = names["new"]
         elif t.name.startswith("hist_") and t.name != "hist_q":
             axes[1] = names["hist"]
         elif t.name.startswith("cand_"):
@@ -189,6 +204,7 @@ def served_graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
     return {
         ITEM_TOWER: ItemTowerGraph(towers),
         USER_TOWER: UserTowerGraph(towers),
+        USER_TOWER_EXTEND: UserTowerExtendGraph(towers),
         RANKER_HISTORY: RankerHistoryGraph(ranker),
         RANKER_CANDIDATES: RankerCandidatesGraph(ranker),
         RANKER_ITEM: RankerItemGraph(ranker),

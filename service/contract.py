@@ -17,10 +17,13 @@ import numpy as np
 
 ITEM_TOWER = "item_tower"
 USER_TOWER = "user_tower"
+# The user tower continued from its cached keys/values over the events appended since (positions count from the
+# oldest item, so earlier positions never change): a history grown by one event costs one position, not L.
+USER_TOWER_EXTEND = "user_tower_extend"
 RANKER_HISTORY = "ranker_history"
 RANKER_CANDIDATES = "ranker_candidates"
 RANKER_ITEM = "ranker_item"  # a candidate's input token: a function of the item alone, precomputed per item
-MODEL_NAMES = (ITEM_TOWER, USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES, RANKER_ITEM)
+MODEL_NAMES = (ITEM_TOWER, USER_TOWER, USER_TOWER_EXTEND, RANKER_HISTORY, RANKER_CANDIDATES, RANKER_ITEM)
 # ranker_item's output for every catalog item [N+1, d_model] (row 0 unused), written beside the FAISS index by
 # the build; the service gathers candidates' tokens from it instead of their content embeddings, and items
 # added live get theirs from ranker_item when they join the index.
@@ -46,6 +49,7 @@ class ModelDims:
     dv: int
     num_items: int  # items with a learned ID embedding (indices 1..num_items); 0 = cold/padding
     num_time_buckets: int = 64  # the ranker's log-time buckets (see time_buckets)
+    tower_layers: int = 2  # the user tower's blocks (its keys/values: [B, tower_layers, L, tower_dim])
 
     @property
     def k_width(self) -> int:
@@ -103,6 +107,8 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
         TensorSpec("hist_v", f32, (B, NL, L, d.v_width)),
         TensorSpec("hist_q", f32, (B, d.d_model)),  # next-item query of the whole history
     )
+    # The user tower's per-block keys and values, heads side by side (its width is tower_dim).
+    tower_kv = (B, d.tower_layers, L, T)
     specs = [
         ModelSpec(
             ITEM_TOWER,
@@ -112,7 +118,26 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
         ModelSpec(
             USER_TOWER,
             (*hist, TensorSpec("hist_valid", f32, (B, L))),
-            (TensorSpec("user_vec", f32, (B, T)),),
+            (
+                TensorSpec("user_vec", f32, (B, T)),
+                TensorSpec("user_k", f32, tower_kv),
+                TensorSpec("user_v", f32, tower_kv),
+            ),
+        ),
+        ModelSpec(
+            USER_TOWER_EXTEND,
+            (
+                # past_*: user_k/user_v of the history's first P items, unpadded; new_*: the N items after them
+                TensorSpec("past_k", f32, tower_kv),
+                TensorSpec("past_v", f32, tower_kv),
+                TensorSpec("new_emb", f32, (B, L, E)),
+                TensorSpec("new_item", i64, (B, L)),
+            ),
+            (
+                TensorSpec("user_vec", f32, (B, T)),
+                TensorSpec("new_k", f32, tower_kv),  # the N new positions' keys/values, to append to past_*
+                TensorSpec("new_v", f32, tower_kv),
+            ),
         ),
         ModelSpec(
             RANKER_HISTORY,

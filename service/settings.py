@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     kv_cache_ttl_s: float = Field(300.0, gt=0)
     # Per-history cache of the user tower's output (its input is the history alone: unchanged, nothing to redo).
     user_vec_cache_users: int = Field(10_000, ge=0)
+    # Per-user keys/values of the user tower, so a history grown by a few events computes only those positions
+    # (user_tower_extend). ~2 x layers x L x tower_dim float32 per user: ~200 KB at ml1m's L = 200.
+    tower_state_users: int = Field(2_048, ge=0)
 
     # Cross-request batching of candidate scoring (service/pipeline/batching.py).
     rank_batching: bool = Field(True, description="merge concurrent requests' ranking microbatches into one call")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.backends.onnx import OnnxBackend
-from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, Manifest
+from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, Manifest
 from service.pipeline.batching import CandidateBatcher
 from service.pipeline.catalog import Catalog
 
@@ -129,6 +129,73 @@ def test_unchanged_history_runs_no_model_twice_and_an_event_recomputes(server, c
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:-1], ts[:-1], strict=True)]
         c.post("/v1/recommend", json={"history": hist, "k": 10, "query_ts": now})
         assert len(rec.user_vec_cache) == uv_entries + 1 and len(rec.kv_cache) == kv_entries + 1
+
+
+@pytest.mark.parametrize("appended", [1, 2, 29])
+def test_exported_user_tower_extension_equals_a_full_pass(backend, tiny_build, appended):
+    """The served graphs: user_tower over the first P items, then user_tower_extend over the rest, give the
+    user vector and keys/values of user_tower over all of them (tiny's max_len is 32: up to 29 appended)."""
+    dims = Manifest.read(tiny_build.repo).dims
+    rng = np.random.default_rng(appended)
+    n = 31
+    emb = rng.standard_normal((1, n, dims.content_dim)).astype(np.float32)
+    item = rng.integers(1, dims.num_items + 1, size=(1, n)).astype(np.int64)
+    full = backend.run(USER_TOWER, {"hist_emb": emb, "hist_item": item, "hist_valid": np.ones((1, n), np.float32)})
+    p = n - appended
+    past = backend.run(
+        USER_TOWER, {"hist_emb": emb[:, :p], "hist_item": item[:, :p], "hist_valid": np.ones((1, p), np.float32)}
+    )
+    ext = backend.run(
+        USER_TOWER_EXTEND,
+        {"past_k": past["user_k"], "past_v": past["user_v"], "new_emb": emb[:, p:], "new_item": item[:, p:]},
+    )
+    np.testing.assert_allclose(ext["user_vec"], full["user_vec"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate([past["user_k"], ext["new_k"]], 2), full["user_k"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.concatenate([past["user_v"], ext["new_v"]], 2), full["user_v"], atol=1e-5, rtol=0)
+
+
+def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(server, catalog):
+    """A user whose history grew by events since their last request runs user_tower_extend over the new events
+    only; the vector it serves equals a full pass over the grown history (caches cleared, another user id)."""
+    rec = server.components.recommender
+    uid = next(u for u, (h, _) in catalog.user_histories.items() if len(h) >= 16)
+    items, ts = catalog.user_histories[uid]
+    items, ts = items[-16:], ts[-16:]
+    now = int(time.time())
+    key = rec._tower_key(uid)
+
+    def post(c, user_id: int, n: int) -> None:
+        hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:n], ts[:n], strict=True)]
+        r = c.post("/v1/recommend", json={"user_id": user_id, "history": hist, "k": 10, "query_ts": now})
+        assert r.status_code == 200, r.text
+
+    def tower_hits() -> float:
+        return rec.metrics.cache_lookups.labels("tower_state", "hit")._value.get()
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        rec.tower_states.clear()
+        post(c, uid, 10)
+        assert len(rec.tower_states.get(key).hist_raw) == 10
+        for n in (11, 13, 16):  # 1, 2, then 3 events appended
+            hits = tower_hits()
+            post(c, uid, n)
+            state = rec.tower_states.get(key)
+            assert tower_hits() == hits + 1 and len(state.hist_raw) == n and state.k.shape[2] == n
+        extended = state
+        # The same 16 items computed in one pass: no state, no cached vector for this history.
+        rec.user_vec_cache.clear()
+        rec.tower_states.clear()
+        other = uid + 10**6
+        post(c, other, 16)
+        fresh = rec.tower_states.get(rec._tower_key(other))
+        np.testing.assert_allclose(extended.user_vec, fresh.user_vec, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(extended.k, fresh.k, atol=1e-5, rtol=0)
+        # A history that is not a continuation (oldest item dropped: the window slid) is recomputed in full.
+        hits = tower_hits()
+        hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[1:], ts[1:], strict=True)]
+        r = c.post("/v1/recommend", json={"user_id": other, "history": hist, "k": 10, "query_ts": now})
+        assert r.status_code == 200 and tower_hits() == hits
+        assert len(rec.tower_states.get(rec._tower_key(other)).hist_raw) == 15
 
 
 def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, tiny_build):

@@ -30,7 +30,9 @@ def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
     toml.write_text((CONFIG_DIR / "tiny.toml").read_text())
     eff = efficiency_table(str(toml), tiny_build.artifacts, tiny_build.repo, microbatch=128, n=32, m=300, repeat=3)
     assert eff["gemm_peak_gflops"] > 0
-    assert len(eff["rows"]) == 3
+    assert len(eff["rows"]) == 4
+    full, one = eff["rows"]["user tower (n=32)"], eff["rows"]["user tower extended by 1 (n=32)"]
+    assert one["MFLOP"] < full["MFLOP"] / 10  # one position of 32, not all of them
     for r in eff["rows"].values():
         # FLOPs counted on the served torch graphs, time on ONNX Runtime: a rate, and a fraction of the peak
         assert r["MFLOP"] > 0 and r["ms"] > 0 and 0 < r["of peak"] == r["GFLOP/s"] / eff["gemm_peak_gflops"]

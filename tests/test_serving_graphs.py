@@ -10,7 +10,7 @@ import torch
 
 from exporters.onnx_export import RankerCandidatesGraph, check_parity, export_graph
 from service.contract import RANKER_CANDIDATES, ModelDims, model_specs
-from training.models import HSTURanker, ItemEmbedding, TwoTower
+from training.models import HSTURanker, ItemEmbedding, SASRec, TwoTower
 
 DIMS = ModelDims(
     content_dim=24, tower_dim=16, max_len=40, d_model=16, num_layers=2, num_heads=2, dqk=8, dv=8, num_items=300
@@ -55,6 +55,53 @@ def test_user_tower_last_position_pass_equals_full_pass():
     last = t.user_seq(x, item, valid, last_only=True)
     assert last.shape == (3, 1, 16)
     assert torch.allclose(full, last[:, 0], atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("appended", [1, 2, 50])
+def test_user_tower_extended_by_appended_events_equals_a_full_recompute(appended):
+    """The incremental user tower (user_tower_extend) continues the keys/values of the first P items: after 1, 2
+    and 50 appended events its user vector and its keys/values equal a pass over the whole history."""
+    torch.manual_seed(0)
+    t = TwoTower(24, 300, 80, 16, 2, 2, dropout=0.0).eval()
+    t.user_in.set_content_stats(torch.randn(301, 24) * 3 + 1)
+    n = 70
+    x, item, valid = torch.randn(1, n, 24), torch.randint(1, 301, (1, n)), torch.ones(1, n)
+    want_vec, want_k, want_v = t.user_state(x, item, valid)
+    p = n - appended
+    _, past_k, past_v = t.user_state(x[:, :p], item[:, :p], valid[:, :p])
+    vec, new_k, new_v = t.user_extend(x[:, p:], item[:, p:], past_k, past_v)
+    assert new_k.shape == (1, 2, appended, 16)
+    assert torch.allclose(vec, want_vec, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.cat([past_k, new_k], 2), want_k, atol=1e-5, rtol=0)
+    assert torch.allclose(torch.cat([past_v, new_v], 2), want_v, atol=1e-5, rtol=0)
+    # and the state's vector is the tower's serving output
+    assert torch.allclose(vec, t.user_seq(x, item, valid, last_only=True)[:, -1], atol=1e-6)
+    # A different past (one earlier item changed) gives a different vector: the past is really read.
+    item2 = item.clone()
+    item2[0, 0] = item[0, 0] % 300 + 1
+    _, k2, v2 = t.user_state(x[:, :p], item2[:, :p], valid[:, :p])
+    assert not torch.allclose(t.user_extend(x[:, p:], item[:, p:], k2, v2)[0], want_vec, atol=1e-5)
+
+
+@torch.no_grad()
+def test_user_tower_positions_count_from_the_oldest_item():
+    """Left padding does not move positions, and appending an item leaves the earlier positions' outputs as
+    they were (the property extension relies on); SASRec keeps counting back from the newest."""
+    torch.manual_seed(0)
+    t = TwoTower(24, 300, 40, 16, 2, 2, dropout=0.0).eval()
+    x, item = torch.randn(1, 12, 24), torch.randint(1, 301, (1, 12))
+    padded_valid = torch.cat([torch.zeros(1, 4), torch.ones(1, 8)], 1)
+    padded = t.user_seq(x, item, padded_valid)[:, 4:]
+    alone = t.user_seq(x[:, 4:], item[:, 4:], torch.ones(1, 8))
+    assert torch.allclose(padded, alone, atol=1e-5)
+    longer = t.user_seq(x[:, 4:], item[:, 4:], torch.ones(1, 8))
+    shorter = t.user_seq(x[:, 4:11], item[:, 4:11], torch.ones(1, 7))
+    assert torch.allclose(longer[:, :7], shorter, atol=1e-5)
+    with pytest.raises(ValueError, match="oldest"):
+        SASRec(24, 300, 40, 16, 1, 1).enc.extend(
+            torch.randn(1, 1, 16), torch.zeros(1, 1, 2, 16), torch.zeros(1, 1, 2, 16)
+        )
 
 
 @torch.no_grad()

@@ -209,7 +209,7 @@ def efficiency_table(
     """FLOPs (torch's counter on the served graphs), ONNX Runtime time on one thread, and the fraction of the
     GEMM peak measured in the same run, for the user tower and the ranker (history pass + m candidates)."""
     from exporters.onnx_export import served_graphs
-    from service.contract import USER_TOWER
+    from service.contract import USER_TOWER, USER_TOWER_EXTEND
     from training.models import TwoTower
 
     paths = ArtifactPaths.for_config(config, artifacts)
@@ -219,7 +219,7 @@ def efficiency_table(
     so.intra_op_num_threads = 1
     sess = {
         name: ort.InferenceSession(str(onnx_path(repo, name)), so, providers=["CPUExecutionProvider"])
-        for name in (USER_TOWER, RANKER_HISTORY, RANKER_CANDIDATES)
+        for name in (USER_TOWER, USER_TOWER_EXTEND, RANKER_HISTORY, RANKER_CANDIDATES)
     }
     rng = np.random.default_rng(0)
     N, E = manifest.dims.num_items, manifest.dims.content_dim
@@ -231,6 +231,14 @@ def efficiency_table(
         "query_ts": np.full((1, 1), 10**9 + 2 * 10**7, np.int64),
     }
     ut_in = {k: hist[k] for k in ("hist_emb", "hist_item", "hist_valid")}
+    # The same history reached by one appended event: the incremental user tower computes one position.
+    _, past_k, past_v = sess[USER_TOWER].run(None, {key: val[:, :-1] for key, val in ut_in.items()})
+    ext_in = {
+        "past_k": past_k,
+        "past_v": past_v,
+        "new_emb": ut_in["hist_emb"][:, -1:],
+        "new_item": ut_in["hist_item"][:, -1:],
+    }
     k, v, q = sess[RANKER_HISTORY].run(None, hist)
     cands = [
         {
@@ -248,6 +256,7 @@ def efficiency_table(
     rows = {}
     for label, model, calls in (
         (f"user tower (n={n})", USER_TOWER, [ut_in]),
+        (f"user tower extended by 1 (n={n})", USER_TOWER_EXTEND, [ext_in]),
         (f"ranker history (n={n})", RANKER_HISTORY, [hist]),
         (f"ranker candidates (m={m})", RANKER_CANDIDATES, cands),
     ):

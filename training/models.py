@@ -371,40 +371,117 @@ class CausalBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), Dropout(dropout), nn.Linear(4 * d, d))
         self.drop = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """`last_only`: queries from the last position only (serving reads nothing else): [B,1,D] out."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        last_only: bool = False,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New hidden states and this block's keys and values of `x`'s positions ([B,L,heads,D/heads] each).
+
+        `last_only`: queries from the last position only (serving reads nothing else): [B,1,D] out. `past`: keys
+        and values of earlier positions, attended before `x`'s own (`bias` then spans past + new keys)."""
         B, L, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).reshape(B, L, 3, self.h, D // self.h).unbind(2)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 1), torch.cat([past[1], v], 1))
         if last_only:
             q, x, bias = q[:, -1:], x[:, -1:], bias[:, -1:]
-        logits = _qk(q * (1.0 / math.sqrt(D // self.h)), k) + bias.unsqueeze(1)
+        logits = _qk(q * (1.0 / math.sqrt(D // self.h)), keys) + bias.unsqueeze(1)
         a = torch.softmax(logits, dim=-1)
-        x = x + self.drop(self.proj(_av(a, v).reshape(B, q.shape[1], D)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        x = x + self.drop(self.proj(_av(a, values).reshape(B, q.shape[1], D)))
+        return x + self.drop(self.ff(self.ln2(x))), k, v
 
 
 class CausalEncoder(nn.Module):
-    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float):
+    """`positions`: "newest" counts them back from the newest item (SASRec); "oldest" counts them from the oldest
+    valid item (the user tower), so an appended event leaves every earlier position, and with the causal mask
+    every earlier key and value, as they were: `extend` computes only the new positions."""
+
+    def __init__(self, d: int, layers: int, heads: int, max_len: int, dropout: float, positions: str = "newest"):
         super().__init__()
+        if positions not in ("newest", "oldest"):
+            raise ValueError(f"positions must be 'newest' or 'oldest', got {positions!r}")
         self.pos = _position_table(max_len, d)
         self.blocks = nn.ModuleList(CausalBlock(d, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.drop = Dropout(dropout)
         self.max_len = max_len
+        self.positions = positions
+
+    def _positions(self, valid: torch.Tensor) -> torch.Tensor:
+        L = valid.shape[1]
+        if self.positions == "oldest":  # left padding: the first valid item is position 0
+            return (torch.cumsum(valid, 1) - 1).clamp(0, self.max_len - 1).to(torch.int64)
+        return (L - 1 - torch.arange(L, device=valid.device)).clamp(max=self.max_len - 1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Hidden states [B,L,d]; with `last_only`, the last position's [B,1,d] (the last block skips the rest)."""
         B, L, _ = x.shape
-        # Positions count back from the newest item so left padding does not shift them.
-        pos = (L - 1 - torch.arange(L, device=x.device)).clamp(max=self.max_len - 1)
-        x = self.drop(x + self.pos(pos)) * valid.unsqueeze(-1)
+        # Either way left padding does not shift the positions.
+        x = self.drop(x + self.pos(self._positions(valid))) * valid.unsqueeze(-1)
         i = torch.arange(L, device=x.device)
         allowed = (i.unsqueeze(1) >= i.unsqueeze(0)).unsqueeze(0) & (valid.unsqueeze(1) > 0)
         allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device).unsqueeze(0)  # no empty rows
         bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -1e9)
+        return self._blocks(x, bias, last_only, None, keep_kv=False)[0]
+
+    def forward_kv(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last position's hidden state [B,1,d] and every block's keys and values [B,layers,L,d] (heads
+        side by side): the state `extend` continues from. Needs positions="oldest"."""
+        if self.positions != "oldest":
+            raise ValueError("only an encoder with positions='oldest' can be extended")
+        B, L, _ = x.shape
+        x = self.drop(x + self.pos(self._positions(valid))) * valid.unsqueeze(-1)
+        i = torch.arange(L, device=x.device)
+        allowed = (i.unsqueeze(1) >= i.unsqueeze(0)).unsqueeze(0) & (valid.unsqueeze(1) > 0)
+        allowed = allowed | torch.eye(L, dtype=torch.bool, device=x.device).unsqueeze(0)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -1e9)
+        return self._blocks(x, bias, True, None)
+
+    def extend(
+        self, x_new: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward_kv` of a history whose first P items (no padding) gave `past_k`/`past_v` [B,layers,P,d] and
+        whose N newer items are `x_new` [B,N,d]: computes the N new positions only. Returns the newest
+        position's hidden state [B,1,d] and the new positions' keys and values [B,layers,N,d]. Equal to the full
+        pass while P + N <= max_len (beyond it the window slides, every position moves: recompute)."""
+        if self.positions != "oldest":
+            raise ValueError("only an encoder with positions='oldest' can be extended")
+        N, P = x_new.shape[1], past_k.shape[2]
+        pos = (P + torch.arange(N, device=x_new.device)).clamp(max=self.max_len - 1)
+        x = self.drop(x_new + self.pos(pos))
+        i = torch.arange(N, device=x_new.device)
+        causal = torch.zeros(N, N, dtype=x.dtype, device=x.device).masked_fill(i.unsqueeze(1) < i.unsqueeze(0), -1e9)
+        bias = torch.cat([torch.zeros(N, P, dtype=x.dtype, device=x.device), causal], 1).unsqueeze(0)
+        return self._blocks(x, bias, True, (past_k, past_v))
+
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        last_only: bool,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        keep_kv: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        B, L, D = x.shape
+        ks: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
         for i, b in enumerate(self.blocks):
-            x = b(x, bias, last_only and i == len(self.blocks) - 1)
-        return self.ln(x)
+            layer_past = None
+            if past is not None:
+                P = past[0].shape[2]
+                layer_past = (
+                    past[0][:, i].reshape(B, P, b.h, D // b.h),
+                    past[1][:, i].reshape(B, P, b.h, D // b.h),
+                )
+            x, k, v = b(x, bias, last_only and i == len(self.blocks) - 1, layer_past)
+            if keep_kv:
+                ks.append(k.reshape(B, L, D))
+                vs.append(v.reshape(B, L, D))
+        if not keep_kv:
+            return self.ln(x), None, None
+        return self.ln(x), torch.stack(ks, 1), torch.stack(vs, 1)
 
 
 class SASRec(nn.Module):
@@ -454,7 +531,7 @@ class TwoTower(nn.Module):
         self.item_in = ItemEmbedding(content_dim, d, num_items, dropout)
         self.item_mlp = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.user_in = ItemEmbedding(content_dim, d, num_items, dropout)
-        self.user_enc = CausalEncoder(d, layers, heads, max_len, dropout)
+        self.user_enc = CausalEncoder(d, layers, heads, max_len, dropout, positions="oldest")
         self.input_scale = math.sqrt(d)
         self.user_out = nn.Linear(d, d)
 
@@ -468,6 +545,22 @@ class TwoTower(nn.Module):
         x = self.user_in(hist_emb, hist_item, dropout=False) * self.input_scale  # the encoder adds dropout
         h = self.user_enc(x, hist_valid, last_only)
         return F.normalize(self.user_out(h), dim=-1)
+
+    def user_state(
+        self, hist_emb: torch.Tensor | None, hist_item: torch.Tensor, hist_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """User vector [B,T] and the encoder's keys/values [B,layers,L,d] that `user_extend` continues from."""
+        x = self.user_in(hist_emb, hist_item, dropout=False) * self.input_scale
+        h, k, v = self.user_enc.forward_kv(x, hist_valid)
+        return F.normalize(self.user_out(h[:, -1]), dim=-1), k, v
+
+    def user_extend(
+        self, new_emb: torch.Tensor | None, new_item: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`user_state` of the history grown by `new_item` [B,N], computing only the N new positions."""
+        x = self.user_in(new_emb, new_item, dropout=False) * self.input_scale
+        h, k, v = self.user_enc.extend(x, past_k, past_v)
+        return F.normalize(self.user_out(h[:, -1]), dim=-1), k, v
 
 
 def _position_table(n: int, d: int) -> nn.Embedding:

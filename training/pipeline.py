@@ -39,6 +39,11 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
+# Bumped when the towers' model changes for the same config, so a build retrains them instead of exporting old
+# weights into new graphs. 2: the user tower's positions count from the oldest item (user_tower_extend).
+TOWERS_REVISION = 2
+
+
 def train_inputs(cfg: BuildConfig) -> dict[str, str]:
     """Hash of the config each model's training reads (data and embeddings aside, but with the validation
     split): the towers take only max_len from [ranker], SASRec its sizes, batches and negatives (not the ranker's
@@ -47,7 +52,7 @@ def train_inputs(cfg: BuildConfig) -> dict[str, str]:
 
     r, split = cfg.ranker, cfg.data.valid_holdout
     return {
-        "towers": _h(cfg.section_hash("towers"), r.max_len, split),
+        "towers": _h(cfg.section_hash("towers"), r.max_len, split, TOWERS_REVISION),
         "ranker": _h(cfg.section_hash("ranker"), split),
         "sasrec": _h(cfg.section_hash("sasrec"), {k: getattr(r, k) for k in SASREC_FROM_RANKER}, split),
     }
@@ -173,6 +178,7 @@ class Builder:
             dv=r.dv,
             num_items=ds.num_items,
             num_time_buckets=r.num_time_buckets,
+            tower_layers=t.num_layers,
         )
 
     def model_version(self) -> str:

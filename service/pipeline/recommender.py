@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.backends.base import BackendUnavailable, InferenceBackend
-from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest, time_buckets
+from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, Manifest, time_buckets
 from service.metrics import Metrics
 from service.pipeline.batching import CandidateBatcher
 from service.pipeline.catalog import Catalog
@@ -90,6 +90,16 @@ class UserState:
     user_vec: np.ndarray | None = None  # [1, T]
 
 
+@dataclass(frozen=True)
+class TowerState:
+    """What the user tower computed for one user's history: enough to continue it by appended events."""
+
+    hist_raw: np.ndarray  # [P] raw item ids it was computed from
+    user_vec: np.ndarray  # [1, T]
+    k: np.ndarray  # [1, layers, P, T]
+    v: np.ndarray
+
+
 @dataclass
 class Result:
     items: list[dict]
@@ -124,6 +134,7 @@ class Recommender:
         self.tokens = tokens
         self.kv_cache: LRU[tuple, dict[str, np.ndarray]] = LRU(settings.kv_cache_users, settings.kv_cache_ttl_s)
         self.user_vec_cache: LRU[tuple, np.ndarray] = LRU(settings.user_vec_cache_users, settings.kv_cache_ttl_s)
+        self.tower_states: LRU[tuple, TowerState] = LRU(settings.tower_state_users, settings.kv_cache_ttl_s)
         self.num_candidates = settings.num_candidates or manifest.num_candidates
         self.microbatch = settings.microbatch or manifest.microbatch
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
@@ -349,11 +360,49 @@ class Recommender:
         fp = hashlib.blake2b(st.hist_raw.astype(np.int64).tobytes(), digest_size=12).digest()
         return (fp, self.manifest.model_version, getattr(self.store, "version", None))
 
-    async def user_vector(self, st: UserState, deadline: Deadline, degraded: list[str]) -> np.ndarray:
+    async def user_vector(
+        self, st: UserState, deadline: Deadline, degraded: list[str], user_id: int | None = None
+    ) -> np.ndarray:
         if st.user_vec is None:
             st.user_vec = self.user_vec_cache.get(self._uv_key(st))  # an entry for the history minus dropped items
         if st.user_vec is None:
-            assert st.hist_emb is not None
+            tower = await self._user_tower(st, deadline, degraded, user_id)
+            st.user_vec = tower.user_vec
+            self.user_vec_cache.put(self._uv_key(st), st.user_vec)
+        return st.user_vec
+
+    def _tower_key(self, user_id: int | None) -> tuple | None:
+        # Per user, not per history: the entry is the user's last computed history, which the next one extends.
+        return None if user_id is None else (user_id, self.manifest.model_version, getattr(self.store, "version", None))
+
+    async def _user_tower(
+        self, st: UserState, deadline: Deadline, degraded: list[str], user_id: int | None
+    ) -> TowerState:
+        """The user tower over st's history: continued from the user's previous history when that is a prefix of
+        this one (events appended since, window not yet sliding: only the new positions are computed), else in
+        full. The outputs equal a full pass's (its positions count from the oldest item; tested to 1e-5)."""
+        assert st.hist_emb is not None
+        key = self._tower_key(user_id)
+        past = self.tower_states.get(key) if key is not None else None
+        n, p = len(st.hist_raw), 0 if past is None else len(past.hist_raw)
+        # A prefix of the raw ids fixes those positions exactly: the tower reads items only (ids and content, and an
+        # item's content never changes under one store version, which the key carries).
+        prefix = past is not None and 2 <= p <= n and np.array_equal(past.hist_raw, st.hist_raw[:p])
+        if key is not None:
+            self.metrics.cache("tower_state", prefix)
+        if prefix and p == n:
+            return past
+        if prefix:
+            out = await self._infer(
+                USER_TOWER_EXTEND,
+                {"past_k": past.k, "past_v": past.v, "new_emb": st.hist_emb[:, p:], "new_item": st.hist_idx[:, p:]},
+                deadline,
+                degraded,
+                required=True,
+            )
+            k = np.concatenate([past.k, out["new_k"]], axis=2)
+            v = np.concatenate([past.v, out["new_v"]], axis=2)
+        else:
             out = await self._infer(
                 USER_TOWER,
                 {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid},
@@ -361,9 +410,11 @@ class Recommender:
                 degraded,
                 required=True,
             )
-            st.user_vec = out["user_vec"]
-            self.user_vec_cache.put(self._uv_key(st), st.user_vec)
-        return st.user_vec
+            k, v = out["user_k"], out["user_v"]
+        state = TowerState(st.hist_raw.copy(), out["user_vec"], k, v)
+        if key is not None:
+            self.tower_states.put(key, state)
+        return state
 
     async def history_kv(
         self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str]
@@ -475,7 +526,7 @@ class Recommender:
         res: Result,
     ) -> Result:
         deg, tm = res.degraded, res.timings
-        user_vec = await self.user_vector(st, deadline, deg)
+        user_vec = await self.user_vector(st, deadline, deg, h.user_id)
         tm.mark("user_tower")
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
         seen = np.unique(self.catalog.to_index(h.items)) if exclude_seen else np.empty(0, np.int64)
