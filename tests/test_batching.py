@@ -162,7 +162,7 @@ def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(ser
     items, ts = catalog.user_histories[uid]
     items, ts = items[-16:], ts[-16:]
     now = int(time.time())
-    key = rec._tower_key(uid)
+    key = rec._tower_key(uid, rec._store_version())
 
     def post(c, user_id: int, n: int) -> None:
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:n], ts[:n], strict=True)]
@@ -187,15 +187,20 @@ def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(ser
         rec.tower_states.clear()
         other = uid + 10**6
         post(c, other, 16)
-        fresh = rec.tower_states.get(rec._tower_key(other))
+        other_key = rec._tower_key(other, rec._store_version())
+        fresh = rec.tower_states.get(other_key)
         np.testing.assert_allclose(extended.user_vec, fresh.user_vec, atol=1e-5, rtol=0)
         np.testing.assert_allclose(extended.k, fresh.k, atol=1e-5, rtol=0)
-        # A history that is not a continuation (oldest item dropped: the window slid) is recomputed in full.
-        hits = tower_hits()
-        hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[1:], ts[1:], strict=True)]
-        r = c.post("/v1/recommend", json={"user_id": other, "history": hist, "k": 10, "query_ts": now})
-        assert r.status_code == 200 and tower_hits() == hits
-        assert len(rec.tower_states.get(rec._tower_key(other)).hist_raw) == 15
+        # Histories that do not continue the stored one are recomputed in full and replace it: the oldest item
+        # dropped (the window slid), or the same length with an earlier item changed.
+        swapped = items.copy()
+        swapped[3] = next(i for i in catalog.raw_ids.tolist() if i not in set(items.tolist()))
+        for new_items in (items[1:], swapped):
+            hits = tower_hits()
+            hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(new_items, ts[-len(new_items) :], strict=True)]
+            r = c.post("/v1/recommend", json={"user_id": other, "history": hist, "k": 10, "query_ts": now})
+            assert r.status_code == 200 and tower_hits() == hits
+            assert np.array_equal(rec.tower_states.get(other_key).hist_raw, new_items)
 
 
 def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, tiny_build):

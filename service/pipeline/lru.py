@@ -37,6 +37,9 @@ class LRU(Generic[K, V]):
         while len(self._d) > self.capacity:
             self._d.popitem(last=False)
 
+    def pop(self, key: K) -> None:
+        self._d.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._d)
 

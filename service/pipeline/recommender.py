@@ -88,6 +88,9 @@ class UserState:
     hist_valid: np.ndarray  # [1, L]
     kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
     user_vec: np.ndarray | None = None  # [1, T]
+    # The store's data version, read before the embeddings were fetched: the caches key by it, so an entry
+    # computed across a version flip lands under the old version, where nobody looks again.
+    store_version: object = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,39 @@ class Recommender:
             except Exception as e:  # noqa: BLE001 - a cold start must not fail on warm-up
                 log.warning("warm-up request failed: %r", e)
                 return
+        try:  # the tower's extension graph too, else its first run lands on the first returning user
+            await self._warm_tower_extension(history)
+        except Exception as e:  # noqa: BLE001
+            log.warning("warm-up of %s failed: %r", USER_TOWER_EXTEND, e)
+
+    async def _warm_tower_extension(self, history: list[tuple[int, int]], rounds: int = 3) -> None:
+        items = np.array([i for i, _ in history], np.int64)
+        ts = np.array([t for _, t in history], np.int64)
+        st = await self.user_state(History(items, ts, None), Deadline(5.0), [])
+        assert st.hist_emb is not None
+        if len(st.hist_raw) < 2:
+            return
+        p = len(st.hist_raw) - 1
+        full = await self._infer(
+            USER_TOWER,
+            {"hist_emb": st.hist_emb[:, :p], "hist_item": st.hist_idx[:, :p], "hist_valid": st.hist_valid[:, :p]},
+            Deadline(5.0),
+            [],
+            required=True,
+        )
+        for _ in range(rounds):
+            await self._infer(
+                USER_TOWER_EXTEND,
+                {
+                    "past_k": full["user_k"],
+                    "past_v": full["user_v"],
+                    "new_emb": st.hist_emb[:, p:],
+                    "new_item": st.hist_idx[:, p:],
+                },
+                Deadline(5.0),
+                [],
+                required=True,
+            )
 
     def expected_wait(self) -> float:
         """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time."""
@@ -303,7 +339,11 @@ class Recommender:
             hist_emb=None,
             hist_ts=h.ts[None, :],
             hist_valid=np.ones((1, len(h.items)), np.float32),
+            store_version=self._store_version(),
         )
+
+    def _store_version(self) -> object:
+        return getattr(self.store, "version", None)
 
     async def cached_user_state(self, h: History, query_ts: int, deadline: Deadline, degraded: list[str]) -> UserState:
         """The user's state, from the caches when the history is unchanged (then neither the embeddings nor
@@ -326,6 +366,7 @@ class Recommender:
         return full
 
     async def user_state(self, h: History, deadline: Deadline, degraded: list[str]) -> UserState:
+        version = self._store_version()  # before the fetch: see UserState.store_version
         emb = await self._embeddings(h.items, deadline, degraded)
         keep = emb.found
         if not keep.all():
@@ -341,6 +382,7 @@ class Recommender:
             hist_emb=vecs[None, :, :],
             hist_ts=ts[None, :],
             hist_valid=np.ones((1, len(items)), np.float32),
+            store_version=version,
         )
 
     def _kv_key(self, h: History, st: UserState, query_ts: int) -> tuple:
@@ -353,12 +395,12 @@ class Recommender:
         buckets = time_buckets(query_ts - st.hist_ts[0], self.dims.num_time_buckets)
         raw = st.hist_raw.astype(np.int64).tobytes() + st.hist_ts.tobytes() + buckets.tobytes()
         fp = hashlib.blake2b(raw, digest_size=12).digest()
-        return (h.user_id, fp, self.manifest.model_version, getattr(self.store, "version", None))
+        return (h.user_id, fp, self.manifest.model_version, st.store_version)
 
     def _uv_key(self, st: UserState) -> tuple:
         # The user tower reads the items only (ids and content, no times); same reasoning as _kv_key.
         fp = hashlib.blake2b(st.hist_raw.astype(np.int64).tobytes(), digest_size=12).digest()
-        return (fp, self.manifest.model_version, getattr(self.store, "version", None))
+        return (fp, self.manifest.model_version, st.store_version)
 
     async def user_vector(
         self, st: UserState, deadline: Deadline, degraded: list[str], user_id: int | None = None
@@ -371,9 +413,9 @@ class Recommender:
             self.user_vec_cache.put(self._uv_key(st), st.user_vec)
         return st.user_vec
 
-    def _tower_key(self, user_id: int | None) -> tuple | None:
+    def _tower_key(self, user_id: int | None, store_version: object) -> tuple | None:
         # Per user, not per history: the entry is the user's last computed history, which the next one extends.
-        return None if user_id is None else (user_id, self.manifest.model_version, getattr(self.store, "version", None))
+        return None if user_id is None else (user_id, self.manifest.model_version, store_version)
 
     async def _user_tower(
         self, st: UserState, deadline: Deadline, degraded: list[str], user_id: int | None
@@ -382,7 +424,7 @@ class Recommender:
         this one (events appended since, window not yet sliding: only the new positions are computed), else in
         full. The outputs equal a full pass's (its positions count from the oldest item; tested to 1e-5)."""
         assert st.hist_emb is not None
-        key = self._tower_key(user_id)
+        key = self._tower_key(user_id, st.store_version)
         past = self.tower_states.get(key) if key is not None else None
         n, p = len(st.hist_raw), 0 if past is None else len(past.hist_raw)
         # A prefix of the raw ids fixes those positions exactly: the tower reads items only (ids and content, and an
@@ -413,7 +455,10 @@ class Recommender:
             k, v = out["user_k"], out["user_v"]
         state = TowerState(st.hist_raw.copy(), out["user_vec"], k, v)
         if key is not None:
-            self.tower_states.put(key, state)
+            if n < self.dims.max_len:
+                self.tower_states.put(key, state)
+            else:  # a full window cannot be extended (the next event slides it: every position moves)
+                self.tower_states.pop(key)
         return state
 
     async def history_kv(
