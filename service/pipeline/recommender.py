@@ -103,6 +103,18 @@ class TowerState:
     v: np.ndarray
 
 
+def _tower_inputs(st: UserState, end: int) -> dict[str, np.ndarray]:
+    """user_tower's inputs: st's first `end` history items."""
+    assert st.hist_emb is not None
+    return {"hist_emb": st.hist_emb[:, :end], "hist_item": st.hist_idx[:, :end], "hist_valid": st.hist_valid[:, :end]}
+
+
+def _tower_extend_inputs(past_k: np.ndarray, past_v: np.ndarray, st: UserState, start: int) -> dict[str, np.ndarray]:
+    """user_tower_extend's inputs: the K/V of st's first `start` items, and its items from `start` on."""
+    assert st.hist_emb is not None
+    return {"past_k": past_k, "past_v": past_v, "new_emb": st.hist_emb[:, start:], "new_item": st.hist_idx[:, start:]}
+
+
 @dataclass
 class Result:
     items: list[dict]
@@ -231,26 +243,10 @@ class Recommender:
         if len(st.hist_raw) < 2:
             return
         p = len(st.hist_raw) - 1
-        full = await self._infer(
-            USER_TOWER,
-            {"hist_emb": st.hist_emb[:, :p], "hist_item": st.hist_idx[:, :p], "hist_valid": st.hist_valid[:, :p]},
-            Deadline(5.0),
-            [],
-            required=True,
-        )
+        full = await self._infer(USER_TOWER, _tower_inputs(st, p), Deadline(5.0), [], required=True)
         for _ in range(rounds):
-            await self._infer(
-                USER_TOWER_EXTEND,
-                {
-                    "past_k": full["user_k"],
-                    "past_v": full["user_v"],
-                    "new_emb": st.hist_emb[:, p:],
-                    "new_item": st.hist_idx[:, p:],
-                },
-                Deadline(5.0),
-                [],
-                required=True,
-            )
+            extend = _tower_extend_inputs(full["user_k"], full["user_v"], st, p)
+            await self._infer(USER_TOWER_EXTEND, extend, Deadline(5.0), [], required=True)
 
     def expected_wait(self) -> float:
         """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time."""
@@ -435,23 +431,12 @@ class Recommender:
         if prefix and p == n:
             return past
         if prefix:
-            out = await self._infer(
-                USER_TOWER_EXTEND,
-                {"past_k": past.k, "past_v": past.v, "new_emb": st.hist_emb[:, p:], "new_item": st.hist_idx[:, p:]},
-                deadline,
-                degraded,
-                required=True,
-            )
+            extend = _tower_extend_inputs(past.k, past.v, st, p)
+            out = await self._infer(USER_TOWER_EXTEND, extend, deadline, degraded, required=True)
             k = np.concatenate([past.k, out["new_k"]], axis=2)
             v = np.concatenate([past.v, out["new_v"]], axis=2)
         else:
-            out = await self._infer(
-                USER_TOWER,
-                {"hist_emb": st.hist_emb, "hist_item": st.hist_idx, "hist_valid": st.hist_valid},
-                deadline,
-                degraded,
-                required=True,
-            )
+            out = await self._infer(USER_TOWER, _tower_inputs(st, n), deadline, degraded, required=True)
             k, v = out["user_k"], out["user_v"]
         state = TowerState(st.hist_raw.copy(), out["user_vec"], k, v)
         if key is not None:
