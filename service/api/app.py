@@ -98,6 +98,7 @@ async def build_components(settings: Settings) -> Components:
         settings.intra_op_threads,
         settings.inference_threads,
         trt_cache=paths.root / "trt_cache",
+        tf32=settings.cuda_tf32,
     )
     backend: InferenceBackend = onnx
     fallback = None
