@@ -35,6 +35,7 @@ class Sample:
     latency_ms: float  # from the scheduled send to the last byte of the answer
     server_ms: float  # the sum of the answer's Server-Timing stages (NaN when absent)
     degraded: bool
+    stages: dict[str, float] = field(default_factory=dict)  # Server-Timing, per stage
 
 
 @dataclass
@@ -78,16 +79,17 @@ def request_bytes(host: str, path: str, body: dict) -> bytes:
     return head.encode() + payload
 
 
-def server_ms(headers: list[bytes]) -> float:
+def server_timing(headers: list[bytes]) -> dict[str, float]:
+    """`Server-Timing: queue;dur=0.02, user_tower;dur=1.7, ...` as {stage: ms}."""
     for h in headers:
         name, _, value = h.partition(b":")
         if name.strip().lower() == b"server-timing":
-            total = 0.0
+            out = {}
             for part in value.split(b","):
-                _, _, dur = part.partition(b"dur=")
-                total += float(dur or 0)
-            return total
-    return float("nan")
+                stage, _, dur = part.partition(b";dur=")
+                out[stage.strip().decode()] = float(dur or 0)
+            return out
+    return {}
 
 
 async def exchange(conn, req: bytes) -> tuple[int, list[bytes], bytes]:
@@ -119,7 +121,9 @@ async def one(pool: Pool, req: bytes, due: float, timeout_s: float, out: list[Sa
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
         pass
     latency = (time.perf_counter() - due) * 1000
-    out.append(Sample(status, latency, server_ms(headers), b'"degraded":true' in body))
+    stages = server_timing(headers)
+    total = sum(stages.values()) if stages else float("nan")
+    out.append(Sample(status, latency, total, b'"degraded":true' in body, stages))
 
 
 async def run(
@@ -162,7 +166,12 @@ def summarize(samples: list[Sample], seconds: float) -> dict:
     def pct(a: np.ndarray, q: float) -> float | None:
         return round(float(np.percentile(a, q)), 3) if len(a) else None
 
+    by_stage: dict[str, list[float]] = {}
+    for s in samples:
+        for k, v in s.stages.items():
+            by_stage.setdefault(k, []).append(v)
     return {
+        "stages_p50_p99_ms": {k: [pct(np.array(v), 50), pct(np.array(v), 99)] for k, v in by_stage.items()},
         "sent": n,
         "achieved_rate": round(n / seconds, 1) if seconds else None,
         "ok": int(len(lat)),

@@ -82,6 +82,10 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def device_providers(provider: str, tf32: bool = False) -> list:
+    return choose_providers([provider] if provider == CPU else [provider, CPU], tf32=tf32)
+
+
 def settings_for(a: argparse.Namespace, provider: str, config: str, repo: Path, **kw) -> Settings:
     base = {
         "config": config,
@@ -166,7 +170,7 @@ def graph_parity(repo: Path, provider: str, recorded: dict) -> list[list[object]
         ref = ort.InferenceSession(str(onnx_path(repo, model)), providers=[CPU])
         row: list[object] = [model, len(calls)]
         for tf32 in (False, True):
-            prov = choose_providers([provider, CPU], tf32=tf32)
+            prov = device_providers(provider, tf32)
             sess = ort.InferenceSession(str(onnx_path(repo, model)), providers=prov)
             abs_d, rel_d = 0.0, 0.0
             for inp in calls:
@@ -177,6 +181,47 @@ def graph_parity(repo: Path, provider: str, recorded: dict) -> list[list[object]
             row += [abs_d, rel_d]
         rows.append(row)
     return rows
+
+
+def graph_timing(repo: Path, provider: str, recorded: dict, repeat: int) -> list[list[object]]:
+    """Each served graph alone on one recorded input: the CPU provider (one thread) beside the device, median ms."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    rows = []
+    for model in MODEL_NAMES:
+        if not recorded.get(model):
+            continue
+        inp = recorded[model][0]
+        row: list[object] = [model, " x ".join(str(d) for d in next(iter(inp.values())).shape)]
+        for prov in ([CPU], device_providers(provider)):
+            sess = ort.InferenceSession(str(onnx_path(repo, model)), so, providers=prov)
+            row.append(_median_ms(lambda sess=sess, inp=inp: sess.run(None, inp), repeat))
+        rows.append(row)
+    return rows
+
+
+def profile_ops(repo: Path, provider: str, model: str, inputs: dict[str, np.ndarray], work: Path, runs: int = 20):
+    """ONNX Runtime's own profile of one graph: time per node kind and provider, per run (us), the top ones."""
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    work.mkdir(parents=True, exist_ok=True)
+    so.profile_file_prefix = str(work / f"profile-{model}")
+    sess = ort.InferenceSession(str(onnx_path(repo, model)), so, providers=device_providers(provider))
+    for _ in range(runs + 3):
+        sess.run(None, inputs)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    per: dict[tuple[str, str], float] = {}
+    run_us = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            key = (e["args"].get("op_name", "?"), e["args"].get("provider", "?"))
+            per[key] = per.get(key, 0.0) + e["dur"] / (runs + 3)
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "model_run_us_median": statistics.median(run_us[3:]) if len(run_us) > 3 else None,
+        "nodes_us_per_run": sum(per.values()),
+        "top": [[op, prov, us] for (op, prov), us in top],
+    }
 
 
 async def top10(c: Components, users: list[int]) -> dict[int, list[int]]:
@@ -194,6 +239,21 @@ async def section_parity(a: argparse.Namespace, rep: Report, users: list[int]) -
     extra_inputs(a.repo, cpu_c, recorded)
     await close_components(cpu_c)
     rows = graph_parity(a.repo, a.provider, recorded)
+    timing = graph_timing(a.repo, a.provider, recorded, a.repeat)
+    rep.add(
+        "graph_timing",
+        timing,
+        f"## Each graph alone, one recorded input (ms, median of {a.repeat}; CPU provider on one thread)\n\n"
+        + table(["graph", "first input's shape", "CPU", a.provider], timing),
+    )
+    for model in (USER_TOWER, RANKER_CANDIDATES):
+        prof = profile_ops(a.repo, a.provider, model, recorded[model][0], a.work)
+        rep.add(
+            f"profile_{model}",
+            prof,
+            f"## {model} on {a.provider}, ONNX Runtime's profile: a run {prof['model_run_us_median']} us, its "
+            f"nodes {prof['nodes_us_per_run']:.0f} us\n\n" + table(["op", "provider", "us per run"], prof["top"]),
+        )
     rep.add(
         "graph_parity",
         rows,
@@ -254,7 +314,7 @@ def ranker_graphs(repo: Path, provider: str, hist: dict[str, np.ndarray], tokens
     """ranker_history + ranker_candidates alone: numpy in and out against IO binding (K/V stay on the device)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
-    prov = choose_providers([provider, CPU] if provider != CPU else [CPU])
+    prov = device_providers(provider)
     hs = ort.InferenceSession(str(onnx_path(repo, RANKER_HISTORY)), so, providers=prov)
     cs = ort.InferenceSession(str(onnx_path(repo, RANKER_CANDIDATES)), so, providers=prov)
     device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
@@ -328,7 +388,9 @@ async def section_latency(a: argparse.Namespace, rep: Report, users: list[int], 
 
 
 # --- 3. load ------------------------------------------------------------------------------------------------
-def start_server(a: argparse.Namespace, config: str, repo: Path, port: int, microbatch: int, log: Path):
+def start_server(
+    a: argparse.Namespace, config: str, repo: Path, port: int, microbatch: int, log: Path, workers: int, threads: int
+):
     env = {
         **os.environ,
         "FALCONREC_CONFIG": config,
@@ -336,8 +398,8 @@ def start_server(a: argparse.Namespace, config: str, repo: Path, port: int, micr
         "FALCONREC_MODEL_REPOSITORY": str(repo),
         "FALCONREC_PORT": str(port),
         "FALCONREC_GRPC_PORT": "0",
-        "FALCONREC_WORKERS": str(a.workers),
-        "FALCONREC_INFERENCE_WORKERS": str(a.inference_workers),
+        "FALCONREC_WORKERS": str(workers),
+        "FALCONREC_INFERENCE_WORKERS": str(threads),
         "FALCONREC_ONNX_PROVIDERS": json.dumps([a.provider] if a.provider == CPU else [a.provider, CPU]),
         "FALCONREC_MAX_CANDIDATES": "20000",
         "FALCONREC_MICROBATCH": str(microbatch),
@@ -394,60 +456,61 @@ def openloop(a: argparse.Namespace, port: int, rate: float, seconds: float, user
     return json.loads(lines[-1])
 
 
+LOAD_HEADER = ["target req/s", "achieved", "p50 ms", "p99 ms", "server p99 ms", "degraded", "errors", "gen lag ms"]
+
+
+def load_row(rate: float, s: dict) -> list[object]:
+    return [
+        rate,
+        s["achieved_rate"],
+        s["p50_ms"],
+        s["p99_ms"],
+        s["server_p99_ms"],
+        f"{s['degraded_share']:.1%}",
+        s["sent"] - s["ok"],
+        s["generator_lag_ms"],
+    ]
+
+
+def sweep(a: argparse.Namespace, port: int, rates: list[float], users_file: Path, n: int) -> tuple[list, dict]:
+    """Rates in order until far past saturation; the rows and each rate's per-stage p50/p99 (Server-Timing)."""
+    openloop(a, port, rates[0], 3, users_file, n)  # every worker warm (the first calls allocate)
+    rows, stages = [], {}
+    for rate in rates:
+        s = openloop(a, port, rate, a.load_seconds, users_file, n)
+        rows.append(load_row(rate, s))
+        stages[rate] = s.get("stages_p50_p99_ms", {})
+        if s["p99_ms"] is None or s["p99_ms"] > 100 or s["sent"] - s["ok"] > 0.01 * s["sent"]:
+            break  # past saturation: more would only queue
+    return rows, stages
+
+
 def section_load(a: argparse.Namespace, rep: Report, users: list[int], grown: tuple[str, Path]) -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     users_file = a.work / "users.txt"
     users_file.write_text("\n".join(map(str, users)))
-    for n, config, repo, mb, rates in (
-        (1000, a.config, a.repo, 1000, a.rates_1k),
-        (10_000, grown[0], grown[1], 2500, a.rates_10k),
-    ):
-        port = 18000 + n % 997
-        log = a.work / f"server-{n}.log"
-        proc = start_server(a, config, repo, port, mb, log)
-        rows = []
+    plans = [(1000, a.config, a.repo, 1000, a.rates_1k, v) for v in a.variants]
+    plans.append((10_000, grown[0], grown[1], 2500, a.rates_10k, a.variants_10k))
+    for n, config, repo, mb, rates, (workers, threads) in plans:
+        port = 18000 + n % 997 + workers
+        log = a.work / f"server-{n}-{workers}.log"
+        proc = start_server(a, config, repo, port, mb, log, workers, threads)
         try:
             wait_ready(port, proc, log)
-            openloop(a, port, rates[0], 3, users_file, n)  # every worker warm (the first calls allocate)
-            for rate in rates:
-                s = openloop(a, port, rate, a.load_seconds, users_file, n)
-                errors = s["sent"] - s["ok"]
-                rows.append(
-                    [
-                        rate,
-                        s["achieved_rate"],
-                        s["p50_ms"],
-                        s["p99_ms"],
-                        s["server_p99_ms"],
-                        f"{s['degraded_share']:.1%}",
-                        errors,
-                        s["generator_lag_ms"],
-                    ]
-                )
-                if s["p99_ms"] is None or s["p99_ms"] > 200:
-                    break  # far past saturation: more would only queue
+            rows, stages = sweep(a, port, rates, users_file, n)
         finally:
             _stop(proc)
         best = max((r[0] for r in rows if r[3] is not None and r[3] <= 5 and r[6] == 0), default=None)
+        stage_rows = [[rate, *(f"{k} {v[0]}/{v[1]}" for k, v in st.items())] for rate, st in stages.items()]
         rep.add(
-            f"load_{n}",
-            {"rows": rows, "best_rate_p99_le_5ms": best},
-            f"## Load at N = {n:,} ({a.provider}; serve --workers {a.workers}, {a.inference_workers} inference "
-            f"threads each, microbatch {mb}, {a.batch_rows} rows per call; open loop, {a.gen_procs} generator "
-            f"processes, {a.load_seconds:g} s per rate; highest rate with p99 <= 5 ms and no errors: {best})\n\n"
-            + table(
-                [
-                    "target req/s",
-                    "achieved",
-                    "p50 ms",
-                    "p99 ms",
-                    "server p99 ms",
-                    "degraded",
-                    "errors",
-                    "generator lag ms",
-                ],
-                rows,
-            ),
+            f"load_{n}_{workers}x{threads}",
+            {"rows": rows, "best_rate_p99_le_5ms": best, "stages": stages},
+            f"## Load at N = {n:,} ({a.provider}; serve --workers {workers}, {threads} inference threads each, "
+            f"microbatch {mb}, {a.batch_rows} rows per call; open loop, {a.gen_procs} generator processes, "
+            f"{a.load_seconds:g} s per rate; highest rate with p99 <= 5 ms and no errors: {best})\n\n"
+            + table(LOAD_HEADER, rows)
+            + "\n\nServer-Timing per stage, p50/p99 ms:\n\n"
+            + "\n".join(f"- {r[0]:g} req/s: " + ", ".join(r[1:]) for r in stage_rows),
         )
 
 
@@ -476,16 +539,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-users", type=int, default=200)
     p.add_argument("--repeat", type=int, default=50)
     p.add_argument("--grow-to", type=int, default=20_000)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--inference-workers", type=int, default=2)
+    p.add_argument("--variants", default="2x4,4x4,8x2", help="server processes x inference threads, N = 1,000")
+    p.add_argument("--variants-10k", default="4x4", help="the same, N = 10,000 (one)")
     p.add_argument("--batch-rows", type=int, default=8)
     p.add_argument("--gen-procs", type=int, default=4)
     p.add_argument("--load-seconds", type=float, default=6.0)
-    p.add_argument("--rates-1k", default="500,1000,2000,3000,4000,6000")
-    p.add_argument("--rates-10k", default="250,500,1000,2000")
+    p.add_argument("--rates-1k", default="250,500,1000,2000,3000")
+    p.add_argument("--rates-10k", default="250,500,1000")
     a = p.parse_args(argv)
     a.rates_1k = [float(x) for x in a.rates_1k.split(",")]
     a.rates_10k = [float(x) for x in a.rates_10k.split(",")]
+    a.variants = [tuple(int(x) for x in v.split("x")) for v in a.variants.split(",")]
+    a.variants_10k = tuple(int(x) for x in a.variants_10k.split("x"))
     return a
 
 

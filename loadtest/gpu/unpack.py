@@ -33,6 +33,8 @@ def receive(folder: Path) -> None:
 
 
 def joined() -> tuple[dict, bytes]:
+    if not (STORE / "parts.json").is_file():
+        raise SystemExit("parts.json missing: it travels with the last part; send that one")
     index = json.loads((STORE / "parts.json").read_text())
     chunks = []
     for p in index["parts"]:

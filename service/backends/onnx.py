@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,10 @@ def choose_providers(requested: list[str] | None = None, trt_cache: Path | None 
     default (TF32 on) rounds their inputs to 10 mantissa bits, more than the 1e-3 parity bar with the CPU allows."""
     available = ort.get_available_providers()
     names = [p for p in (requested or PREFERRED) if p in available] or ["CPUExecutionProvider"]
+    if requested is None and "TensorrtExecutionProvider" in names and not _tensorrt_loadable():
+        # onnxruntime-gpu lists TensorRT whether or not its libraries are installed (the H200 machine of issue 28
+        # had none): by default, go straight to CUDA instead of failing over at session creation.
+        names.remove("TensorrtExecutionProvider")
     out: list = []
     for p in names:
         if p == "TensorrtExecutionProvider":
@@ -36,6 +41,16 @@ def choose_providers(requested: list[str] | None = None, trt_cache: Path | None 
         else:
             out.append(p)
     return out
+
+
+def _tensorrt_loadable() -> bool:
+    for lib in ("libnvinfer.so.10", "libnvinfer.so.8"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 class OnnxBackend(InferenceBackend):
@@ -66,6 +81,10 @@ class OnnxBackend(InferenceBackend):
             self.sessions[m] = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         self.providers = self.sessions[MODEL_NAMES[0]].get_providers()
         log.info("onnxruntime %s providers %s", ort.__version__, self.providers)
+        wanted = chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]
+        if self.providers[0] != wanted:
+            # ONNX Runtime falls back silently when a provider's libraries fail to load (CUDA's: LD_LIBRARY_PATH).
+            log.warning("asked for %s, running on %s: see ONNX Runtime's load error above", wanted, self.providers[0])
         # workers == 0: calls run inline on the caller's thread (one process per core, no hand-off per call).
         n = (os.cpu_count() or 2) if workers is None else workers
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ort") if n > 0 else None

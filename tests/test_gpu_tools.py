@@ -1,0 +1,145 @@
+"""The GPU measurement's parts that run anywhere (issue 28): the open-loop generator against the real server, the
+parts' split/join and integrity check, the grown catalog, the provider options, and the whole measurement as its
+CPU dry run. No test needs a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from loadtest import openloop
+from loadtest.gpu import pack, unpack
+
+
+def test_openloop_measures_every_request_against_the_real_server(server, tiny_build):
+    users = list(np.load(tiny_build.paths.data)["user_raw_ids"][:5])
+    reqs = openloop.build_requests(server.url, [int(u) for u in users], k=5, num_candidates=None)
+    samples, _ = asyncio.run(openloop.run(server.url, rate=40, duration_s=1.5, requests=reqs, timeout_s=10))
+    s = openloop.summarize(samples, 1.5)
+    assert s["sent"] == len(samples) > 20
+    assert s["statuses"] == {"200": s["sent"]}
+    # Server-Timing parsed per stage: the pipeline's stages, and their sum as the server time.
+    assert {"queue", "user_tower", "retrieval"} <= set(s["stages_p50_p99_ms"])
+    assert all(x.server_ms == pytest.approx(sum(x.stages.values())) for x in samples)
+    assert s["p50_ms"] > 0
+
+
+def test_openloop_counts_a_closed_port_as_failures_not_a_crash():
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    reqs = openloop.build_requests(url, [1], k=5, num_candidates=None)
+    samples, _ = asyncio.run(openloop.run(url, rate=50, duration_s=0.3, requests=reqs, timeout_s=1))
+    assert samples and all(x.status == 0 for x in samples)
+    assert openloop.summarize(samples, 0.3)["ok"] == 0
+
+
+def test_parts_join_back_and_a_corrupt_part_is_named(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    blobs = {"provider.so.xz": rng.bytes(1000), "payload.tar.xz": rng.bytes(2500)}
+    parts = pack.split(blobs, 1024, tmp_path / "parts")
+    assert [p["bytes"] for p in parts] == [1024, 1024, 1024, 428]
+    store = tmp_path / "store"
+    monkeypatch.setattr(unpack, "STORE", store)
+    unpack.receive(tmp_path / "parts" / "p1")
+    with pytest.raises(SystemExit, match="last part"):  # the index travels with the last part
+        unpack.joined()
+    for i in (2, 4):
+        unpack.receive(tmp_path / "parts" / f"p{i}")
+    with pytest.raises(SystemExit, match="missing part.3"):  # not all there yet: says which
+        unpack.joined()
+    unpack.receive(tmp_path / "parts" / "p3")
+    index, stream = unpack.joined()
+    assert stream == b"".join(blobs.values())
+    assert [b["name"] for b in index["blobs"]] == list(blobs)
+    raw = bytearray((store / "part.2").read_bytes())
+    raw[7] ^= 1
+    (store / "part.2").write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match="part.2 is corrupt"):
+        unpack.joined()
+
+
+def test_service_closure_pins_what_the_service_imports():
+    pins = dict(x.split("==") for x in pack.closure(pack.SERVICE_ROOTS))
+    assert {"fastapi", "pydantic-core", "faiss-cpu", "uvicorn", "starlette"} <= set(pins)
+    assert "numpy" not in pins  # the GPU image's own
+
+
+def test_cuda_runs_float32_unless_tf32_is_asked_for(monkeypatch):
+    from service.backends import onnx
+
+    monkeypatch.setattr(onnx.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx.choose_providers()[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert onnx.choose_providers(tf32=True)[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+
+
+def test_grown_catalog_serves_more_candidates_than_the_build_had(tiny_build, tmp_path):
+    import shutil
+
+    from loadtest.gpu.grow import grow
+    from service.api.app import build_components, close_components
+    from service.contract import Manifest
+    from service.pipeline.deadline import Deadline
+    from service.settings import Settings
+
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(tiny_build.paths.root, artifacts / "tiny")
+    n = Manifest.read(tiny_build.repo).dims.num_items
+    grow(artifacts, tiny_build.repo, 3 * n, "tiny-grown", tmp_path / "repo")
+
+    async def go():
+        c = await build_components(
+            Settings(config="tiny-grown", artifacts_dir=artifacts, model_repository=tmp_path / "repo", grpc_port=0)
+        )
+        try:
+            user = next(iter(c.recommender.catalog.user_histories))
+            res = await c.recommender.recommend(user, None, 10, True, 2 * n, Deadline.ms(10_000))
+            return res, c.retriever.size
+        finally:
+            await close_components(c)
+
+    res, size = asyncio.run(go())
+    assert size == 3 * n
+    assert res.candidates_ranked > n and not res.degraded
+
+
+def test_measurement_dry_run_on_the_cpu_provider(tiny_build, tmp_path):
+    """The whole measurement, every section, as on the GPU machine but for the provider (small sizes)."""
+    from loadtest.gpu import measure
+
+    out = tmp_path / "out"
+    args = [
+        "--provider",
+        "CPUExecutionProvider",
+        "--parity-users",
+        "8",
+        "--latency-users",
+        "4",
+        "--repeat",
+        "2",
+        "--grow-to",
+        "1200",
+        "--variants",
+        "1x1",
+        "--variants-10k",
+        "1x1",
+        "--gen-procs",
+        "1",
+        "--rates-1k",
+        "10",
+        "--rates-10k",
+        "5",
+        "--load-seconds",
+        "1",
+    ]
+    paths = ["--artifacts", str(tiny_build.artifacts), "--repo", str(tiny_build.repo), "--out", str(out)]
+    rc = measure.main([*args, *paths, "--work", str(tmp_path / "work")])
+    results = json.loads((out / "results.json").read_text())
+    assert rc == 0, [v for k, v in results.items() if k.startswith("error")]
+    assert results["topk_parity"]["identical_order"] == 8  # the CPU against itself: identical
+    assert all(row[2] == 0.0 for row in results["graph_parity"])
+    assert results["load_1000_1x1"]["rows"][0][6] == 0  # no errors
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # what comes back, nothing else
