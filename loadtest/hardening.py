@@ -147,7 +147,7 @@ def service_env(args: argparse.Namespace, redis_url: str) -> dict[str, str]:
 def load_redis(args: argparse.Namespace, env: dict[str, str], log: Path) -> float:
     """`falconrec load-redis` into the private Redis; returns its seconds."""
     t = time.monotonic()
-    cmd = [sys.executable, "-m", "service.cli", "load-redis", "--config", args.config]
+    cmd = [sys.executable, "-m", "falconrec.cli", "load-redis", "--config", args.config]
     cmd += ["--artifacts", str(args.artifacts), "--repo", str(args.repo)]
     with open(log, "a") as f:
         f.write(f"\n--- {time.strftime('%H:%M:%S')} {' '.join(cmd)}\n")
@@ -166,7 +166,7 @@ def load_redis(args: argparse.Namespace, env: dict[str, str], log: Path) -> floa
 
 
 def start_server(args: argparse.Namespace, env: dict[str, str], port: int, grpc_port: int, log: Path):
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--config", args.config, "--host", LOOPBACK]
+    cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--config", args.config, "--host", LOOPBACK]
     cmd += ["--port", str(port), "--grpc-port", str(grpc_port)]
     cmd += ["--artifacts", str(args.artifacts), "--repo", str(args.repo)]
     f = open(log, "a")  # noqa: SIM115 - the child keeps writing to it; closed by the OS at exit

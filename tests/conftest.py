@@ -41,7 +41,7 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     if prebuilt:
         return TinyBuild(Path(prebuilt))
     from training.config import load_config
-    from training.pipeline import Builder
+    from falconrec.build import Builder
 
     tb = TinyBuild(tmp_path_factory.mktemp("tiny"))
     t = time.time()

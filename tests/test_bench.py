@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.bench import ranking_table, stage_breakdown
+from loadtest.bench import ranking_table, stage_breakdown
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_bench_prints_side_by_side(tiny_build):
 
 def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
     """`falconrec bench --config some.toml` took the path as a folder name and crashed."""
-    from training.bench import efficiency_table
+    from loadtest.bench import efficiency_table
     from training.config import CONFIG_DIR
 
     toml = tmp_path / "tiny.toml"
@@ -39,7 +39,7 @@ def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
 
 
 def test_index_scale_bench_grows_the_catalog_and_scores_recall(tiny_build):
-    from training.scale import index_scale_bench
+    from loadtest.bench_index import index_scale_bench
 
     out = index_scale_bench(
         "tiny",

@@ -18,7 +18,7 @@ from service.contract import MODEL_NAMES, TRITON_DTYPES, Manifest, model_specs, 
 from training import train as T
 from training.config import load_config
 from training.models import HSTURanker, TwoTower
-from training.pipeline import Builder, train_inputs
+from falconrec.build import Builder, train_inputs
 
 
 def test_tiny_builds_end_to_end(tiny_build):

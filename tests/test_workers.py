@@ -48,7 +48,7 @@ def two_workers(tiny_build):
     args = [
         sys.executable,
         "-m",
-        "service.cli",
+        "falconrec.cli",
         "serve",
         "--config",
         "tiny",

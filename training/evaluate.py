@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from exporters.faiss_index import INDEX_FILE
+from service.pipeline.retrieval import INDEX_FILE
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import OnnxBackend
 from service.contract import ITEM_TOKENS_FILE, RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest

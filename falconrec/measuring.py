@@ -1,0 +1,163 @@
+"""The commands that measure: the load test, new-item latency, the serving benchmark, recall at catalog scale."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from falconrec.offline import require_offline
+from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
+from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
+
+
+def loadtest(
+    host: Annotated[str, typer.Option(help="running server")] = "http://127.0.0.1:8000",
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    rate: Annotated[float, typer.Option(help="requests per second, total")] = 50.0,
+    duration: Annotated[int, typer.Option(help="seconds")] = 60,
+    users: Annotated[int, typer.Option(help="Locust users (concurrency)")] = 20,
+    budget_ms: Annotated[float, typer.Option(help="p99 SLO in ms")] = 20.0,
+    num_candidates: Annotated[int | None, typer.Option(help="candidates ranked per request")] = None,
+    request_budget_ms: Annotated[
+        float | None,
+        typer.Option(help="budget_ms sent with each request (default: the server's); below the SLO by what HTTP costs"),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="where CSV, PNG and summary.md go")] = Path("loadtest/results"),
+    write_fraction: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="mixed profile: a second phase at the same read rate with this share of POST /v1/events "
+            "(write key from FALCONREC_LT_API_KEY)",
+        ),
+    ] = 0.0,
+) -> None:
+    """Fixed-rate headless Locust run; exits 1 when p99 > budget or errors > 0.1 %."""
+    from loadtest.run import run_loadtest
+    from service.artifacts import ArtifactPaths
+
+    rc, md = run_loadtest(
+        host,
+        ArtifactPaths.for_config(config, artifacts).data,
+        rate,
+        duration,
+        users,
+        out,
+        budget_ms,
+        num_candidates=num_candidates,
+        request_budget_ms=request_budget_ms,
+        write_fraction=write_fraction,
+        api_key=os.environ.get("FALCONREC_LT_API_KEY"),
+    )
+    Console().print(md)
+    raise typer.Exit(rc)
+
+
+def ingest_latency(
+    host: Annotated[str, typer.Option(help="replica to POST /v1/items to")] = "http://127.0.0.1:8000",
+    replica: Annotated[str | None, typer.Option(help="replica to watch (default: --host)")] = None,
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    items: Annotated[int, typer.Option(help="items POSTed one at a time (p50/p99)")] = 60,
+    burst: Annotated[int, typer.Option(help="items POSTed at once (items/s)")] = 60,
+    start_id: Annotated[int, typer.Option(help="first new item id (ids must be new)")] = 10_000_000,
+) -> None:
+    """POST /v1/items -> recommendable on a replica: p50/p99 one at a time, and items/s for a burst.
+    The write key comes from FALCONREC_LT_API_KEY."""
+    import numpy as np
+
+    from loadtest.ingest import measure_ingest, variants
+    from service.artifacts import ArtifactPaths
+
+    key = os.environ.get("FALCONREC_LT_API_KEY")
+    if not key:
+        console.print("[red]set FALCONREC_LT_API_KEY to a key with the write scope[/red]")
+        raise typer.Exit(2)
+    texts = np.load(ArtifactPaths.for_config(config, artifacts).data)["item_texts"].tolist()
+    tag = f"r{start_id}"
+    rep = measure_ingest(
+        host, replica or host, key, variants(texts, items, tag), start_id, variants(texts[items:], burst, tag + "b")
+    )
+    Console().print(rep.markdown())
+
+
+def bench(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    requests: Annotated[int, typer.Option(help="requests for the per-stage breakdown")] = 50,
+    repeat: Annotated[int, typer.Option(help="timed repeats per ranking cell (median)")] = 3,
+) -> None:
+    """Per-stage latency of one request; M-FALCON vs naive vs per-candidate; ORT vs torch eager."""
+    require_offline()
+    from loadtest.bench import efficiency_table, ranking_table, stage_breakdown
+    from service.contract import Manifest
+
+    cold = stage_breakdown(config, artifacts, repo, requests)
+    warm = stage_breakdown(config, artifacts, repo, requests, cached=True)
+    t = Table(title=f"one /v1/recommend, in-process ({config}), median of {requests} users")
+    t.add_column("stage")
+    t.add_column("ms, caches off", justify="right")
+    t.add_column("ms, history unchanged (cached)", justify="right")
+    for k in dict.fromkeys([*cold, *warm]):
+        fmt = (lambda v: f"{v:.0f}") if "candidates" in k else (lambda v: f"{v:.2f}")
+        t.add_row(k, *(fmt(d[k]) if k in d else "-" for d in (cold, warm)))
+    Console().print(t)
+    mb = Manifest.read(repo).microbatch
+    eff = efficiency_table(config, artifacts, repo, mb)
+    t = Table(
+        title=f"served graphs on 1 thread vs this machine's GEMM peak ({eff['gemm_peak_gflops']:.1f} GFLOP/s, "
+        "torch float32 512^3, 1 thread, same run)"
+    )
+    for col in ("graph", "MFLOP", "ms", "GFLOP/s", "of peak"):
+        t.add_column(col, justify="right")
+    for name, r in eff["rows"].items():
+        t.add_row(name, f"{r['MFLOP']:.1f}", f"{r['ms']:.2f}", f"{r['GFLOP/s']:.1f}", f"{r['of peak']:.0%}")
+    Console().print(t)
+    rows = ranking_table(config, artifacts, repo, mb, repeat)
+    t = Table(title=f"ranking m candidates after n history items (microbatch {mb}, 1 thread, median ms)")
+    for col in rows[0]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(*(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()))
+    Console().print(t)
+
+
+def bench_index(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    items: Annotated[int, typer.Option(help="catalog size to grow the built one to")] = 1_000_000,
+    kinds: Annotated[str, typer.Option(help="index kinds, comma-separated; flat (exact) first for recall")] = (
+        "flat,hnsw,ivf"
+    ),
+    queries: Annotated[int, typer.Option(help="real user vectors to search with")] = 200,
+    k: Annotated[int, typer.Option(help="candidates recalled (recall@k against exact search)")] = 1000,
+) -> None:
+    """Recall, memory, build time and search latency of each FAISS index kind at catalog scale (up to 1M)."""
+    require_offline()
+    from loadtest.bench_index import index_scale_bench
+
+    out = index_scale_bench(config, artifacts, repo, items, tuple(kinds.split(",")), queries, k, log=console.print)
+    t = Table(title=f"{out['items']:,} items, {out['queries']} real user vectors, top {out['k']}")
+    cols = ["index", "build s", "MB", "search p50 ms", "search p99 ms", f"recall@{out['k']}"]
+    for col in cols:
+        t.add_column(col, justify="right")
+    for kind, r in out["rows"].items():
+        rec = r.get(f"recall@{out['k']}")
+        t.add_row(
+            kind,
+            f"{r['build_s']:.1f}",
+            f"{r['bytes'] / 1e6:.0f}",
+            f"{r['search_p50_ms']:.2f}",
+            f"{r['search_p99_ms']:.2f}",
+            "-" if rec is None else f"{rec:.4f}",
+        )
+    Console().print(t)

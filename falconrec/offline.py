@@ -1,0 +1,185 @@
+"""The offline commands: build (or its steps), eval, cold-start. They import training and exporters (torch)
+lazily, so a serving-only install (no `train` extra) still runs the online commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
+from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
+
+
+def require_offline():
+    try:
+        from falconrec.build import Builder
+        from training.config import load_config
+    except ImportError as e:  # torch & co. live in the `train` extra
+        console.print(f"[red]offline commands need the train extra ({e}); pip install -e '.[train]'[/red]")
+        raise typer.Exit(2) from e
+    return load_config, Builder
+
+
+def builder(
+    config: str,
+    artifacts: Path,
+    repo: Path,
+    data_dir: Path | None = None,
+    download: bool = False,
+    force: bool = False,
+    tensorrt: bool = False,
+):
+    load_config, Builder = require_offline()
+    try:
+        cfg = load_config(config)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    return Builder(
+        cfg,
+        artifacts,
+        repo,
+        data_dir=data_dir,
+        download=download,
+        force=force,
+        log=lambda m: console.print(m),
+        tensorrt=tensorrt,
+    )
+
+
+def print_summary(results) -> None:
+    from falconrec.build import summary_rows
+
+    t = Table(title="falconrec build")
+    for col in ("step", "status", "time", "size", "result"):
+        t.add_column(col)
+    for row in summary_rows(results):
+        t.add_row(*row)
+    Console().print(t)
+
+
+def run_steps(b, until: str, only: set[str] | None = None) -> None:
+    from training.data import DatasetError
+
+    order = ["data", "embed", "train", "export", "index"]
+    try:
+        ds = b.data()
+        if order.index(until) >= 1:
+            emb, meta = b.embed(ds)
+        if order.index(until) >= 2:
+            b.train(ds, emb, only)
+        if order.index(until) >= 3:
+            manifest = b.export(ds, emb, meta)
+        if order.index(until) >= 4:
+            b.index(ds, emb, manifest)
+    except DatasetError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    print_summary(b.results)
+
+
+def build(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    data_dir: Annotated[Path | None, typer.Option(help="MovieLens-1M directory (default: FALCONREC_DATA_DIR)")] = None,
+    download: Annotated[bool, typer.Option(help="download ml-1m.zip (SHA-256 checked) if missing")] = False,
+    force: Annotated[bool, typer.Option(help="re-run every step")] = False,
+    tensorrt: Annotated[bool, typer.Option(help="add the TensorRT FP16 accelerator to config.pbtxt")] = False,
+) -> None:
+    """Data -> LLM embeddings -> train towers, HSTU, SASRec -> ONNX + config.pbtxt -> FAISS index."""
+    run_steps(builder(config, artifacts, repo, data_dir, download, force, tensorrt), "index")
+
+
+def embed(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Item text -> frozen text model -> mean-pooled content embeddings (float16, cached by text hash)."""
+    run_steps(builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "embed")
+
+
+def train(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    models: Annotated[str, typer.Option(help="comma list of towers, ranker, sasrec")] = "towers,ranker,sasrec",
+) -> None:
+    """Train the LEARN towers, the HSTU ranker and the SASRec baseline (after data and embed)."""
+    only = {m.strip() for m in models.split(",") if m.strip()}
+    unknown = only - {"towers", "ranker", "sasrec"}
+    if unknown:
+        console.print(f"[red]unknown models {sorted(unknown)}: choose from towers, ranker, sasrec[/red]")
+        raise typer.Exit(2)
+    run_steps(builder(config, artifacts, DEFAULT_REPOSITORY, data_dir), "train", only)
+
+
+def export(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    tensorrt: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Write the Triton model repository (ONNX + config.pbtxt) and the FAISS index (no training)."""
+    run_steps(builder(config, artifacts, repo, tensorrt=tensorrt), "index", only=set())
+
+
+def eval_(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    max_users: Annotated[int | None, typer.Option(help="evaluate the first N users only")] = None,
+) -> None:
+    """HR@10/NDCG@10/HR@50/HR@200 on the paper's protocol and the unfiltered one: popularity, SASRec, HSTU, cascade."""
+    require_offline()
+    from training.evaluate import evaluate
+
+    out = evaluate(config, artifacts, repo, max_users, log=lambda m: console.print(m))
+    for proto, rows in out["results"].items():
+        t = Table(
+            title=f"{out['dataset']} leave-one-out test, {out['users']} users, {out['items']} items — "
+            f"protocol '{proto}': {out['protocols'][proto]}"
+        )
+        for col in ("model", "HR@10", "NDCG@10", "HR@50", "HR@200"):
+            t.add_column(col)
+        # The paper's rows are on its own protocol: shown beside ours on that one only.
+        shown = {**rows, **out["paper"]} if proto == "paper" else rows
+        for name, m in shown.items():
+            t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
+        Console().print(t)
+    console.print(f"wrote {artifacts / 'eval.json'}")
+
+
+def cold_start(
+    config: ConfigOpt = "ml1m-cold",
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Hold a fraction of items out of training; cascade HR@10/NDCG@10 on them, content+ID vs ID-only."""
+    b = builder(config, artifacts, DEFAULT_REPOSITORY, data_dir)
+    from training.coldstart import run
+    from training.data import DatasetError
+
+    try:
+        ds = b.data()
+        emb, _ = b.embed(ds)
+    except DatasetError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from e
+    out = run(b.cfg, ds, emb, b.paths.root, log=lambda m: console.print(m))
+    t = Table(
+        title=f"cold items: {out['held_out_items']} of {out['items']} held out of training; "
+        f"{out['cold_test_events']} test events with a cold target (paper protocol; chance HR@10 "
+        f"{out['chance_hr@10']:.4f})"
+    )
+    for col in ("model", "HR@10", "NDCG@10", "HR@50", "HR@200"):
+        t.add_column(col)
+    for name, m in out["results"].items():
+        t.add_row(name, *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
+    Console().print(t)
+    console.print(f"wrote {b.paths.root / 'cold_start.json'}")

@@ -1,0 +1,20 @@
+"""What every command shares: the console, the common options and the default config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="build config: tiny, ml1m, ml1m-large or a .toml path")]
+ArtifactsOpt = Annotated[Path, typer.Option(help="where artifacts/<config>/ live")]
+RepoOpt = Annotated[Path, typer.Option("--repo", help="Triton model repository to write/serve")]
+
+
+def default_config() -> str:
+    return os.environ.get("FALCONREC_CONFIG", "ml1m")
