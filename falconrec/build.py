@@ -166,20 +166,7 @@ class Builder:
             self._step(f"train-{name}", _h(base, section_hash), [path], run)
 
     def dims(self, ds: Dataset, emb: np.ndarray) -> ModelDims:
-        r, t = self.cfg.ranker, self.cfg.towers
-        return ModelDims(
-            content_dim=int(emb.shape[1]),
-            tower_dim=t.d_model,
-            max_len=r.max_len,
-            d_model=r.d_model,
-            num_layers=r.num_layers,
-            num_heads=r.num_heads,
-            dqk=r.dqk,
-            dv=r.dv,
-            num_items=ds.num_items,
-            num_time_buckets=r.num_time_buckets,
-            tower_layers=t.num_layers,
-        )
+        return self.cfg.model_dims(int(emb.shape[1]), ds.num_items)
 
     def model_version(self) -> str:
         return _h(file_hash(self.paths.towers), file_hash(self.paths.ranker))[:12]

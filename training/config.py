@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from service.contract import ModelDims
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -121,6 +123,24 @@ class BuildConfig:
     index: IndexCfg = field(default_factory=IndexCfg)
     serve: ServeCfg = field(default_factory=ServeCfg)
     seed: int = 0
+
+    def model_dims(self, content_dim: int, num_items: int) -> ModelDims:
+        """The served models' sizes: the one mapping from this config to them (the ranker's and SASRec's
+        constructor arguments and the manifest's dims are all read from it)."""
+        r, t = self.ranker, self.towers
+        return ModelDims(
+            content_dim=content_dim,
+            tower_dim=t.d_model,
+            max_len=r.max_len,
+            d_model=r.d_model,
+            num_layers=r.num_layers,
+            num_heads=r.num_heads,
+            dqk=r.dqk,
+            dv=r.dv,
+            num_items=num_items,
+            num_time_buckets=r.num_time_buckets,
+            tower_layers=t.num_layers,
+        )
 
     def section_hash(self, *sections: str) -> str:
         payload = {s: asdict(getattr(self, s)) for s in sections}

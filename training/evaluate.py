@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from service.pipeline.retrieval import INDEX_FILE
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import OnnxBackend
 from service.contract import ITEM_TOKENS_FILE, RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.pipeline.retrieval import INDEX_FILE
 from training import train as T
 from training.batches import left_pad
 from training.data import Dataset

@@ -451,20 +451,12 @@ def _generator(seed: int, dev: torch.device) -> torch.Generator:
 # HSTU ranker
 # --------------------------------------------------------------------------------------------------
 def ranker_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
-    r = cfg.ranker
-    return dict(
-        content_dim=content_dim,
-        num_items=ds.num_items,
-        max_len=r.max_len,
-        d_model=r.d_model,
-        num_layers=r.num_layers,
-        num_heads=r.num_heads,
-        dqk=r.dqk,
-        dv=r.dv,
-        dropout=r.dropout,
-        num_time_buckets=r.num_time_buckets,
-        temperature=r.temperature,
-    )
+    d = cfg.model_dims(content_dim, ds.num_items)
+    sizes = ("content_dim", "num_items", "max_len", "d_model", "num_layers", "num_heads", "dqk", "dv")
+    return {k: getattr(d, k) for k in (*sizes, "num_time_buckets")} | {
+        "dropout": cfg.ranker.dropout,
+        "temperature": cfg.ranker.temperature,
+    }
 
 
 def target_position_scores(
@@ -592,17 +584,18 @@ SASREC_FROM_RANKER = (
 
 
 def sasrec_kwargs(cfg: BuildConfig, ds: Dataset, content_dim: int) -> dict:
-    r = cfg.ranker
-    return dict(
-        content_dim=content_dim,
-        num_items=ds.num_items,
-        max_len=r.max_len,
-        d=r.d_model,
-        layers=r.num_layers,
-        heads=r.num_heads,
-        dropout=r.dropout,
-        temperature=r.temperature,
-    )
+    """SASRec shares the ranker's sizes (under its own argument names)."""
+    d = cfg.model_dims(content_dim, ds.num_items)
+    return {
+        "content_dim": d.content_dim,
+        "num_items": d.num_items,
+        "max_len": d.max_len,
+        "d": d.d_model,
+        "layers": d.num_layers,
+        "heads": d.num_heads,
+        "dropout": cfg.ranker.dropout,
+        "temperature": cfg.ranker.temperature,
+    }
 
 
 def train_sasrec(
