@@ -40,8 +40,8 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     prebuilt = os.environ.get("FALCONREC_TEST_PREBUILT")
     if prebuilt:
         return TinyBuild(Path(prebuilt))
-    from training.config import load_config
     from falconrec.build import Builder
+    from training.config import load_config
 
     tb = TinyBuild(tmp_path_factory.mktemp("tiny"))
     t = time.time()

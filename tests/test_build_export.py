@@ -14,11 +14,11 @@ import torch
 from exporters.faiss_index import INDEX_FILE, INDEX_META
 from exporters.onnx_export import example_inputs, served_graphs
 from exporters.triton_config import PLATFORM, parse
+from falconrec.build import Builder, train_inputs
 from service.contract import MODEL_NAMES, TRITON_DTYPES, Manifest, model_specs, onnx_path
 from training import train as T
 from training.config import load_config
 from training.models import HSTURanker, TwoTower
-from falconrec.build import Builder, train_inputs
 
 
 def test_tiny_builds_end_to_end(tiny_build):
