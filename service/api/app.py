@@ -11,7 +11,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -61,6 +61,9 @@ from service.settings import Settings
 from service.stores.base import FeatureStore
 from service.stores.memory import InProcessStore
 from service.stores.redis import RedisStore
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("falconrec.app")
 
@@ -409,15 +412,29 @@ def create_app(settings: Settings | None = None, components: Components | None =
     return app
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for `app` (the server and the tests' servers alike): httptools with read deadlines and
+    the per-address limit on incomplete requests (service.api.http_protocol)."""
+    import uvicorn
+
+    from service.api.http_protocol import protocol_for
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http=protocol_for(settings),
+    )
+
+
 async def serve(settings: Settings, sockets: list | None = None) -> None:
     """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them)."""
     import uvicorn
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="auto", http="auto"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     log.info("HTTP on http://%s:%d  gRPC on %s:%d", settings.host, settings.port, settings.host, settings.grpc_port)
     await server.serve(sockets=sockets)
 
