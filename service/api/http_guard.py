@@ -3,8 +3,8 @@
 - the body of a POST /v1/* is read here, whole, capped and timed, before the request counts as in flight: 408
   and close when it has not arrived within `body_timeout_s` (64 sockets that sent a head and nothing more held
   every slot for ever), 413 over `max_body_bytes` whether or not it declared a Content-Length (a chunked 10 MB
-  body answered 400), 415 for a non-JSON content type, 400 with the reason for invalid UTF-8; the route then reads the
-  buffered body;
+  body answered 400), 415 for a non-JSON content type, 400 with the reason for invalid UTF-8; a body without a
+  content type is read as JSON; the route then reads the buffered body;
 - bounded concurrency: beyond `max_concurrency` whole requests in flight, 503 + Retry-After at once;
 - an exception no handler caught answers 500 here and is not re-raised, so the connection stays usable
   (re-raised, the server dropped the keep-alive connection and the client's next request failed);
@@ -33,7 +33,7 @@ KNOWN_PATHS = frozenset({*API_PATHS, "/healthz", "/readyz", "/metrics", "/openap
 
 
 def _is_json(content_type: bytes | None) -> bool:
-    if content_type is None:  # FastAPI reads a body without a content type as JSON; so do we
+    if content_type is None:  # read as JSON (the README says so): _read_body adds the header FastAPI needs
         return True
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -129,6 +129,8 @@ class GuardMiddleware:
         if body and not _is_json(content_type):
             await _reply(send, 415, "request body must be JSON (content-type: application/json)")
             raise _Answered
+        if content_type is None:  # read as JSON, as documented (FastAPI leaves such bytes unparsed: a 422)
+            scope["headers"] = [*scope.get("headers", []), (b"content-type", b"application/json")]
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
