@@ -278,21 +278,24 @@ def test_responses_are_counted_by_status(client):
     assert 'falconrec_responses_total{endpoint="/metrics",status="200"}' in text
 
 
-def test_score_timeouts_are_counted_as_shed(client, catalog):
-    """A score that runs out of budget is load shedding like any other 503 (it was not counted)."""
+def test_score_at_the_minimum_budget_is_answered_not_a_retryable_503(client, catalog):
+    """Issue 22, point 8: /v1/score cannot shrink its work (the caller named the items), so at the documented
+    minimum budget (0.1 ms) it answers the scores and says it ran over; it answered 503 "retry shortly" (5 of 20
+    tries), and a retry could not help. Each try misses the K/V cache (its own query_ts): the history pass runs."""
     uid = next(iter(catalog.user_histories))
     items = catalog.raw_ids[: min(1000, len(catalog.raw_ids))].tolist()
     shed = 'falconrec_shed_total{endpoint="/v1/score"}'
-    unavailable = 'falconrec_responses_total{endpoint="/v1/score",status="503"}'
-    text = client.get("/metrics").text
-    before_shed, before_503 = _value(text, shed), _value(text, unavailable)
-    codes = [
-        client.post("/v1/score", json={"user_id": uid, "item_ids": items, "budget_ms": 0.1}).status_code
-        for _ in range(10)
-    ]
-    assert set(codes) <= {200, 503}, codes
-    text = client.get("/metrics").text
-    assert _value(text, shed) - before_shed == _value(text, unavailable) - before_503 == codes.count(503)
+    before = _value(client.get("/metrics").text, shed)
+    late = 0
+    for i in range(20):
+        body = {"user_id": uid, "item_ids": items, "budget_ms": 0.1, "query_ts": 1_700_000_000 + 86_400 * 365 * i}
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert len(out["scores"]) == len(items)
+        late += any("budget ran out" in reason for reason in out["degraded_reasons"])
+    assert late > 0  # 0.1 ms is too little for the ranker here: answered, marked degraded
+    assert _value(client.get("/metrics").text, shed) == before
 
 
 # --- 5. overload --------------------------------------------------------------------------------------
