@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -174,6 +174,15 @@ def get_arrival(request: Request) -> float:
 
 
 ArrivalDep = Annotated[float, Depends(get_arrival)]
+# Checked by service.api.validation (one rule for HTTP and gRPC), documented here.
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="1-128 visible ASCII characters. Entries without an event_id get one derived from this key and "
+        "their index, so a retried batch (same key, same body) is written once",
+    ),
+]
 
 
 def _history(body: UserInput) -> list[tuple[int, int]] | None:
@@ -188,7 +197,7 @@ def _refuse(e: Exception, endpoint: str, metrics: Metrics) -> HTTPException:
     if r.shed:
         metrics.shed.labels(endpoint).inc()
     if r.http_status == 422:
-        return HTTPException(422, [InvalidInput(r.field or "body", r.message).as_error()])
+        return HTTPException(422, [InvalidInput(r.field or "body", r.message, r.where).as_error()])
     if r.http_status == 401:
         return HTTPException(401, r.message, headers={"WWW-Authenticate": "Bearer"})
     # A field (409: `items.0.item_id`) names the offending entry, as the gRPC details do.
@@ -383,10 +392,13 @@ def create_app(settings: Settings | None = None, components: Components | None =
         )
 
     @app.post("/v1/events", response_model=EventsResponse, responses=WRITE_ERRORS, dependencies=[require(WRITE)])
-    async def events(body: EventsRequest, c: ComponentsDep) -> EventsResponse:
+    async def events(
+        body: EventsRequest, c: ComponentsDep, idempotency_key: IdempotencyKeyDep = None
+    ) -> EventsResponse:
         """Append interactions to users' histories (all of the batch or none); the next request ranks with them."""
         try:
-            evs = check_events(body, c.settings, lambda i: i in c.recommender.catalog.index_of, time.time())
+            known = c.recommender.catalog.index_of.__contains__
+            evs = check_events(body, c.settings, known, time.time(), idempotency_key)
             out = await c.live.record_events(evs)
         except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
             raise _refuse(e, "/v1/events", c.metrics) from e

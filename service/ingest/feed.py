@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.ingest.live import IngestedItem, ItemJob
+from service.ingest.live import Conflict, IngestedItem, ItemJob
 from service.redact import for_log
 from service.settings import Settings
+from service.stores.base import item_job_key
 
 log = logging.getLogger("falconrec.ingest")
 
@@ -38,17 +39,58 @@ WORKER_MODULE = "service.ingest.worker"
 Apply = Callable[[list[IngestedItem]], Awaitable[int]]
 
 
+# One script per POST /v1/items, all of its jobs or none, each job once: an id whose marker (item_job_key) holds
+# another job's digest refuses the whole batch ({queued, index of the conflict}); a job whose marker holds its own
+# digest was queued before (a retry: a frozen Redis ran the first attempt after its client had been told 503) and is
+# not queued again. KEYS: the jobs stream, then each job's marker. ARGV: each job's JOB_FIELDS, in that order.
+JOB_FIELDS = ("item_id", "text", "title", "submitted_at", "digest", "version")
+ENQUEUE_LUA = """
+local w = 6
+for i = 2, #KEYS do
+  local cur = redis.call('GET', KEYS[i])
+  if cur and cur ~= ARGV[(i - 2) * w + 5] then
+    return {0, i - 2}
+  end
+end
+local queued = 0
+for i = 2, #KEYS do
+  local b = (i - 2) * w
+  if redis.call('SET', KEYS[i], ARGV[b + 5], 'NX') then
+    redis.call('XADD', KEYS[1], '*', 'item_id', ARGV[b + 1], 'text', ARGV[b + 2], 'title', ARGV[b + 3],
+      'submitted_at', ARGV[b + 4], 'digest', ARGV[b + 5], 'version', ARGV[b + 6])
+    queued = queued + 1
+  end
+end
+return {queued, -1}
+"""
+
+
 def log_key(version: str) -> str:
     return f"items:{version}:log"
 
 
 def encode_result(item: IngestedItem) -> dict[str, str]:
-    return {
+    out = {
         "item_id": str(item.item_id),
         "title": item.title,
         "emb": base64.b64encode(np.asarray(item.emb, np.float16).tobytes()).decode(),
         "submitted_at": repr(item.submitted_at),
     }
+    if item.digest is not None:
+        out["digest"] = item.digest
+    return out
+
+
+def encode_job(job: ItemJob, version: str | None = None) -> dict[str, str]:
+    """A job as the worker reads it (stream fields, or a JSON line without the version)."""
+    out = {
+        "item_id": str(job.item_id),
+        "text": job.text,
+        "title": job.title,
+        "submitted_at": repr(job.submitted_at),
+        "digest": job.digest,
+    }
+    return out if version is None else {**out, "version": version}
 
 
 def decode_result(fields: dict, dim: int) -> IngestedItem | None:
@@ -57,16 +99,17 @@ def decode_result(fields: dict, dim: int) -> IngestedItem | None:
     try:
         raw = f["emb"]
         emb = np.frombuffer(base64.b64decode(raw), np.float16)
-        title = f["title"].decode() if isinstance(f["title"], bytes) else f["title"]
+        title = _as_str(f["title"])
+        digest = _as_str(f["digest"]) if f.get("digest") else None
         if emb.shape != (dim,):
             raise ValueError(f"embedding of {emb.size} values, the model takes {dim}")
-        return IngestedItem(int(f["item_id"]), title, emb, float(f["submitted_at"]))
+        return IngestedItem(int(f["item_id"]), title, emb, float(f["submitted_at"]), digest)
     except (KeyError, ValueError, TypeError) as e:
         log.warning("skipped a malformed ingested item: %s", for_log(e))
         return None
 
 
-def _entry_id(raw: bytes | str) -> str:
+def _as_str(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
@@ -156,11 +199,7 @@ class PipeFeed(ItemFeed):
             raise Unavailable("no ingestion worker here: set FALCONREC_INGEST_WORKER=lazy, or use Redis")
         proc = await self._spawn(stdio=True, env={})
         assert proc.stdin is not None
-        lines = [
-            json.dumps({"item_id": j.item_id, "text": j.text, "title": j.title, "submitted_at": j.submitted_at})
-            for j in jobs
-        ]
-        proc.stdin.write(("\n".join(lines) + "\n").encode())
+        proc.stdin.write(("\n".join(json.dumps(encode_job(j)) for j in jobs) + "\n").encode())
         await proc.stdin.drain()
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
@@ -206,6 +245,7 @@ class RedisFeed(ItemFeed):
         self.version = version
         # Its own connections: the tail blocks in XREAD for up to a second, beyond the request path's timeouts.
         self.client = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=5.0)
+        self._enqueue = self.client.register_script(ENQUEUE_LUA)
         self._tail: asyncio.Task | None = None
         self.position = "0-0"
         self._caught_up: str | None = None
@@ -230,24 +270,21 @@ class RedisFeed(ItemFeed):
 
         version = self.version()
         if version is None:
-            raise Unavailable("feature store unavailable: no live version to add items to, retry")
+            raise Unavailable("feature store unavailable: no live version to add items to; items not queued, retry")
+        keys = [JOBS_STREAM, *(item_job_key(version, j.item_id) for j in jobs)]
+        args = [v for j in jobs for v in map(encode_job(j, version).get, JOB_FIELDS)]
         try:
-            pipe = self.client.pipeline(transaction=True)  # all the batch's jobs or none
-            for j in jobs:
-                pipe.xadd(
-                    JOBS_STREAM,
-                    {
-                        "item_id": str(j.item_id),
-                        "text": j.text,
-                        "title": j.title,
-                        "version": version,
-                        "submitted_at": repr(j.submitted_at),
-                    },
-                )
-            await asyncio.wait_for(pipe.execute(), 2.0)
-        except Exception as e:  # noqa: BLE001 - the store is down or slow: 503, nothing half-queued
+            queued, conflict = await asyncio.wait_for(self._enqueue(keys=keys, args=args), 2.0)
+        except Exception as e:  # noqa: BLE001 - down or frozen: a frozen Redis runs the script when it resumes
             log.warning("could not queue items: %s", for_log(e))
-            raise Unavailable("feature store unavailable: items not queued, retry") from e
+            raise Unavailable(
+                "feature store unavailable: the items may have been queued; retry the same request "
+                "(a repeated job is not queued twice)"
+            ) from e
+        if conflict >= 0:
+            j = jobs[conflict]
+            raise Conflict(f"items.{conflict}.item_id", f"item {j.item_id} already exists or is being added")
+        log.debug("queued %d of %d items (the rest were queued before)", queued, len(jobs))
         await self._spawn_worker()
 
     async def _catch_up(self) -> None:
@@ -258,7 +295,7 @@ class RedisFeed(ItemFeed):
             if not entries:
                 return
             self.applied += await self.apply([it for _, f in entries if (it := decode_result(f, self.dim))])
-            self.position = _entry_id(entries[-1][0])
+            self.position = _as_str(entries[-1][0])
 
     async def _follow(self) -> None:
         version = self._caught_up  # self.position is where _catch_up left this version's log
@@ -289,7 +326,7 @@ class RedisFeed(ItemFeed):
                     log.error("could not add live items: %s", for_log(e))
                     await asyncio.sleep(self.s.redis_retry_s)
                     break
-                self.position = _entry_id(entries[-1][0])
+                self.position = _as_str(entries[-1][0])
 
     def describe(self) -> dict:
         return {"kind": "redis", "log_position": self.position, "applied": self.applied, **self._worker_state()}

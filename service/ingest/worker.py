@@ -32,7 +32,7 @@ from service.contract import Manifest
 from service.ingest.feed import GROUP, JOBS_STREAM, encode_result, log_key
 from service.ingest.live import IngestedItem
 from service.redact import for_log
-from service.stores.base import emb_key
+from service.stores.base import emb_key, item_job_key
 
 log = logging.getLogger("falconrec.ingest.worker")
 
@@ -114,12 +114,14 @@ def run_stdio(embed: Embedder, batch: int, parent_pid: int | None) -> None:
         for a in range(0, len(jobs), batch):
             chunk_jobs = jobs[a : a + batch]
             vecs = embed([j["text"] for j in chunk_jobs])
-            out = [
-                json.dumps(encode_result(IngestedItem(int(j["item_id"]), j["title"], v, float(j["submitted_at"]))))
-                for j, v in zip(chunk_jobs, vecs, strict=True)
-            ]
+            out = [json.dumps(encode_result(_ingested(j, v))) for j, v in zip(chunk_jobs, vecs, strict=True)]
             sys.stdout.write("\n".join(out) + "\n")
             sys.stdout.flush()
+
+
+def _ingested(job: dict[str, str], emb: np.ndarray) -> IngestedItem:
+    """A job's result (the job's digest travels with it: replicas answer a repeated POST from it)."""
+    return IngestedItem(int(job["item_id"]), job["title"], emb, float(job["submitted_at"]), job.get("digest"))
 
 
 # --- redis -------------------------------------------------------------------------------------------------
@@ -168,10 +170,12 @@ def _process(r, embed: Embedder, entries: list) -> None:
         log.error("dropped %d jobs the text model failed on: %s", len(jobs), for_log(e))
         r.xack(JOBS_STREAM, GROUP, *[eid for eid, _ in jobs])
         r.xdel(JOBS_STREAM, *[eid for eid, _ in jobs])
+        # Free their ids: a marker without a job or a logged item would answer every retry "queued" for ever.
+        r.delete(*[item_job_key(f["version"], int(f["item_id"])) for _, f in jobs])
         return
     pipe = r.pipeline(transaction=True)
     for (eid, f), v in zip(jobs, vecs, strict=True):
-        item = IngestedItem(int(f["item_id"]), f["title"], v, float(f["submitted_at"]))
+        item = _ingested(f, v)
         pipe.set(emb_key(f["version"], item.item_id), v.tobytes())
         pipe.xadd(log_key(f["version"]), encode_result(item))
         pipe.xack(JOBS_STREAM, GROUP, eid)
