@@ -139,9 +139,9 @@ async def build_components(settings: Settings) -> Components:
     live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
     feed: ItemFeed
     if isinstance(store, RedisStore):
-        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version)
+        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version, live.metrics)
     else:
-        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply)
+        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply, live.metrics)
     live.feed = feed
     await feed.start()  # replays the items added live so far (Redis), before the first request
     return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics, keys, live)
@@ -316,6 +316,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
             reasons.append(f"store {store['store']} unavailable: {store.get('error')}")
         if not backend_ok:
             reasons.append(f"backend {c.backend.name} unavailable" + (", using fallback" if c.fallback else ""))
+        if ingest := c.live.problem():
+            reasons.append(ingest)
         # Operators' detail stays, without addresses, paths or credentials (describe() lists URLs and dirs).
         return JSONResponse(
             redact_tree(

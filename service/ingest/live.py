@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from service.api.schemas import ItemIn
 from service.backends.base import BackendUnavailable, InferenceBackend
@@ -88,6 +88,18 @@ class LiveMetrics:
             "falconrec_item_visible_seconds",
             "POST /v1/items -> servable on this replica",
             buckets=VISIBLE_BUCKETS,
+            registry=m.registry,
+        )
+        # The ingestion queue (with Redis: the whole jobs stream, every replica's jobs), measured every second.
+        self.jobs_waiting = Gauge(
+            "falconrec_ingest_jobs_waiting", "item jobs queued for the ingestion worker, not done", registry=m.registry
+        )
+        self.oldest_job = Gauge(
+            "falconrec_ingest_oldest_job_seconds", "age of the oldest waiting item job", registry=m.registry
+        )
+        self.worker_restarts = Counter(
+            "falconrec_ingest_worker_restarts_total",
+            "ingestion workers this replica restarted after one exited",
             registry=m.registry,
         )
 
@@ -226,6 +238,10 @@ class LiveData:
             if self.fallback is None:
                 raise
             return (await self.fallback.infer(model, inputs, timeout_s=10.0))[output]
+
+    def problem(self) -> str | None:
+        """Why accepted items are not becoming servable (for /readyz), or None."""
+        return self.feed.problem() if self.feed is not None else None
 
     def status(self) -> dict:
         return {
