@@ -56,7 +56,7 @@ def load_redis(
     deleted = 0
     if previous and previous.decode() != version and not keep_old:
         old = previous.decode()
-        for pattern in (f"emb:{old}:*", f"hist:{old}:*"):
+        for pattern in (f"emb:{old}:*", f"hist:{old}:*", f"itemjob:{old}:*"):
             batch = []
             for key in r.scan_iter(match=pattern, count=5000):
                 batch.append(key)

@@ -77,7 +77,17 @@ class Settings(BaseSettings):
     score_batch_concurrency: int = Field(
         1, ge=1, description="users of one ScoreBatch in the pipeline at once (they queue FIFO with HTTP)"
     )
-    max_concurrency: int = Field(64, ge=1, description="in-flight requests; beyond it: 503 at once")
+    max_concurrency: int = Field(
+        64, ge=1, description="requests in flight (counted once their body has arrived); beyond it: 503 at once"
+    )
+    # Slow clients (issue 22): 64 sockets that sent a head and no body held every admission slot for ever. A body
+    # must now arrive within body_timeout_s (408 and close), a request head within header_timeout_s, and a request
+    # counts against max_concurrency only once its body is in (service/api/http_guard.py, http_protocol.py).
+    header_timeout_s: float = Field(5.0, gt=0, description="a request head must arrive within this (408, close)")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this (408, close)")
+    max_incomplete_per_client: int = Field(
+        32, ge=1, description="connections part-way through a request per client address; more push out the oldest"
+    )
     # 8, not 2, since candidate scoring batches across requests: at 100 req/s on 2 cores (ml1m, 30 s runs) 2 gave
     # p99 33 ms with 31 % degraded, 8 gave 27-30 ms with 7-18 % (ranking waits on the same two workers either way).
     max_active: int = Field(

@@ -66,13 +66,11 @@ class RunningServer:
 
         import uvicorn
 
-        from service.api.app import create_app
+        from service.api.app import create_app, uvicorn_config
 
         self.settings = settings
         self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False)
-        )
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60

@@ -1,5 +1,6 @@
-"""Issue 9 over real HTTP (uvicorn on loopback): no 5xx from any input, the connection survives a failure,
-protocol details (413/415/400), the OpenAPI document says what is enforced, responses counted by status."""
+"""Issues 9 and 22 over real HTTP (uvicorn on loopback): no 5xx from any input, the connection survives a failure,
+protocol details (413/415/400, a body without a content type read as JSON), strict integers, the OpenAPI document
+says what is enforced, responses counted by status, overload shed at arrival."""
 
 from __future__ import annotations
 
@@ -59,13 +60,74 @@ def test_largest_int64_is_served(client, catalog):
     assert client.post("/v1/recommend", json={"user_id": INT64_MAX}).status_code == 404
 
 
-def _fill(obj, item: int):
+WRITE_KEY = "hardening-write-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_build):
+    from tests.conftest import RunningServer, server_settings
+
+    srv = RunningServer(server_settings(tiny_build, grpc_port=0, api_keys=[f"write:{WRITE_KEY}"]))
+    yield srv
+    srv.stop()
+
+
+# --- issue 22, 6. strict integers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "path, payload, field",
+    [
+        ("/v1/recommend", {"user_id": "USER", "k": True}, "user_id"),
+        ("/v1/recommend", {"user_id": True}, "user_id"),
+        ("/v1/recommend", {"user_id": "USERINT", "k": True}, "k"),
+        ("/v1/recommend", {"user_id": "USERINT", "num_candidates": "50"}, "num_candidates"),
+        ("/v1/recommend", {"user_id": "USERINT", "k": 5.0}, "k"),
+        ("/v1/recommend", {"history": [{"item_id": "ITEMSTR", "ts": 1}]}, "history"),
+        ("/v1/recommend", {"history": [{"item_id": "ITEM", "ts": False}]}, "history"),
+        ("/v1/recommend", {"user_id": "USERINT", "query_ts": "1"}, "query_ts"),
+        ("/v1/recommend", {"user_id": "USERINT", "budget_ms": "50"}, "budget_ms"),
+        ("/v1/recommend", {"user_id": "USERINT", "exclude_seen": 1}, "exclude_seen"),
+        ("/v1/score", {"user_id": "USERINT", "item_ids": [True]}, "item_ids"),
+        ("/v1/score", {"user_id": "USERINT", "item_ids": ["ITEMSTR"]}, "item_ids"),
+    ],
+)
+def test_ids_times_and_counts_are_strict_integers(client, catalog, path, payload, field):
+    """`true` or `"1"` where an integer belongs is a 422 naming the field (lax mode read true as 1 and answered
+    200 to `{"user_id": "1", "k": true}`)."""
+    r = client.post(path, json=_fill(payload, _item(catalog), next(iter(catalog.user_histories))))
+    assert r.status_code == 422, r.text
+    assert any(e["loc"][:2] == ["body", field] for e in r.json()["detail"]), r.text
+
+
+def test_events_refuse_booleans_for_ids_and_times(keyed, catalog):
+    """`{"events": [{"user_id": true, "item_id": true, "ts": false}]}` answered 200 and wrote user 1, item 1, ts 0."""
+    auth = {"authorization": f"Bearer {WRITE_KEY}"}
+    with httpx.Client(base_url=keyed.url, timeout=30) as c:
+        for event in (
+            {"user_id": True, "item_id": True, "ts": False},
+            {"user_id": "1", "item_id": _item(catalog), "ts": 1},
+            {"user_id": 1, "item_id": _item(catalog), "ts": 1.0},
+        ):
+            r = c.post("/v1/events", json={"events": [event]}, headers=auth)
+            assert r.status_code == 422, (event, r.text)
+        r = c.post("/v1/items", json={"items": [{"item_id": "123456789", "text": "t"}]}, headers=auth)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "items", 0, "item_id"], r.text
+        ok = c.post("/v1/events", json={"events": [{"user_id": 1, "item_id": _item(catalog), "ts": 1}]}, headers=auth)
+        assert ok.status_code == 200, ok.text  # the same event with integers is written
+
+
+def _fill(obj, item: int, user: int | None = None):
+    if obj == "USER":
+        return str(user)
+    if obj == "USERINT":
+        return user
+    if obj == "ITEMSTR":
+        return str(item)
     if obj == "ITEM":
         return item
     if isinstance(obj, dict):
-        return {k: _fill(v, item) for k, v in obj.items()}
+        return {k: _fill(v, item, user) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_fill(v, item) for v in obj]
+        return [_fill(v, item, user) for v in obj]
     return obj
 
 
@@ -151,6 +213,19 @@ def test_wrong_content_type_is_415(client):
     assert ok.status_code == 404  # the right type goes through (to an unknown user)
 
 
+def test_body_without_content_type_is_read_as_json(server, client, catalog):
+    """What the README says; it answered 422 "Input should be a valid dictionary" (FastAPI left the bytes unparsed)."""
+    body = b'{"user_id": %d, "k": 3}' % next(iter(catalog.user_histories))
+    r = client.post("/v1/recommend", content=body)
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200 and len(r.json()["items"]) == 3, r.text
+    head = b"POST /v1/recommend HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    status, data = _raw(server.settings.port, head, [body])
+    assert status == 200, data[:300]
+    bad = client.post("/v1/recommend", content=b'{"user_id": }')
+    assert bad.status_code == 422 and bad.json()["detail"][0]["type"] == "json_invalid", bad.text
+
+
 def test_invalid_utf8_is_400_with_a_reason(client):
     r = client.post("/v1/recommend", content=b'{"user_id": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert r.status_code == 400 and "UTF-8" in r.json()["detail"]
@@ -203,21 +278,24 @@ def test_responses_are_counted_by_status(client):
     assert 'falconrec_responses_total{endpoint="/metrics",status="200"}' in text
 
 
-def test_score_timeouts_are_counted_as_shed(client, catalog):
-    """A score that runs out of budget is load shedding like any other 503 (it was not counted)."""
+def test_score_at_the_minimum_budget_is_answered_not_a_retryable_503(client, catalog):
+    """Issue 22, point 8: /v1/score cannot shrink its work (the caller named the items), so at the documented
+    minimum budget (0.1 ms) it answers the scores and says it ran over; it answered 503 "retry shortly" (5 of 20
+    tries), and a retry could not help. Each try misses the K/V cache (its own query_ts): the history pass runs."""
     uid = next(iter(catalog.user_histories))
     items = catalog.raw_ids[: min(1000, len(catalog.raw_ids))].tolist()
     shed = 'falconrec_shed_total{endpoint="/v1/score"}'
-    unavailable = 'falconrec_responses_total{endpoint="/v1/score",status="503"}'
-    text = client.get("/metrics").text
-    before_shed, before_503 = _value(text, shed), _value(text, unavailable)
-    codes = [
-        client.post("/v1/score", json={"user_id": uid, "item_ids": items, "budget_ms": 0.1}).status_code
-        for _ in range(10)
-    ]
-    assert set(codes) <= {200, 503}, codes
-    text = client.get("/metrics").text
-    assert _value(text, shed) - before_shed == _value(text, unavailable) - before_503 == codes.count(503)
+    before = _value(client.get("/metrics").text, shed)
+    late = 0
+    for i in range(20):
+        body = {"user_id": uid, "item_ids": items, "budget_ms": 0.1, "query_ts": 1_700_000_000 + 86_400 * 365 * i}
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert len(out["scores"]) == len(items)
+        late += any("budget ran out" in reason for reason in out["degraded_reasons"])
+    assert late > 0  # 0.1 ms is too little for the ranker here: answered, marked degraded
+    assert _value(client.get("/metrics").text, shed) == before
 
 
 # --- 5. overload --------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -61,6 +61,9 @@ from service.settings import Settings
 from service.stores.base import FeatureStore
 from service.stores.memory import InProcessStore
 from service.stores.redis import RedisStore
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("falconrec.app")
 
@@ -137,9 +140,9 @@ async def build_components(settings: Settings) -> Components:
     live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
     feed: ItemFeed
     if isinstance(store, RedisStore):
-        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version)
+        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version, live.metrics)
     else:
-        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply)
+        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply, live.metrics)
     live.feed = feed
     await feed.start()  # replays the items added live so far (Redis), before the first request
     return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics, keys, live)
@@ -172,6 +175,15 @@ def get_arrival(request: Request) -> float:
 
 
 ArrivalDep = Annotated[float, Depends(get_arrival)]
+# Checked by service.api.validation (one rule for HTTP and gRPC), documented here.
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="1-128 visible ASCII characters. Entries without an event_id get one derived from this key and "
+        "their index, so a retried batch (same key, same body) is written once",
+    ),
+]
 
 
 def _history(body: UserInput) -> list[tuple[int, int]] | None:
@@ -186,7 +198,7 @@ def _refuse(e: Exception, endpoint: str, metrics: Metrics) -> HTTPException:
     if r.shed:
         metrics.shed.labels(endpoint).inc()
     if r.http_status == 422:
-        return HTTPException(422, [InvalidInput(r.field or "body", r.message).as_error()])
+        return HTTPException(422, [InvalidInput(r.field or "body", r.message, r.where).as_error()])
     if r.http_status == 401:
         return HTTPException(401, r.message, headers={"WWW-Authenticate": "Bearer"})
     # A field (409: `items.0.item_id`) names the offending entry, as the gRPC details do.
@@ -305,6 +317,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
             reasons.append(f"store {store['store']} unavailable: {store.get('error')}")
         if not backend_ok:
             reasons.append(f"backend {c.backend.name} unavailable" + (", using fallback" if c.fallback else ""))
+        if ingest := c.live.problem():
+            reasons.append(ingest)
         # Operators' detail stays, without addresses, paths or credentials (describe() lists URLs and dirs).
         return JSONResponse(
             redact_tree(
@@ -381,10 +395,13 @@ def create_app(settings: Settings | None = None, components: Components | None =
         )
 
     @app.post("/v1/events", response_model=EventsResponse, responses=WRITE_ERRORS, dependencies=[require(WRITE)])
-    async def events(body: EventsRequest, c: ComponentsDep) -> EventsResponse:
+    async def events(
+        body: EventsRequest, c: ComponentsDep, idempotency_key: IdempotencyKeyDep = None
+    ) -> EventsResponse:
         """Append interactions to users' histories (all of the batch or none); the next request ranks with them."""
         try:
-            evs = check_events(body, c.settings, lambda i: i in c.recommender.catalog.index_of, time.time())
+            known = c.recommender.catalog.index_of.__contains__
+            evs = check_events(body, c.settings, known, time.time(), idempotency_key)
             out = await c.live.record_events(evs)
         except Exception as e:  # noqa: BLE001 - _refuse re-raises what it does not know
             raise _refuse(e, "/v1/events", c.metrics) from e
@@ -410,15 +427,29 @@ def create_app(settings: Settings | None = None, components: Components | None =
     return app
 
 
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for `app` (the server and the tests' servers alike): httptools with read deadlines and
+    the per-address limit on incomplete requests (service.api.http_protocol)."""
+    import uvicorn
+
+    from service.api.http_protocol import protocol_for
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http=protocol_for(settings),
+    )
+
+
 async def serve(settings: Settings, sockets: list | None = None) -> None:
     """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them)."""
     import uvicorn
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", access_log=False, loop="auto", http="auto"
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     log.info("HTTP on http://%s:%d  gRPC on %s:%d", settings.host, settings.port, settings.host, settings.grpc_port)
     await server.serve(sockets=sockets)
 

@@ -21,6 +21,7 @@ class Refusal:
     grpc_code: str  # a grpc.StatusCode name
     message: str
     field: str | None = None  # for 422 / INVALID_ARGUMENT
+    where: str = "body"  # where the field is: the body, or a header (gRPC: metadata)
     shed: bool = False  # counted in falconrec_shed_total: load or time made us refuse
     retry: bool = False  # 503 with Retry-After: trying again shortly can succeed
 
@@ -31,7 +32,9 @@ class Refusal:
 
 def refusal(e: BaseException) -> Refusal | None:
     """The answer for an expected failure; None for a bug (answered 500 / INTERNAL, logged)."""
-    if isinstance(e, InvalidInput | BadRequest):
+    if isinstance(e, InvalidInput):
+        return Refusal(422, "INVALID_ARGUMENT", str(e), field=e.field, where=e.where)
+    if isinstance(e, BadRequest):
         return Refusal(422, "INVALID_ARGUMENT", str(e), field=e.field)
     if isinstance(e, AuthError):
         return Refusal(e.status, "UNAUTHENTICATED" if e.status == 401 else "PERMISSION_DENIED", str(e))

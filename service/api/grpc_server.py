@@ -22,7 +22,15 @@ from grpc_reflection.v1alpha import reflection
 from service.api.auth import READ, WRITE, AuthError
 from service.api.errors import refusal
 from service.api.schemas import EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest
-from service.api.validation import InvalidInput, check_events, check_items, check_recommend, check_score, parse
+from service.api.validation import (
+    IDEMPOTENCY_HEADER,
+    InvalidInput,
+    check_events,
+    check_items,
+    check_recommend,
+    check_score,
+    parse,
+)
 from service.proto import recommender_pb2 as pb
 from service.redact import for_log
 
@@ -78,6 +86,12 @@ def items_input(r: pb.AddItemsRequest) -> dict:
     }
 
 
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    """A text metadata value (keys arrive lower-case), or None."""
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), None)
+    return value if isinstance(value, str) else None
+
+
 def _decode(cls: type[Message], raw: bytes) -> Any:
     try:
         return cls.FromString(raw)
@@ -98,9 +112,8 @@ class RecommenderServicer:
 
     async def _authorize(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
         """The HTTP keys, from `authorization` metadata. The key is never logged or echoed."""
-        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         try:
-            self.c.keys.check(header if isinstance(header, str) else None, scope)
+            self.c.keys.check(_metadata(context, "authorization"), scope)
         except AuthError as e:
             code, details = self._failure(method, e)
             await self._abort(context, method, code, details)
@@ -207,8 +220,8 @@ class RecommenderServicer:
             await self._abort(context, "RecordEvents", grpc.StatusCode.INVALID_ARGUMENT, "not a RecordEventsRequest")
         try:
             body: EventsRequest = parse(EventsRequest, events_input(request))
-            catalog = self.c.recommender.catalog
-            evs = check_events(body, self.c.settings, lambda i: i in catalog.index_of, time.time())
+            known = self.c.recommender.catalog.index_of.__contains__
+            evs = check_events(body, self.c.settings, known, time.time(), _metadata(context, IDEMPOTENCY_HEADER))
             out = await self.c.live.record_events(evs)
         except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
             code, details = self._failure("RecordEvents", e)

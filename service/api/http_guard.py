@@ -1,9 +1,11 @@
 """The ASGI layer in front of every route: what no input may get past.
 
-- bounded concurrency: beyond `max_concurrency` in flight, 503 + Retry-After at once;
-- the body of a POST /v1/* is read here, whole and capped: 413 over `max_body_bytes` whether or not it
-  declared a Content-Length (a chunked 10 MB body answered 400), 415 for a non-JSON content type, 400 with
-  the reason for invalid UTF-8; the route then reads the buffered body;
+- the body of a POST /v1/* is read here, whole, capped and timed, before the request counts as in flight: 408
+  and close when it has not arrived within `body_timeout_s` (64 sockets that sent a head and nothing more held
+  every slot for ever), 413 over `max_body_bytes` whether or not it declared a Content-Length (a chunked 10 MB
+  body answered 400), 415 for a non-JSON content type, 400 with the reason for invalid UTF-8; a body without a
+  content type is read as JSON; the route then reads the buffered body;
+- bounded concurrency: beyond `max_concurrency` whole requests in flight, 503 + Retry-After at once;
 - an exception no handler caught answers 500 here and is not re-raised, so the connection stays usable
   (re-raised, the server dropped the keep-alive connection and the client's next request failed);
 - every response is counted by endpoint and status.
@@ -31,7 +33,7 @@ KNOWN_PATHS = frozenset({*API_PATHS, "/healthz", "/readyz", "/metrics", "/openap
 
 
 def _is_json(content_type: bytes | None) -> bool:
-    if content_type is None:  # FastAPI reads a body without a content type as JSON; so do we
+    if content_type is None:  # read as JSON (the README says so): _read_body adds the header FastAPI needs
         return True
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
@@ -77,6 +79,10 @@ class GuardMiddleware:
             await _reply(counted_send, 500, "internal error")
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
+        scope[ARRIVAL] = time.perf_counter()  # the budget counts from here, not from when the handler starts
+        # The body first: a request counts against max_concurrency only once it is whole, so slow senders hold
+        # no slot (they are answered 408 at body_timeout_s instead).
+        body = await self._read_body(scope, receive, send)
         if self.inflight >= self.s.max_concurrency:
             m = self.metrics()
             if m is not None:
@@ -84,9 +90,7 @@ class GuardMiddleware:
             await _reply(send, 503, "overloaded: too many requests in flight, retry shortly", retry_after=True)
             return
         self.inflight += 1
-        scope[ARRIVAL] = time.perf_counter()  # the budget counts from here, not from when the handler starts
         try:
-            body = await self._read_body(scope, receive, send)
             replayed = False
 
             async def replay() -> Message:
@@ -108,32 +112,54 @@ class GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > cap:
             await _reply(send, 413, too_large, close=True)
             raise _Answered
-        chunks: list[bytes] = []
-        size = 0
-        more = scope["method"] not in ("GET", "HEAD")
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise _Answered  # nobody to answer
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > cap:  # chunked, or a Content-Length that lied: answer, close
-                if msg.get("more_body", False):
+        body = b""
+        if scope["method"] not in ("GET", "HEAD"):
+            try:
+                async with asyncio.timeout(self.s.body_timeout_s):
+                    body = await _receive_body(receive, cap)
+            except TimeoutError:
+                await _reply(send, 408, f"request body not received within {self.s.body_timeout_s:g} s", close=True)
+                raise _Answered from None
+            except _TooLarge as e:  # chunked, or a Content-Length that lied: answer, close
+                if e.more:
                     await _drain(receive, DRAIN_BYTES_FACTOR * cap, DRAIN_SECONDS)
                 await _reply(send, 413, too_large, close=True)
-                raise _Answered
-            chunks.append(chunk)
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        if body and not _is_json(headers.get(b"content-type")):
+                raise _Answered from None
+        content_type = headers.get(b"content-type")
+        if body and not _is_json(content_type):
             await _reply(send, 415, "request body must be JSON (content-type: application/json)")
             raise _Answered
+        if content_type is None:  # read as JSON, as documented (FastAPI leaves such bytes unparsed: a 422)
+            scope["headers"] = [*scope.get("headers", []), (b"content-type", b"application/json")]
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as e:
             await _reply(send, 400, f"request body is not valid UTF-8 (byte {e.start}): JSON must be UTF-8")
             raise _Answered from None
         return body
+
+
+class _TooLarge(Exception):
+    def __init__(self, more: bool):
+        self.more = more  # the client is still sending
+
+
+async def _receive_body(receive: Receive, cap: int) -> bytes:
+    """The whole body; raises _TooLarge past `cap` bytes, _Answered when the client went away."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise _Answered  # nobody to answer
+        chunk = msg.get("body", b"")
+        more = msg.get("more_body", False)
+        size += len(chunk)
+        if size > cap:
+            raise _TooLarge(more)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 DRAIN_BYTES_FACTOR = 4  # read and drop up to this many caps past the cap before answering 413 ...

@@ -12,17 +12,21 @@ from pydantic import BaseModel, ConfigDict, Field
 # Ids and times are int64 in the models, the store and the proto: a larger JSON integer must be a 422,
 # not an overflow deep in numpy (it answered 500).
 INT64_MAX = 2**63 - 1
+# Request bodies are strict: `true` or `"1"` where an id, a time or a count belongs is a 422 (lax mode wrote
+# user 1, item 1, ts 0 for `{"user_id": true, "item_id": true, "ts": false}`). A JSON integer is still a valid
+# float (budget_ms: 5). gRPC requests reach the same models, already typed by the proto.
+STRICT = ConfigDict(extra="forbid", strict=True)
 ItemId = Annotated[int, Field(ge=0, le=INT64_MAX, description="catalog item id")]
 
 
 class HistoryItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     item_id: int = Field(..., ge=0, le=INT64_MAX, description="catalog item id")
     ts: int = Field(0, ge=0, le=INT64_MAX, description="unix seconds of the interaction")
 
 
 class UserInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     user_id: int | None = Field(None, ge=0, le=INT64_MAX, description="look the history up in the store")
     history: list[HistoryItem] | None = Field(None, description="explicit history, oldest first (wins over user_id)")
     query_ts: int | None = Field(
@@ -75,7 +79,7 @@ class ErrorBody(BaseModel):
 
 # --- the live data path (issue 10) -------------------------------------------------------------------------
 class EventIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     user_id: int = Field(..., ge=0, le=INT64_MAX)
     item_id: int = Field(..., ge=0, le=INT64_MAX, description="a catalog item (or one added through /v1/items)")
     ts: int = Field(..., ge=0, le=INT64_MAX, description="unix seconds; at most event_future_tolerance_s ahead")
@@ -85,7 +89,7 @@ class EventIn(BaseModel):
 
 
 class EventsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     events: list[EventIn] = Field(..., min_length=1, description="all written or none")
 
 
@@ -99,14 +103,14 @@ MetaValue = str | int | float | bool | None
 
 
 class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     item_id: int = Field(..., ge=0, le=INT64_MAX, description="a new id (known ids are a 409)")
     text: str = Field(..., min_length=1, description="what the build's text model embeds, e.g. 'Title (Year) | Genres'")
     metadata: dict[str, MetaValue] | None = Field(None, description="'title' is shown in results")
 
 
 class ItemsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     items: list[ItemIn] = Field(..., min_length=1)
 
 

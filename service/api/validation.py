@@ -8,7 +8,9 @@ document, so what is documented is what is enforced.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +25,15 @@ from service.stores.base import Event
 class InvalidInput(ValueError):
     """A request the service refuses as given (HTTP 422, gRPC INVALID_ARGUMENT)."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, where: str = "body"):
         super().__init__(message)
         self.field = field
+        self.where = where  # "body", or "header" (gRPC: metadata)
 
     def as_error(self) -> dict:
         # "events.3.item_id" -> ["body", "events", 3, "item_id"]: the offending entry, as pydantic names it
         loc = [int(p) if p.isdigit() else p for p in self.field.split(".")]
-        return {"loc": ["body", *loc], "msg": str(self), "type": "value_error"}
+        return {"loc": [self.where, *loc], "msg": str(self), "type": "value_error"}
 
 
 def field_errors(exc: ValidationError) -> list[dict]:
@@ -87,9 +90,28 @@ def check_score(body: ScoreRequest, s: Settings, start: float) -> Deadline:
 MAX_METADATA_BYTES = 4096
 
 
-def check_events(body: EventsRequest, s: Settings, known: Callable[[int], bool], now: float) -> list[Event]:
+IDEMPOTENCY_HEADER = "idempotency-key"  # HTTP header and gRPC metadata key
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    if value is not None and not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidInput(IDEMPOTENCY_HEADER, "Idempotency-Key must be 1 to 128 visible ASCII characters", "header")
+    return value
+
+
+def derived_event_id(key: str, index: int, user_id: int, item_id: int, ts: int) -> str:
+    """The event_id of a batch's entry that has none: from the batch's Idempotency-Key and the entry's index, so a
+    retried batch is deduplicated, and from its content, so a key reused for another batch drops nothing."""
+    raw = f"{key}\0{index}\0{user_id}\0{item_id}\0{ts}".encode()
+    return "idem:" + hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+def check_events(
+    body: EventsRequest, s: Settings, known: Callable[[int], bool], now: float, idempotency_key: str | None = None
+) -> list[Event]:
     """The whole batch is checked before anything is written: one bad entry refuses all of them, and the
-    error names it (`events.3.item_id`)."""
+    error names it (`events.3.item_id`). With an Idempotency-Key every entry without an event_id gets one."""
     if len(body.events) > s.max_event_batch:
         raise InvalidInput("events", f"{len(body.events)} events in one request; the limit is {s.max_event_batch}")
     latest = now + s.event_future_tolerance_s
@@ -101,7 +123,16 @@ def check_events(body: EventsRequest, s: Settings, known: Callable[[int], bool],
                 f"events.{i}.ts",
                 f"ts {e.ts} is over {s.event_future_tolerance_s:g} s in the future (event {i}); nothing was written",
             )
-    return [Event(e.user_id, e.item_id, e.ts, e.event_id) for e in body.events]
+    key = check_idempotency_key(idempotency_key)
+    return [
+        Event(
+            e.user_id,
+            e.item_id,
+            e.ts,
+            e.event_id or (derived_event_id(key, i, e.user_id, e.item_id, e.ts) if key else None),
+        )
+        for i, e in enumerate(body.events)
+    ]
 
 
 def check_items(body: ItemsRequest, s: Settings) -> None:

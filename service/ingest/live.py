@@ -9,12 +9,13 @@ item to the catalog, the store and FAISS in one event-loop step, so a request se
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from service.api.schemas import ItemIn
 from service.backends.base import BackendUnavailable, InferenceBackend
@@ -32,6 +33,11 @@ PENDING_TTL_S = 300.0
 VISIBLE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 
 
+def job_digest(item_id: int, text: str, title: str) -> str:
+    """What makes two POSTs of an item the same job: a retry of it is answered as the first was, not queued twice."""
+    return hashlib.blake2b(f"{item_id}\0{text}\0{title}".encode(), digest_size=12).hexdigest()
+
+
 @dataclass(frozen=True)
 class ItemJob:
     """One POST /v1/items entry on its way to the worker."""
@@ -40,6 +46,10 @@ class ItemJob:
     text: str
     title: str
     submitted_at: float  # unix time of the POST: every replica measures POST -> servable from it
+
+    @property
+    def digest(self) -> str:
+        return job_digest(self.item_id, self.text, self.title)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class IngestedItem:
     title: str
     emb: np.ndarray  # float16 [E]
     submitted_at: float
+    digest: str | None = None  # the job's (None from workers that predate it)
 
 
 class Conflict(ValueError):
@@ -79,6 +90,18 @@ class LiveMetrics:
             buckets=VISIBLE_BUCKETS,
             registry=m.registry,
         )
+        # The ingestion queue (with Redis: the whole jobs stream, every replica's jobs), measured every second.
+        self.jobs_waiting = Gauge(
+            "falconrec_ingest_jobs_waiting", "item jobs queued for the ingestion worker, not done", registry=m.registry
+        )
+        self.oldest_job = Gauge(
+            "falconrec_ingest_oldest_job_seconds", "age of the oldest waiting item job", registry=m.registry
+        )
+        self.worker_restarts = Counter(
+            "falconrec_ingest_worker_restarts_total",
+            "ingestion workers this replica restarted after one exited",
+            registry=m.registry,
+        )
 
 
 class LiveData:
@@ -103,7 +126,10 @@ class LiveData:
         self.store = store
         self.retriever = retriever
         self.metrics = LiveMetrics(metrics)
-        self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet: a second POST is a 409
+        self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet
+        # The job digest of each live item this replica knows (POSTed here, or applied with its digest): a POST of the
+        # same job again is a retry (202, not queued twice), another text for the id a 409.
+        self.digests: dict[int, str] = {}
         self.feed = None  # service.ingest.feed.ItemFeed, set by the app (it calls back into apply)
 
     def _check_shared_store(self) -> None:
@@ -123,7 +149,13 @@ class LiveData:
         try:
             out = await self.store.append_events(ordered, self.manifest.dims.max_len, self.s.event_dedup_window)
         except StoreUnavailable as e:
-            raise Unavailable(f"user history store unavailable ({e.public}); nothing was written, retry") from e
+            if not e.sent:  # refused before anything went out: the answer can say so
+                raise Unavailable(f"user history store unavailable ({e.public}); nothing was written, retry") from e
+            # A frozen Redis runs the script once it resumes: the batch may be written after this answer.
+            raise Unavailable(
+                f"user history store unavailable ({e.public}); the batch may have been written: retry with the same "
+                "Idempotency-Key (or event_ids) and it is written once"
+            ) from e
         self.metrics.events.labels("written").inc(out.written)
         self.metrics.events.labels("duplicate").inc(out.duplicates)
         return out
@@ -137,23 +169,30 @@ class LiveData:
         return posted is not None and time.time() - posted < PENDING_TTL_S
 
     def jobs(self, items: list[ItemIn], now: float) -> list[ItemJob]:
-        """Jobs for validated items (service.api.validation.check_items); a known or pending id is a 409."""
-        for i, it in enumerate(items):
-            if self.known(it.item_id):
-                raise Conflict(f"items.{i}.item_id", f"item {it.item_id} already exists or is being added (item {i})")
-        return [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]
+        """Jobs for validated items (service.api.validation.check_items). A known or pending id is a 409, unless the
+        request repeats the job that claimed it (a retry: accepted again, queued once)."""
+        jobs = [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]
+        for i, j in enumerate(jobs):
+            if self.known(j.item_id) and self.digests.get(j.item_id) != j.digest:
+                raise Conflict(f"items.{i}.item_id", f"item {j.item_id} already exists or is being added (item {i})")
+        return jobs
 
     async def submit(self, jobs: list[ItemJob]) -> None:
+        """Queue the jobs whose ids are not known here yet (the others are retries of jobs queued before)."""
         self._check_shared_store()
         if self.feed is None:
             raise Unavailable("item ingestion is not available on this replica")
-        for j in jobs:
+        fresh = [j for j in jobs if not self.known(j.item_id)]
+        for j in fresh:
             self.pending[j.item_id] = j.submitted_at
+            self.digests[j.item_id] = j.digest
         try:
-            await self.feed.submit(jobs)
+            if fresh:
+                await self.feed.submit(fresh)
         except BaseException:
-            for j in jobs:
+            for j in fresh:
                 self.pending.pop(j.item_id, None)
+                self.digests.pop(j.item_id, None)
             raise
 
     async def apply(self, items: list[IngestedItem]) -> int:
@@ -184,6 +223,8 @@ class LiveData:
         now = time.time()
         for it in new:
             self.pending.pop(it.item_id, None)
+            if it.digest is not None:
+                self.digests[it.item_id] = it.digest
             self.metrics.visible.observe(max(now - it.submitted_at, 0.0))
         self.metrics.items.inc(len(new))
         return len(new)
@@ -197,6 +238,10 @@ class LiveData:
             if self.fallback is None:
                 raise
             return (await self.fallback.infer(model, inputs, timeout_s=10.0))[output]
+
+    def problem(self) -> str | None:
+        """Why accepted items are not becoming servable (for /readyz), or None."""
+        return self.feed.problem() if self.feed is not None else None
 
     def status(self) -> dict:
         return {

@@ -21,7 +21,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from service.contract import Manifest
-from service.ingest.feed import GROUP, JOBS_STREAM, encode_result, log_key
+from service.ingest.feed import GROUP, JOBS_STREAM, consumer_name, encode_result, log_key
 from service.ingest.live import IngestedItem
 from service.redact import for_log
-from service.stores.base import emb_key
+from service.stores.base import emb_key, item_job_key
 
 log = logging.getLogger("falconrec.ingest.worker")
 
@@ -93,7 +92,14 @@ class Stop:
 
 
 # --- stdio ------------------------------------------------------------------------------------------------
+def announce_ready() -> None:
+    """Tell the API (reading our stdout) that the text model is loaded: until then its jobs are waiting."""
+    sys.stdout.write(json.dumps({"ready": os.getpid()}) + "\n")
+    sys.stdout.flush()
+
+
 def run_stdio(embed: Embedder, batch: int, parent_pid: int | None) -> None:
+    announce_ready()
     fd = sys.stdin.fileno()
     buf = b""
     eof = False
@@ -114,12 +120,14 @@ def run_stdio(embed: Embedder, batch: int, parent_pid: int | None) -> None:
         for a in range(0, len(jobs), batch):
             chunk_jobs = jobs[a : a + batch]
             vecs = embed([j["text"] for j in chunk_jobs])
-            out = [
-                json.dumps(encode_result(IngestedItem(int(j["item_id"]), j["title"], v, float(j["submitted_at"]))))
-                for j, v in zip(chunk_jobs, vecs, strict=True)
-            ]
+            out = [json.dumps(encode_result(_ingested(j, v))) for j, v in zip(chunk_jobs, vecs, strict=True)]
             sys.stdout.write("\n".join(out) + "\n")
             sys.stdout.flush()
+
+
+def _ingested(job: dict[str, str], emb: np.ndarray) -> IngestedItem:
+    """A job's result (the job's digest travels with it: replicas answer a repeated POST from it)."""
+    return IngestedItem(int(job["item_id"]), job["title"], emb, float(job["submitted_at"]), job.get("digest"))
 
 
 # --- redis -------------------------------------------------------------------------------------------------
@@ -127,12 +135,15 @@ def _text(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def run_redis(url: str, embed: Embedder, batch: int, parent_pid: int | None, claim_after_s: float, stop: Stop) -> None:
+def run_redis(
+    url: str, embed: Embedder, batch: int, parent_pid: int | None, claim_after_s: float, stop: Stop, reclaim: str | None
+) -> None:
     import redis
 
     r = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
-    consumer = f"{socket.gethostname()}-{os.getpid()}"
+    consumer = consumer_name(os.getpid())
     ensured = False
+    announce_ready()
     while not stop.requested:
         if parent_pid is not None and os.getppid() != parent_pid:
             return
@@ -144,6 +155,9 @@ def run_redis(url: str, embed: Embedder, batch: int, parent_pid: int | None, cla
                     if "BUSYGROUP" not in str(e):
                         raise
                 ensured = True
+            if reclaim:  # the worker we replace died holding these: take them now, not after claim_after_s
+                _reclaim(r, embed, batch, consumer, reclaim)
+                reclaim = None
             # Jobs a dead worker took and never acknowledged first, then new ones.
             _, entries, *_ = r.xautoclaim(JOBS_STREAM, GROUP, consumer, int(claim_after_s * 1000), "0-0", count=batch)
             if not entries:
@@ -157,6 +171,17 @@ def run_redis(url: str, embed: Embedder, batch: int, parent_pid: int | None, cla
             time.sleep(1.0)
 
 
+def _reclaim(r, embed: Embedder, batch: int, consumer: str, dead: str) -> None:
+    """Claim and process the jobs `dead` (a consumer whose process is gone) had taken, then forget it."""
+    while pending := r.xpending_range(JOBS_STREAM, GROUP, "-", "+", batch, consumername=dead):
+        claimed = r.xclaim(JOBS_STREAM, GROUP, consumer, 0, [p["message_id"] for p in pending])
+        log.info("claimed %d jobs of the worker %s", len(claimed), dead)
+        _process(r, embed, claimed)
+        if len(claimed) < len(pending):  # entries deleted meanwhile: clear them from its pending list
+            r.xack(JOBS_STREAM, GROUP, *[p["message_id"] for p in pending])
+    r.xgroup_delconsumer(JOBS_STREAM, GROUP, dead)
+
+
 def _process(r, embed: Embedder, entries: list) -> None:
     jobs = [(eid, {_text(k): _text(v) for k, v in f.items()}) for eid, f in entries if f]
     if not jobs:
@@ -168,10 +193,12 @@ def _process(r, embed: Embedder, entries: list) -> None:
         log.error("dropped %d jobs the text model failed on: %s", len(jobs), for_log(e))
         r.xack(JOBS_STREAM, GROUP, *[eid for eid, _ in jobs])
         r.xdel(JOBS_STREAM, *[eid for eid, _ in jobs])
+        # Free their ids: a marker without a job or a logged item would answer every retry "queued" for ever.
+        r.delete(*[item_job_key(f["version"], int(f["item_id"])) for _, f in jobs])
         return
     pipe = r.pipeline(transaction=True)
     for (eid, f), v in zip(jobs, vecs, strict=True):
-        item = IngestedItem(int(f["item_id"]), f["title"], v, float(f["submitted_at"]))
+        item = _ingested(f, v)
         pipe.set(emb_key(f["version"], item.item_id), v.tobytes())
         pipe.xadd(log_key(f["version"]), encode_result(item))
         pipe.xack(JOBS_STREAM, GROUP, eid)
@@ -190,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-model", default=None, help="default: the build config's (checked against the manifest)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--claim-after-s", type=float, default=30.0, help="take over jobs unacknowledged this long")
+    p.add_argument("--reclaim-from", default=None, help="a dead worker's consumer name: take its jobs at once")
     args = p.parse_args(argv)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=fmt)
@@ -205,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("set FALCONREC_REDIS_URL (or pass --stdio)")
     log.info("ingestion worker %d waiting for jobs on %s", os.getpid(), JOBS_STREAM)
     # SIGTERM finishes the batch in hand (its jobs are acknowledged with its results); stdio mode just exits.
-    run_redis(url, embed, args.batch, args.parent_pid, args.claim_after_s, Stop())
+    run_redis(url, embed, args.batch, args.parent_pid, args.claim_after_s, Stop(), args.reclaim_from)
 
 
 if __name__ == "__main__":

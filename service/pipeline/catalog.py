@@ -13,42 +13,44 @@ from pathlib import Path
 
 import numpy as np
 
+from service.pipeline.id_index import IdIndex
+
 
 @dataclass
 class Catalog:
-    raw_ids: np.ndarray  # [N] raw id of item index i+1
-    titles: np.ndarray  # [N] str
+    raw_ids: np.ndarray  # [N] raw id of item index i+1 (a view of a buffer with room to grow: see add_items)
+    titles: list[str]  # [N]
     index_of: dict[int, int]  # raw id -> index
     user_histories: dict[int, tuple[np.ndarray, np.ndarray]]  # raw user id -> (raw item ids, ts)
 
     def __post_init__(self) -> None:
-        # Dense raw-id -> index table, built once: to_index runs on every request for ~1,200 ids.
-        self._lut = np.zeros(int(self.raw_ids.max(initial=0)) + 1, dtype=np.int64)
-        self._lut[self.raw_ids] = np.arange(1, len(self.raw_ids) + 1)
+        # Vectorised raw-id -> index lookups (to_index runs on every request for ~1,200 ids) in memory proportional
+        # to the number of items: a dense table sized by the largest id let one POST of id 2^30 cost 8 GB.
+        self._ids = IdIndex(self.raw_ids, np.arange(1, len(self.raw_ids) + 1))
+        self._raw_buf = np.asarray(self.raw_ids, np.int64)
         self.num_trained = len(self.raw_ids)  # indices above it were added live: no learned ID embedding
-        self._far: dict[int, int] = {}  # live ids too large for the dense table
 
     def add_items(self, raw_ids: list[int], titles: list[str]) -> np.ndarray:
-        """Append new items (ids not in the catalog); returns their indices. Called on the event loop only, and
-        each array is replaced, never resized in place, so a request holding the old one stays consistent."""
-        start = len(self.raw_ids) + 1
-        idx = np.arange(start, start + len(raw_ids), dtype=np.int64)
-        ids = np.asarray(raw_ids, np.int64)
-        near = ids < max(2 * len(self._lut), 1 << 20)  # grow the dense table for ids of the catalog's magnitude
-        lut = self._lut
-        if near.any() and int(ids[near].max()) >= len(lut):
-            lut = np.zeros(max(int(ids[near].max()) + 1, len(lut)), np.int64)
-            lut[: len(self._lut)] = self._lut
-        else:
-            lut = lut.copy()
-        lut[ids[near]] = idx[near]
-        for r, i in zip(ids[~near].tolist(), idx[~near].tolist(), strict=True):
-            self._far[r] = i
-        self.titles = np.concatenate([self.titles, np.array(titles, dtype=str)])
-        self.raw_ids = np.concatenate([self.raw_ids, ids])
-        self._lut = lut
-        self.index_of.update(zip(ids.tolist(), idx.tolist(), strict=True))
+        """Append new items (ids not in the catalog); returns their indices. Called on the event loop only. Amortised
+        O(1) per item: the id buffer doubles when full and new rows go past the end, so a request holding the old
+        `raw_ids` view keeps reading the rows it saw."""
+        n = len(self.raw_ids)
+        idx = np.arange(n + 1, n + 1 + len(raw_ids), dtype=np.int64)
+        if n + len(raw_ids) > len(self._raw_buf):
+            grown = np.zeros(max(n + len(raw_ids), 2 * len(self._raw_buf)), np.int64)
+            grown[:n] = self.raw_ids
+            self._raw_buf = grown
+        self._raw_buf[n : n + len(raw_ids)] = raw_ids
+        self.titles.extend(titles)
+        self.raw_ids = self._raw_buf[: n + len(raw_ids)]
+        self._ids.add(list(raw_ids), idx.tolist())
+        self.index_of.update(zip(raw_ids, idx.tolist(), strict=True))
         return idx
+
+    @property
+    def lookup_bytes(self) -> int:
+        """Bytes held for id lookups and ids (the buffers and the sorted index; the dicts are per item too)."""
+        return int(self._raw_buf.nbytes + self._ids.nbytes)
 
     def model_index(self, raw_ids: np.ndarray) -> np.ndarray:
         """The index the models take: 0 (unknown ID) for unknown and live-added items."""
@@ -64,7 +66,7 @@ class Catalog:
         """User histories keep all but the last `drop_last` events (the leave-one-out test item)."""
         z = np.load(path, allow_pickle=False)
         raw = z["item_raw_ids"].astype(np.int64)
-        titles = np.array([t.split(" | ")[0] for t in z["item_texts"]])
+        titles = [str(t).split(" | ")[0] for t in z["item_texts"]]
         offsets = np.concatenate([[0], np.cumsum(z["lengths"])])
         items, times = z["items"], z["times"]
         hist = {}
@@ -75,11 +77,4 @@ class Catalog:
 
     def to_index(self, raw_ids: np.ndarray) -> np.ndarray:
         """Model indices; 0 for ids the models never saw (cold: content embedding only)."""
-        ids = np.asarray(raw_ids, dtype=np.int64)
-        lut = self._lut
-        inside = (ids >= 0) & (ids < len(lut))
-        out = np.where(inside, lut[np.where(inside, ids, 0)], 0)
-        if self._far and not inside.all():
-            far = np.flatnonzero(~inside)
-            out[far] = [self._far.get(int(i), 0) for i in ids[far]]
-        return out
+        return self._ids.lookup(raw_ids)

@@ -447,7 +447,7 @@ class Recommender:
         return state
 
     async def history_kv(
-        self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str]
+        self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str], required: bool = False
     ) -> None:
         if st.kv is not None:  # cached_user_state found it (and counted the lookup)
             return
@@ -466,15 +466,23 @@ class Recommender:
                 },
                 deadline,
                 degraded,
+                required,
             )
             self.kv_cache.put(key, kv)
         st.kv = kv
 
     async def rank(
-        self, st: UserState, cand_idx: np.ndarray, query_ts: int, deadline: Deadline, degraded: list[str]
+        self,
+        st: UserState,
+        cand_idx: np.ndarray,
+        query_ts: int,
+        deadline: Deadline,
+        degraded: list[str],
+        required: bool = False,
     ) -> np.ndarray:
         """Scores for the candidates (item indices), in microbatches, each one isolated (M-FALCON): batched with
-        other requests' (self.batcher), or this request's own calls run concurrently."""
+        other requests' (self.batcher), or this request's own calls run concurrently. `required`: the answer is
+        these scores (/v1/score), so they get the required stages' floor of time, as the user tower does."""
         assert st.kv is not None
         base = {
             "hist_k": st.kv["hist_k"],
@@ -486,7 +494,8 @@ class Recommender:
         }
         tokens = self.tokens.gather(cand_idx)  # [m, d]: content + ID already projected, per item at build time
         if self.batcher is not None:
-            scores, reason = await asyncio.wait_for(self.batcher.score(base, tokens), max(deadline.remaining(), 1e-3))
+            floor = REQUIRED_STAGE_FLOOR_S if required else 1e-3
+            scores, reason = await asyncio.wait_for(self.batcher.score(base, tokens), max(deadline.remaining(), floor))
             if reason and reason not in degraded:
                 degraded.append(reason)
             return scores
@@ -498,6 +507,7 @@ class Recommender:
                     {**base, "cand_token": tokens[None, a : a + bm]},
                     deadline,
                     degraded,
+                    required,
                 )
             )
             for a in range(0, len(cand_idx), bm)
@@ -615,7 +625,11 @@ class Recommender:
         query_ts: int | None = None,
         patient: bool = False,  # a batch user: queue for a slot as long as the caller waits (see admitted)
     ) -> tuple[np.ndarray, list[str], StageTimer]:
-        """Ranker scores of given items (no recall, no filtering, no shrinking: the caller asked for these)."""
+        """Ranker scores of given items (no recall, no filtering, no shrinking: the caller asked for these).
+
+        Nothing here can be shrunk to fit the budget, so the ranker passes are required stages: with a budget too
+        small for them (budget_ms 0.1 answered 503 "retry shortly", and no retry could help) they get the floor of
+        time the user tower gets, and the answer says it ran over (degraded). Overload is still shed on arrival."""
         deg: list[str] = []
         tm = StageTimer(start=deadline.start)
         unknown = [i for i in item_ids if i not in self.catalog.index_of]
@@ -628,9 +642,12 @@ class Recommender:
             qts = query_time(query_ts, deadline)
             st = await self.cached_user_state(h, qts, deadline, deg)
             tm.mark("embeddings")
-            await self.history_kv(h, st, qts, deadline, deg)
+            await self.history_kv(h, st, qts, deadline, deg, required=True)
             tm.mark("ranker_history")
             # Candidates need no store: their ranker tokens are in memory (ItemTokens), live items' included.
-            scores = await self.rank(st, self.catalog.to_index(np.array(item_ids, np.int64)), qts, deadline, deg)
+            cand = self.catalog.to_index(np.array(item_ids, np.int64))
+            scores = await self.rank(st, cand, qts, deadline, deg, required=True)
             tm.mark("ranking")
+            if deadline.expired():
+                deg.append(f"budget: scored after the {deadline.budget_s * 1000:g} ms budget ran out")
         return scores, deg, tm

@@ -7,6 +7,8 @@ Redis layout (one place for it; exporters/redis_loader.py writes it):
     hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
     evid:{version}:{user_id}     -> sorted set of the user's recent event_ids (dedup of POST /v1/events)
     items:{version}:log          -> stream of items added live (service.ingest.live: every replica tails it)
+    itemjob:{version}:{item_id}  -> digest of the POST /v1/items job that claimed the id (an identical retry is
+                                    not queued twice; another text for the id is a 409)
     falconrec:ingest             -> stream of POST /v1/items jobs for the ingestion worker
 """
 
@@ -30,6 +32,10 @@ def hist_key(version: str, user_id: int) -> str:
 
 def evid_key(version: str, user_id: int) -> str:
     return f"evid:{version}:{user_id}"
+
+
+def item_job_key(version: str, item_id: int) -> str:
+    return f"itemjob:{version}:{item_id}"
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,15 @@ def unpack_history(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 class StoreUnavailable(RuntimeError):
-    """The store cannot answer now. The message is safe to show: `public_reason`, never the URL."""
+    """The store cannot answer now. The message is safe to show: `public_reason`, never the URL.
 
-    def __init__(self, public: str):
+    `sent`: the command had gone out when it failed (a timeout): a frozen Redis runs it once it resumes, so a write
+    that failed this way may have been applied, and only an idempotent retry is safe (issue 22)."""
+
+    def __init__(self, public: str, sent: bool = False):
         super().__init__(public)
         self.public = public
+        self.sent = sent
 
 
 @dataclass

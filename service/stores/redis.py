@@ -173,7 +173,7 @@ class RedisStore(FeatureStore):
             return await asyncio.wait_for(coro, limit_s or self.timeout_s)
         except Exception as e:  # noqa: BLE001
             self._fail(e)
-            raise StoreUnavailable(self.last_error or "error") from e
+            raise StoreUnavailable(self.last_error or "error", sent=True) from e
 
     async def embeddings(self, item_ids, timeout_s):
         ids = np.asarray(item_ids, np.int64)
@@ -228,8 +228,9 @@ class RedisStore(FeatureStore):
                 np.array([e.ts for e in evs], "<i8").tobytes(),
                 *(e.event_id or "" for e in evs),
             ]
-        # A write is not retried by the store's timeout logic: a timed-out script may still have run, and the
-        # caller's retry is made safe by event_ids. Its own, longer timeout: it is not on a read's budget.
+        # A write is not retried by the store's timeout logic: a timed-out script may still run (a frozen Redis runs
+        # it when it resumes), and the caller's retry is made safe by event_ids (or ids derived from an
+        # Idempotency-Key). Its own, longer timeout: it is not on a read's budget.
         written, dups = await self._call(self._append(keys=keys, args=args), 0.0, limit_s=max(self.timeout_s, 1.0))
         return Appended(int(written), int(dups), len(by_user))
 
