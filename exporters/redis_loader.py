@@ -12,8 +12,8 @@ import redis
 from tqdm.auto import tqdm
 
 from service.artifacts import ArtifactPaths
+from service.catalog import Catalog
 from service.contract import Manifest
-from service.pipeline.catalog import Catalog
 from service.stores.base import VERSION_KEY, emb_key, hist_key, pack_history
 
 CHUNK = 2000

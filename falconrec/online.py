@@ -27,8 +27,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve /v1/recommend and /v1/score over HTTP and Recommend/ScoreBatch over gRPC."""
-    from service.api.app import run
     from service.contract import Manifest
+    from service.server import run
     from service.settings import Settings
 
     overrides = {
@@ -85,17 +85,29 @@ def ingest(
     ] = None,
     batch: Annotated[int, typer.Option(help="texts per model call")] = 32,
     claim_after_s: Annotated[float, typer.Option(help="take over jobs another worker left unacknowledged")] = 30.0,
+    stdio: Annotated[
+        bool, typer.Option(help="JSON lines on stdin/stdout instead of Redis (the API's own child)")
+    ] = False,
+    text_model: Annotated[
+        str | None, typer.Option(help="default: the build config's (checked against the manifest)")
+    ] = None,
+    parent_pid: Annotated[int | None, typer.Option(help="exit when this process is gone")] = None,
+    reclaim_from: Annotated[
+        str | None, typer.Option(help="a dead worker's consumer name: take its jobs at once")
+    ] = None,
 ) -> None:
     """Ingestion worker: POST /v1/items texts from Redis -> the build's text model -> content embeddings into the
-    live version and the item log every replica tails. Run one or more beside the API (needs the train extra)."""
-    if not redis_url:
+    live version and the item log every replica tails. Run one or more beside the API (needs the train extra); the
+    API also runs one as its child (--stdio without Redis)."""
+    if not redis_url and not stdio:
         console.print("[red]set FALCONREC_REDIS_URL (without Redis the API runs its own worker)[/red]")
         raise typer.Exit(2)
     require_offline()
-    from service.ingest.worker import main as worker_main
+    from training.ingest_worker import run
 
-    os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
-    worker_main(["--repo", str(repo), "--batch", str(batch), "--claim-after-s", str(claim_after_s)])
+    if redis_url:
+        os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
+    run(repo, batch, stdio, text_model, parent_pid, claim_after_s, reclaim_from)
 
 
 def triton_local(

@@ -41,7 +41,7 @@ def stage_breakdown(
 ) -> dict[str, float]:
     """Median ms per stage of one request for users with a full history. cached=False: the per-history caches
     off (everything computed); True: each user asked twice, the second (timed) request served from them."""
-    from service.api.app import build_components
+    from service.components import build_components
     from service.pipeline.deadline import Deadline
     from service.settings import Settings
 

@@ -37,6 +37,14 @@ class Metrics:
         self.responses = Counter(
             "falconrec_responses_total", "HTTP responses", ["endpoint", "status"], registry=self.registry
         )
+        # Every answer of the four endpoints by the status HTTP would give it, whichever transport carried it
+        # (service/api/handlers.py counts it): the same request over HTTP and gRPC counts the same.
+        self.answers = Counter(
+            "falconrec_answers_total",
+            "answers of /v1 endpoints by HTTP status, both transports",
+            ["endpoint", "transport", "status"],
+            registry=self.registry,
+        )
         self.grpc_responses = Counter(
             "falconrec_grpc_responses_total", "gRPC calls by final status", ["method", "code"], registry=self.registry
         )

@@ -66,7 +66,8 @@ class RunningServer:
 
         import uvicorn
 
-        from service.api.app import create_app, uvicorn_config
+        from service.api.app import create_app
+        from service.server import uvicorn_config
 
         self.settings = settings
         self.app = create_app(settings)

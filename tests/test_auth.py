@@ -11,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from service.api.auth import KeyRing, parse_entry
-from service.pipeline.catalog import Catalog
+from service.auth import KeyRing, parse_entry
+from service.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 from service.settings import Settings

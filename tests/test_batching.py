@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from service.backends.onnx import OnnxBackend
+from service.catalog import Catalog
 from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, Manifest
 from service.pipeline.batching import CandidateBatcher
-from service.pipeline.catalog import Catalog
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from tests.conftest import RunningServer, server_settings
 
 CLIMB = [2**k - 1 for k in range(20, 27)]  # the attack, one item at a time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.pipeline.embedding_cache import EmbeddingCache
+from service.embedding_cache import EmbeddingCache
 
 
 def _rows(ids, dim=4):

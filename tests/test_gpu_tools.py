@@ -80,7 +80,7 @@ def test_grown_catalog_serves_more_candidates_than_the_build_had(tiny_build, tmp
     import shutil
 
     from loadtest.gpu.grow import grow
-    from service.api.app import build_components, close_components
+    from service.components import build_components, close_components
     from service.contract import Manifest
     from service.pipeline.deadline import Deadline
     from service.settings import Settings

@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 

@@ -9,7 +9,7 @@ import grpc
 import httpx
 import pytest
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 from tests.conftest import RunningServer, server_settings

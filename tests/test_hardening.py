@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.api.schemas import INT64_MAX
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +284,7 @@ def test_score_at_the_minimum_budget_is_answered_not_a_retryable_503(client, cat
     tries), and a retry could not help. Each try misses the K/V cache (its own query_ts): the history pass runs."""
     uid = next(iter(catalog.user_histories))
     items = catalog.raw_ids[: min(1000, len(catalog.raw_ids))].tolist()
-    shed = 'falconrec_shed_total{endpoint="/v1/score"}'
+    shed = 'falconrec_shed_total{endpoint="score"}'
     before = _value(client.get("/metrics").text, shed)
     late = 0
     for i in range(20):

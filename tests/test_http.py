@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from exporters.redis_loader import load_redis
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 from tests.conftest import RedisProcess, RunningServer, server_settings

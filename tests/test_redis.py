@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from exporters.redis_loader import load_redis
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from service.stores.base import VERSION_KEY, emb_key, hist_key, unpack_history
 from tests.conftest import REDIS_URL, RedisProcess, RunningServer, server_settings
 

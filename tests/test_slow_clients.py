@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from tests.conftest import RunningServer, server_settings
 
 SLOW_BODY_HEAD = (

@@ -12,7 +12,7 @@ import pytest
 
 from exporters.triton_local import DEFAULT_VENV, find_tritonserver, start_tritonserver
 from exporters.triton_twin import write_twin
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from tests.conftest import ROOT, RunningServer, kill_process_group, server_settings
 
 VENV = ROOT / DEFAULT_VENV

@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.api.workers import bind
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
+from service.server import bind
 from tests.conftest import free_port, kill_process_group
 
 SECRET = "workers-write-key-0123456789abcdef"

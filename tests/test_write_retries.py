@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from exporters.redis_loader import load_redis
+from service.catalog import Catalog
 from service.ingest.feed import JOBS_STREAM, log_key
-from service.pipeline.catalog import Catalog
 from service.proto import recommender_pb2 as pb
 from service.proto import recommender_pb2_grpc as pbg
 from service.stores.base import VERSION_KEY, hist_key, unpack_history

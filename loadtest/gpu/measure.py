@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.api.app import Components, build_components, close_components
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import choose_providers
+from service.components import Components, build_components, close_components
 from service.contract import (
     ITEM_TOWER,
     MODEL_NAMES,
@@ -406,7 +406,7 @@ def start_server(
         "FALCONREC_RANK_BATCH_MAX_ROWS": str(a.batch_rows),
         "FALCONREC_MAX_CONCURRENCY": "512",
     }
-    code = "from service.api.app import run; from service.settings import Settings; run(Settings())"
+    code = "from service.server import run; from service.settings import Settings; run(Settings())"
     return subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
     )

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.api.auth import AuthError
 from service.api.validation import InvalidInput
+from service.auth import AuthError
 from service.backends.base import BackendUnavailable
-from service.ingest.live import Conflict
-from service.pipeline.recommender import BadRequest, Overloaded, Unavailable, UnknownUser
+from service.errors import BadRequest, Conflict, Overloaded, Unavailable, UnknownUser
 
 
 @dataclass(frozen=True)

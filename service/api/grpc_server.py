@@ -19,18 +19,15 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.api.auth import READ, WRITE, AuthError
-from service.api.errors import refusal
+from service.api.handlers import Handlers, Refused
 from service.api.schemas import EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest
 from service.api.validation import (
     IDEMPOTENCY_HEADER,
     InvalidInput,
-    check_events,
-    check_items,
-    check_recommend,
     check_score,
     parse,
 )
+from service.auth import READ, WRITE
 from service.proto import recommender_pb2 as pb
 from service.redact import for_log
 
@@ -100,8 +97,12 @@ def _decode(cls: type[Message], raw: bytes) -> Any:
 
 
 class RecommenderServicer:
-    def __init__(self, components):
+    """The gRPC adapter: protos in and out; validation, the pipeline, refusals, metrics and redaction are the
+    handlers' (service.api.handlers), the same as over HTTP."""
+
+    def __init__(self, components, handlers: Handlers):
         self.c = components
+        self.h = handlers
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         self.c.metrics.grpc_responses.labels(method, code.name).inc()
@@ -110,68 +111,57 @@ class RecommenderServicer:
         self._count(method, code)
         await context.abort(code, msg)
 
-    async def _authorize(self, context: grpc.aio.ServicerContext, method: str, scope: str) -> None:
+    def _refused(self, e: BaseException, method: str, endpoint: str) -> tuple[grpc.StatusCode, str]:
+        """(code, details) of a failure: a handler's refusal, or one decided here for what failed before it."""
+        try:
+            refused = e if isinstance(e, Refused) else self.h.refuse(e, endpoint, "grpc")
+        except Exception:  # noqa: BLE001 - a bug: logged here, answered without detail
+            log.error("unhandled error in %s: %s", method, for_log(e), exc_info=e)
+            return grpc.StatusCode.INTERNAL, "internal error"
+        return grpc.StatusCode[refused.refusal.grpc_code], refused.refusal.grpc_details
+
+    async def _authorize(self, context: grpc.aio.ServicerContext, method: str, endpoint: str, scope: str) -> None:
         """The HTTP keys, from `authorization` metadata. The key is never logged or echoed."""
         try:
-            self.c.keys.check(_metadata(context, "authorization"), scope)
-        except AuthError as e:
-            code, details = self._failure(method, e)
-            await self._abort(context, method, code, details)
+            self.h.authorize(_metadata(context, "authorization"), scope, endpoint, "grpc")
+        except Refused as e:
+            await self._abort(context, method, *self._refused(e, method, endpoint))
 
     async def Recommend(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         start = time.perf_counter()
-        await self._authorize(context, "Recommend", READ)
+        await self._authorize(context, "Recommend", "recommend", READ)
         request = _decode(pb.RecommendRequest, raw)
         if request is None:
             await self._abort(context, "Recommend", grpc.StatusCode.INVALID_ARGUMENT, "not a RecommendRequest message")
         try:
-            body: RecommendRequest = parse(RecommendRequest, recommend_input(request))
-            deadline = check_recommend(body, self.c.settings, start)
-            history = [(h.item_id, h.ts) for h in body.history] if body.history else None
-            res = await self.c.recommender.recommend(
-                body.user_id, history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
-            )
+            answer = await self.h.recommend(parse(RecommendRequest, recommend_input(request)), start, "grpc")
         except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
-            code, details = self._failure("Recommend", e)
-            await self._abort(context, "Recommend", code, details)
+            await self._abort(context, "Recommend", *self._refused(e, "Recommend", "recommend"))
         self._count("Recommend", grpc.StatusCode.OK)
-        if res.degraded:
-            self.c.metrics.degraded.labels("recommend").inc()
+        res = answer.body
         return pb.RecommendResponse(
-            items=[pb.ScoredItem(item_id=i["item_id"], score=i["score"], title=i["title"]) for i in res.items],
-            model_version=self.c.manifest.model_version,
-            degraded=bool(res.degraded),
-            degraded_reasons=res.degraded,
-            timings_ms=res.timings.stages,
+            items=[pb.ScoredItem(item_id=i.item_id, score=i.score, title=i.title) for i in res.items],
+            model_version=res.model_version,
+            degraded=res.degraded,
+            degraded_reasons=res.degraded_reasons,
+            timings_ms=res.timings_ms,
             candidates_recalled=res.candidates_recalled,
             candidates_ranked=res.candidates_ranked,
         )
 
-    def _failure(self, method: str, e: Exception) -> tuple[grpc.StatusCode, str]:
-        r = refusal(e)
-        if r is None:
-            log.error("unhandled error in %s: %s", method, for_log(e), exc_info=e)
-            return grpc.StatusCode.INTERNAL, "internal error"
-        if r.shed:
-            self.c.metrics.shed.labels(method).inc()
-        return grpc.StatusCode[r.grpc_code], r.grpc_details
-
     async def _score_one(self, u: pb.ScoreUser, budget_ms: float) -> pb.UserScores:
         try:
             body: ScoreRequest = parse(ScoreRequest, score_input(u, budget_ms))
-            deadline = check_score(body, self.c.settings, time.perf_counter())
-            history = [(h.item_id, h.ts) for h in body.history] if body.history else None
             # patient: a batch user waits its turn for a slot (FIFO with HTTP) and its budget starts there
-            scores, deg, _ = await self.c.recommender.score(
-                body.user_id, history, body.item_ids, deadline, body.query_ts, patient=True
-            )
+            answer = await self.h.score(body, time.perf_counter(), "grpc", patient=True)
         except Exception as e:  # noqa: BLE001 - one user's failure is that user's result
-            code, details = self._failure("ScoreBatch", e)
+            code, details = self._refused(e, "ScoreBatch", "score")
             return pb.UserScores(request_id=u.request_id, error=details, error_code=code.name)
-        return pb.UserScores(request_id=u.request_id, scores=scores.tolist(), degraded=bool(deg))
+        res = answer.body
+        return pb.UserScores(request_id=u.request_id, scores=[s.score for s in res.scores], degraded=res.degraded)
 
     async def ScoreBatch(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.UserScores]:
-        await self._authorize(context, "ScoreBatch", READ)
+        await self._authorize(context, "ScoreBatch", "score", READ)
         request = _decode(pb.ScoreBatchRequest, raw)
         if request is None:
             await self._abort(context, "ScoreBatch", grpc.StatusCode.INVALID_ARGUMENT, "not a ScoreBatchRequest")
@@ -214,36 +204,30 @@ class RecommenderServicer:
                 w.cancel()
 
     async def RecordEvents(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.RecordEventsResponse:
-        await self._authorize(context, "RecordEvents", WRITE)
+        await self._authorize(context, "RecordEvents", "events", WRITE)
         request = _decode(pb.RecordEventsRequest, raw)
         if request is None:
             await self._abort(context, "RecordEvents", grpc.StatusCode.INVALID_ARGUMENT, "not a RecordEventsRequest")
         try:
             body: EventsRequest = parse(EventsRequest, events_input(request))
-            known = self.c.recommender.catalog.index_of.__contains__
-            evs = check_events(body, self.c.settings, known, time.time(), _metadata(context, IDEMPOTENCY_HEADER))
-            out = await self.c.live.record_events(evs)
+            answer = await self.h.record_events(body, _metadata(context, IDEMPOTENCY_HEADER), "grpc")
         except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
-            code, details = self._failure("RecordEvents", e)
-            await self._abort(context, "RecordEvents", code, details)
+            await self._abort(context, "RecordEvents", *self._refused(e, "RecordEvents", "events"))
         self._count("RecordEvents", grpc.StatusCode.OK)
+        out = answer.body
         return pb.RecordEventsResponse(written=out.written, duplicates=out.duplicates, users=out.users)
 
     async def AddItems(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AddItemsResponse:
-        await self._authorize(context, "AddItems", WRITE)
+        await self._authorize(context, "AddItems", "items", WRITE)
         request = _decode(pb.AddItemsRequest, raw)
         if request is None:
             await self._abort(context, "AddItems", grpc.StatusCode.INVALID_ARGUMENT, "not an AddItemsRequest")
         try:
-            body: ItemsRequest = parse(ItemsRequest, items_input(request))
-            check_items(body, self.c.settings)
-            jobs = self.c.live.jobs(body.items, time.time())
-            await self.c.live.submit(jobs)
+            answer = await self.h.add_items(parse(ItemsRequest, items_input(request)), "grpc")
         except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
-            code, details = self._failure("AddItems", e)
-            await self._abort(context, "AddItems", code, details)
+            await self._abort(context, "AddItems", *self._refused(e, "AddItems", "items"))
         self._count("AddItems", grpc.StatusCode.OK)
-        return pb.AddItemsResponse(accepted=[j.item_id for j in jobs], status="queued")
+        return pb.AddItemsResponse(accepted=answer.body.accepted, status=answer.body.status)
 
 
 def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
@@ -267,10 +251,10 @@ def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
     )
 
 
-async def start_grpc(components, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(components, handlers: Handlers, host: str, port: int) -> grpc.aio.Server:
     cap = components.settings.max_grpc_message_bytes
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", cap)])
-    server.add_generic_rpc_handlers((_handlers(RecommenderServicer(components)),))
+    server.add_generic_rpc_handlers((_handlers(RecommenderServicer(components, handlers)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (pb.DESCRIPTOR.services_by_name["Recommender"].full_name, reflection.SERVICE_NAME, health.SERVICE_NAME)

@@ -8,7 +8,7 @@
 - No Redis (`PipeFeed`, the in-process default): the API's own worker child, over its stdin/stdout (JSON lines).
 
 With `ingest_worker` = lazy/start the API spawns the worker as a child process (`python -m
-service.ingest.worker`) and supervises it (service.ingest.supervisor); the module is never imported here: torch and
+training.ingest_worker`) and supervises it (service.ingest.supervisor); the module is never imported here: torch and
 the LLM stay out of this process.
 """
 
@@ -26,7 +26,8 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from service.ingest.live import Conflict, IngestedItem, ItemJob, LiveMetrics
+from service.errors import Conflict
+from service.ingest.live import IngestedItem, ItemJob, LiveMetrics
 from service.ingest.supervisor import QueueStats, WorkerProcess
 from service.redact import for_log
 from service.settings import Settings
@@ -227,7 +228,7 @@ class PipeFeed(ItemFeed):
 
     async def submit(self, jobs: list[ItemJob]) -> None:
         if self.s.ingest_worker == "off":
-            from service.pipeline.recommender import Unavailable
+            from service.errors import Unavailable
 
             raise Unavailable("no ingestion worker here: set FALCONREC_INGEST_WORKER=lazy, or use Redis")
         for j in jobs:
@@ -324,7 +325,7 @@ class RedisFeed(ItemFeed):
         return QueueStats(int(n), max(time.time() - born_ms / 1000, 0.0))
 
     async def submit(self, jobs: list[ItemJob]) -> None:
-        from service.pipeline.recommender import Unavailable
+        from service.errors import Unavailable
 
         version = self.version()
         if version is None:

@@ -12,18 +12,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.api.schemas import ItemIn
 from service.backends.base import BackendUnavailable, InferenceBackend
+from service.catalog import Catalog
 from service.contract import ITEM_TOWER, RANKER_ITEM, Manifest
+from service.errors import Conflict, Unavailable
 from service.metrics import Metrics
-from service.pipeline.catalog import Catalog
 from service.pipeline.item_tokens import ItemTokens
-from service.pipeline.recommender import Unavailable
 from service.pipeline.retrieval import Retriever
 from service.settings import Settings
 from service.stores.base import Appended, Event, FeatureStore, StoreUnavailable
@@ -63,16 +64,15 @@ class IngestedItem:
     digest: str | None = None  # the job's (None from workers that predate it)
 
 
-class Conflict(ValueError):
-    """The item already exists (or is being ingested): 409. Ids are immutable under one store version, which is
-    what lets the ranker's K/V cache key on raw ids."""
+class NewItem(Protocol):
+    """A validated new item (the API's ItemIn has these fields; the live path needs nothing else of it)."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+    item_id: int
+    text: str
+    metadata: Mapping[str, object] | None
 
 
-def title_of(item: ItemIn) -> str:
+def title_of(item: NewItem) -> str:
     """What results show: metadata.title, else the text before ' | ' (as the build's catalog titles)."""
     title = (item.metadata or {}).get("title")
     return str(title) if title else item.text.split(" | ")[0].strip()[:200]
@@ -168,7 +168,7 @@ class LiveData:
         posted = self.pending.get(item_id)
         return posted is not None and time.time() - posted < PENDING_TTL_S
 
-    def jobs(self, items: list[ItemIn], now: float) -> list[ItemJob]:
+    def jobs(self, items: Sequence[NewItem], now: float) -> list[ItemJob]:
         """Jobs for validated items (service.api.validation.check_items). A known or pending id is a 409, unless the
         request repeats the job that claimed it (a retry: accepted again, queued once)."""
         jobs = [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]

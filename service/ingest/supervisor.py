@@ -27,7 +27,8 @@ from service.settings import Settings
 
 log = logging.getLogger("falconrec.ingest")
 
-WORKER_MODULE = "service.ingest.worker"
+# The worker is the `falconrec ingest` command (training/ingest_worker.py: torch), run as a child; never imported here.
+WORKER_COMMAND = ("-m", "falconrec.cli", "ingest")
 RESTART_FIRST_S = 1.0
 RESTART_MAX_S = 30.0
 STABLE_S = 60.0  # a worker that ran this long before it exited starts the backoff afresh
@@ -41,7 +42,7 @@ class QueueStats:
 
 
 def worker_command(settings: Settings, stdio: bool, extra: tuple[str, ...] = ()) -> list[str]:
-    cmd = [sys.executable, "-m", WORKER_MODULE, "--repo", str(Path(settings.model_repository).resolve())]
+    cmd = [sys.executable, *WORKER_COMMAND, "--repo", str(Path(settings.model_repository).resolve())]
     cmd += ["--batch", str(settings.ingest_batch), "--parent-pid", str(os.getpid()), *extra]
     return cmd + ["--stdio"] if stdio else cmd
 

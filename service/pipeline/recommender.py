@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.backends.base import BackendUnavailable, InferenceBackend
+from service.catalog import Catalog
 from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, Manifest, time_buckets
+from service.errors import BadRequest, Overloaded, Unavailable, UnknownUser
+from service.lru import LRU
 from service.metrics import Metrics
 from service.pipeline.batching import CandidateBatcher
-from service.pipeline.catalog import Catalog
 from service.pipeline.deadline import Deadline, StageTimer
 from service.pipeline.item_tokens import ItemTokens
-from service.pipeline.lru import LRU
 from service.pipeline.retrieval import Retriever
 from service.settings import Settings
 from service.stores.base import Embeddings, FeatureStore, StoreUnavailable
@@ -47,27 +48,6 @@ def query_time(query_ts: int | None, deadline: Deadline) -> int:
     if query_ts is not None:
         return int(query_ts)
     return int(time.time() - deadline.elapsed())
-
-
-class UnknownUser(LookupError):
-    pass
-
-
-class Overloaded(RuntimeError):
-    """No pipeline slot freed up within the request's budget; the API answers 503 with Retry-After."""
-
-
-class Unavailable(RuntimeError):
-    """A dependency (the feature store) is down and nothing local can stand in: 503 with Retry-After, never
-    404 (the user is not unknown, the store is unreachable). The message is safe to show."""
-
-
-class BadRequest(ValueError):
-    """Input the models cannot use (e.g. unknown item ids); the API answers 422 with this message."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass

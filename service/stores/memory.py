@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from service.pipeline.catalog import Catalog
+from service.catalog import Catalog
 from service.stores.base import Appended, Embeddings, Event, FeatureStore, merge_history
 
 

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from service.pipeline.embedding_cache import EmbeddingCache
-from service.pipeline.lru import LRU
+from service.embedding_cache import EmbeddingCache
+from service.lru import LRU
 from service.redact import for_log, public_reason
 from service.stores.base import (
     VERSION_KEY,

@@ -1,4 +1,5 @@
-"""`falconrec serve --workers N`: N server processes accepting on one listening socket.
+"""Running the service: HTTP (uvicorn) and gRPC in one process and one event loop (`serve`), or, with
+`falconrec serve --workers N`, N such server processes accepting on one listening socket (`run_workers`).
 
 Why processes: on two cores one process spent its request time waiting on thread hand-offs (event loop ->
 inference thread pool -> back) and on the GIL, with both cores far from busy (issue 11's profile). Each worker
@@ -19,9 +20,14 @@ import signal
 import socket
 import time
 
+import uvicorn
+from fastapi import FastAPI
+
+from service.api.app import create_app
+from service.api.http_protocol import protocol_for
 from service.settings import Settings
 
-log = logging.getLogger("falconrec.workers")
+log = logging.getLogger("falconrec.server")
 STOP_GRACE_S = 15.0
 
 
@@ -51,8 +57,6 @@ def per_worker(settings: Settings) -> Settings:
 
 
 def _worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
-    from service.api.app import serve
-
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {index} %(name)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; uvicorn handles SIGTERM itself
     asyncio.run(serve(settings, sockets=[sock]))
@@ -101,3 +105,30 @@ def run_workers(settings: Settings) -> int:
                 p.join()
         sock.close()
     return status
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for `app` (the server and the tests' servers alike): httptools with read deadlines and
+    the per-address limit on incomplete requests (service.api.http_protocol)."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        loop="auto",
+        http=protocol_for(settings),
+    )
+
+
+async def serve(settings: Settings, sockets: list | None = None) -> None:
+    """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them)."""
+    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    log.info("HTTP on http://%s:%d  gRPC on %s:%d", settings.host, settings.port, settings.host, settings.grpc_port)
+    await server.serve(sockets=sockets)
+
+
+def run(settings: Settings) -> None:
+    if settings.workers > 1:
+        raise SystemExit(run_workers(settings))
+    asyncio.run(serve(settings))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.pipeline.id_index import IdIndex
+from service.id_index import IdIndex
 
 
 @dataclass

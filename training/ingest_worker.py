@@ -2,7 +2,7 @@
 very code `falconrec build` ran) -> float16 content embedding -> the live version in Redis + the item log.
 
 This is the one module under service/ that uses torch (through training.embed, imported lazily), and it runs in
-its own process: the API spawns it (`python -m service.ingest.worker`) or an operator runs `falconrec ingest`;
+its own process: `falconrec ingest`, which the API spawns (service/ingest/supervisor.py) or an operator runs;
 the API never imports it. Two inputs:
 
 - Redis (FALCONREC_REDIS_URL, never on the command line: it may hold a password): jobs from the
@@ -13,7 +13,6 @@ the API never imports it. Two inputs:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import json
@@ -209,32 +208,28 @@ def _process(r, embed: Embedder, entries: list) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="falconrec ingest", description=__doc__.split("\n\n")[0])
-    p.add_argument("--repo", type=Path, default=Path("model_repository"), help="the served model repository")
-    p.add_argument("--batch", type=int, default=32, help="texts per model call")
-    p.add_argument("--stdio", action="store_true", help="JSON lines on stdin/stdout instead of Redis")
-    p.add_argument("--text-model", default=None, help="default: the build config's (checked against the manifest)")
-    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
-    p.add_argument("--claim-after-s", type=float, default=30.0, help="take over jobs unacknowledged this long")
-    p.add_argument("--reclaim-from", default=None, help="a dead worker's consumer name: take its jobs at once")
-    args = p.parse_args(argv)
+def run(
+    repo: Path,
+    batch: int = 32,
+    stdio: bool = False,
+    text_model: str | None = None,
+    parent_pid: int | None = None,
+    claim_after_s: float = 30.0,
+    reclaim_from: str | None = None,
+) -> None:
+    """The worker's process (`falconrec ingest`): stdio (JSON lines, the API's own child) or the Redis stream."""
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=fmt)
     logging.getLogger("falconrec").setLevel(os.environ.get("FALCONREC_LOG_LEVEL", "INFO"))
-    _die_with_parent(args.parent_pid)
-    manifest = Manifest.read(args.repo)
-    embed = Embedder(manifest, args.text_model)
-    if args.stdio:
-        run_stdio(embed, args.batch, args.parent_pid)
+    _die_with_parent(parent_pid)
+    manifest = Manifest.read(repo)
+    embed = Embedder(manifest, text_model)
+    if stdio:
+        run_stdio(embed, batch, parent_pid)
         return
     url = os.environ.get("FALCONREC_REDIS_URL")
     if not url:
         raise SystemExit("set FALCONREC_REDIS_URL (or pass --stdio)")
     log.info("ingestion worker %d waiting for jobs on %s", os.getpid(), JOBS_STREAM)
     # SIGTERM finishes the batch in hand (its jobs are acknowledged with its results); stdio mode just exits.
-    run_redis(url, embed, args.batch, args.parent_pid, args.claim_after_s, Stop(), args.reclaim_from)
-
-
-if __name__ == "__main__":
-    main()
+    run_redis(url, embed, batch, parent_pid, claim_after_s, Stop(), reclaim_from)
