@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.recommender import Recommender
 from service.pipeline.retrieval import Retriever
+from service.pipeline.serving import Serving
 from service.settings import Settings
 from service.stores.base import FeatureStore
 from service.stores.memory import InProcessStore
@@ -99,9 +100,10 @@ async def build_components(settings: Settings) -> Components:
             f"ranker tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
             f"{catalog.num_items} items: rebuild (`falconrec build`)"
         )
-    rec = Recommender(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
+    sv = Serving(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
+    rec = Recommender(sv)
     await rec.warmup()
-    live = LiveData(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
+    live = LiveData(sv)
     feed: ItemFeed
     if isinstance(store, RedisStore):
         feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version, live.metrics)

@@ -116,19 +116,20 @@ def test_unchanged_history_runs_no_model_twice_and_an_event_recomputes(server, c
     body = {"user_id": uid, "k": 10, "query_ts": now}
     with httpx.Client(base_url=server.url, timeout=30) as c:
         first = c.post("/v1/recommend", json=body).json()
-        uv_entries, kv_entries = len(rec.user_vec_cache), len(rec.kv_cache)
-        hits = rec.user_vec_cache.hits
+        uv_entries, kv_entries = len(rec.users.user_vec_cache), len(rec.users.kv_cache)
+        hits = rec.users.user_vec_cache.hits
         again = c.post("/v1/recommend", json=body).json()
         assert again["items"] == first["items"]
-        assert rec.user_vec_cache.hits == hits + 1  # the user tower did not run again
-        assert (len(rec.user_vec_cache), len(rec.kv_cache)) == (uv_entries, kv_entries)  # nor the history pass
+        assert rec.users.user_vec_cache.hits == hits + 1  # the user tower did not run again
+        # nor the history pass
+        assert (len(rec.users.user_vec_cache), len(rec.users.kv_cache)) == (uv_entries, kv_entries)
         # Timings show the skipped stages cost (almost) nothing: no embedding fetch for the history.
         assert "embeddings" in again["timings_ms"]
         # A different history (the request's own, one item shorter) is a different key: computed afresh.
         items, ts = catalog.user_histories[uid]
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:-1], ts[:-1], strict=True)]
         c.post("/v1/recommend", json={"history": hist, "k": 10, "query_ts": now})
-        assert len(rec.user_vec_cache) == uv_entries + 1 and len(rec.kv_cache) == kv_entries + 1
+        assert len(rec.users.user_vec_cache) == uv_entries + 1 and len(rec.users.kv_cache) == kv_entries + 1
 
 
 @pytest.mark.parametrize("appended", [1, 2, 29])
@@ -162,7 +163,7 @@ def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(ser
     items, ts = catalog.user_histories[uid]
     items, ts = items[-16:], ts[-16:]
     now = int(time.time())
-    key = rec._tower_key(uid, rec._store_version())
+    key = rec.users._tower_key(uid, rec.users.store_version())
 
     def post(c, user_id: int, n: int) -> None:
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:n], ts[:n], strict=True)]
@@ -173,22 +174,22 @@ def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(ser
         return rec.metrics.cache_lookups.labels("tower_state", "hit")._value.get()
 
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        rec.tower_states.clear()
+        rec.users.tower_states.clear()
         post(c, uid, 10)
-        assert len(rec.tower_states.get(key).hist_raw) == 10
+        assert len(rec.users.tower_states.get(key).hist_raw) == 10
         for n in (11, 13, 16):  # 1, 2, then 3 events appended
             hits = tower_hits()
             post(c, uid, n)
-            state = rec.tower_states.get(key)
+            state = rec.users.tower_states.get(key)
             assert tower_hits() == hits + 1 and len(state.hist_raw) == n and state.k.shape[2] == n
         extended = state
         # The same 16 items computed in one pass: no state, no cached vector for this history.
-        rec.user_vec_cache.clear()
-        rec.tower_states.clear()
+        rec.users.user_vec_cache.clear()
+        rec.users.tower_states.clear()
         other = uid + 10**6
         post(c, other, 16)
-        other_key = rec._tower_key(other, rec._store_version())
-        fresh = rec.tower_states.get(other_key)
+        other_key = rec.users._tower_key(other, rec.users.store_version())
+        fresh = rec.users.tower_states.get(other_key)
         np.testing.assert_allclose(extended.user_vec, fresh.user_vec, atol=1e-5, rtol=0)
         np.testing.assert_allclose(extended.k, fresh.k, atol=1e-5, rtol=0)
         # Histories that do not continue the stored one are recomputed in full and replace it: the oldest item
@@ -200,7 +201,7 @@ def test_grown_history_extends_the_users_tower_state_and_matches_a_full_pass(ser
             hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(new_items, ts[-len(new_items) :], strict=True)]
             r = c.post("/v1/recommend", json={"user_id": other, "history": hist, "k": 10, "query_ts": now})
             assert r.status_code == 200 and tower_hits() == hits
-            assert np.array_equal(rec.tower_states.get(other_key).hist_raw, new_items)
+            assert np.array_equal(rec.users.tower_states.get(other_key).hist_raw, new_items)
 
 
 def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, tiny_build):

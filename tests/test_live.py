@@ -211,9 +211,9 @@ def test_kv_cache_never_serves_a_history_from_before_an_event(srv, catalog):
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         body = {"user_id": uid, "item_ids": items, "query_ts": now}
         first = c.post("/v1/score", json=body).json()["scores"]
-        hits = len(rec.kv_cache)
+        hits = len(rec.users.kv_cache)
         assert c.post("/v1/score", json=body).json()["scores"] == first  # served from the K/V cache
-        assert len(rec.kv_cache) == hits
+        assert len(rec.users.kv_cache) == hits
         ev = {"user_id": uid, "item_id": int(catalog.raw_ids[100]), "ts": now - 1}
         assert c.post("/v1/events", json={"events": [ev]}, headers=AUTH).status_code == 200
         after = c.post("/v1/score", json=body).json()["scores"]

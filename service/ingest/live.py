@@ -19,15 +19,11 @@ from typing import Protocol
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from service.backends.base import BackendUnavailable, InferenceBackend
-from service.catalog import Catalog
-from service.contract import ITEM_TOWER, RANKER_ITEM, Manifest
+from service.contract import ITEM_TOWER, RANKER_ITEM
 from service.errors import Conflict, Unavailable
 from service.metrics import Metrics
-from service.pipeline.item_tokens import ItemTokens
-from service.pipeline.retrieval import Retriever
-from service.settings import Settings
-from service.stores.base import Appended, Event, FeatureStore, StoreUnavailable
+from service.pipeline.serving import Serving
+from service.stores.base import Appended, Event, StoreUnavailable
 
 log = logging.getLogger("falconrec.live")
 PENDING_TTL_S = 300.0
@@ -105,27 +101,15 @@ class LiveMetrics:
 
 
 class LiveData:
-    def __init__(
-        self,
-        settings: Settings,
-        manifest: Manifest,
-        catalog: Catalog,
-        backend: InferenceBackend,
-        store: FeatureStore,
-        retriever: Retriever,
-        metrics: Metrics,
-        tokens: ItemTokens,
-        fallback: InferenceBackend | None = None,
-    ):
-        self.s = settings
-        self.tokens = tokens
-        self.manifest = manifest
-        self.catalog = catalog
-        self.backend = backend
-        self.fallback = fallback
-        self.store = store
-        self.retriever = retriever
-        self.metrics = LiveMetrics(metrics)
+    def __init__(self, sv: Serving):
+        self.sv = sv
+        self.s = sv.settings
+        self.tokens = sv.tokens
+        self.manifest = sv.manifest
+        self.catalog = sv.catalog
+        self.store = sv.store
+        self.retriever = sv.retriever
+        self.metrics = LiveMetrics(sv.metrics)
         self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet
         # The job digest of each live item this replica knows (POSTed here, or applied with its digest): a POST of the
         # same job again is a retry (202, not queued twice), another text for the id a 409.
@@ -232,12 +216,7 @@ class LiveData:
     async def _per_item(self, model: str, emb: np.ndarray, output: str) -> np.ndarray:
         """A per-item graph (item tower, ranker token) on new items' content, with the unknown ID (index 0)."""
         inputs = {"content_emb": emb, "item_idx": np.zeros((len(emb), 1), np.int64)}
-        try:
-            return (await self.backend.infer(model, inputs, timeout_s=10.0))[output]
-        except BackendUnavailable:
-            if self.fallback is None:
-                raise
-            return (await self.fallback.infer(model, inputs, timeout_s=10.0))[output]
+        return (await self.sv.infer_unbudgeted(model, inputs, timeout_s=10.0))[0][output]
 
     def problem(self) -> str | None:
         """Why accepted items are not becoming servable (for /readyz), or None."""
