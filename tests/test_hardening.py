@@ -323,3 +323,76 @@ def test_shed_at_once_when_the_queue_ahead_cannot_finish_in_time(tiny_build, cat
         assert early, [r.json()["detail"] for r in shed]
     finally:
         srv.stop()
+
+
+def test_overload_is_shed_at_arrival_with_its_server_time(tiny_build, catalog):
+    """Round 3, point 9: with the only pipeline slot taken and a queue that cannot drain within 20 ms, a newcomer
+    is answered 503 by the HTTP guard on arrival, before FastAPI parses it (shed by admission after parsing and
+    validation, those 503s took p50 29.8 ms at 4x load), its server time in `Server-Timing: total`, counted as
+    a 503 of `recommend`. One with a budget the queue can meet is not shed: it waits and is served."""
+    import asyncio
+    import math
+    import threading
+
+    from service.pipeline.deadline import Deadline
+    from tests.conftest import RunningServer, server_settings
+
+    srv = RunningServer(server_settings(tiny_build, max_active=1, max_concurrency=500, grpc_port=0, budget_ms=20.0))
+    adm = srv.components.recommender.admission
+    loop = srv.server.servers[0].get_loop()
+    release = threading.Event()
+
+    async def hold_the_slot() -> None:
+        async with adm.admitted(Deadline(120.0), patient=True):
+            await loop.run_in_executor(None, release.wait)
+
+    held = asyncio.run_coroutine_threadsafe(hold_the_slot(), loop)
+    users = list(catalog.user_histories)
+    # Enough patient requests queued that (queue + 1/2) x the slot's hold time is well over 20 ms.
+    n_queued = math.ceil(0.05 / adm.hold_s) + 2
+    metrics = lambda: httpx.get(f"{srv.url}/metrics").text  # noqa: E731
+    answered_503 = 'falconrec_answers_total{endpoint="recommend",status="503",transport="http"}'
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response, float, float]:
+        limits = httpx.Limits(max_connections=n_queued + 20)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60, limits=limits) as c:
+            patient = [
+                asyncio.ensure_future(c.post("/v1/recommend", json={"user_id": u, "budget_ms": 5000}))
+                for u in users[:n_queued]
+            ]
+            while adm.waiting < n_queued:
+                await asyncio.sleep(0.01)
+            before = _value(metrics(), answered_503)
+            shed = [await c.post("/v1/recommend", json={"user_id": u}) for u in users[:5]]
+            after = _value(metrics(), answered_503)
+            waits = asyncio.ensure_future(c.post("/v1/recommend", json={"user_id": users[0], "budget_ms": 5000}))
+            while adm.waiting < n_queued + 1:
+                await asyncio.sleep(0.01)
+            release.set()
+            return await asyncio.gather(*patient), shed, await waits, before, after
+
+    try:
+        served, shed, waited, before, after = asyncio.run(scenario())
+        held.result(timeout=30)
+    finally:
+        release.set()
+        srv.stop()
+    for r in shed:
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "1"
+        assert "queued ahead cannot finish within the budget" in r.json()["detail"]
+        assert r.headers["server-timing"].startswith("total;dur=")
+    assert after - before == len(shed)
+    assert waited.status_code == 200 and all(r.status_code == 200 for r in served)
+
+
+def test_expected_wait_counts_requests_not_yet_queued():
+    """Requests past the HTTP guard but still being parsed will queue ahead of a newcomer: they count."""
+    from service.pipeline.admission import Admission
+
+    adm = Admission(max_active=2)
+    assert adm.expected_wait() == 0.0 and adm.expected_wait(not_yet_queued=1) == 0.0  # a slot is free for it
+    slow = adm.expected_wait(not_yet_queued=10)
+    assert slow == (10 - 2 + 0.5) * adm.hold_s / 2
+    assert adm.overloaded(slow / 2, not_yet_queued=10) is not None
+    assert adm.overloaded(slow * 2, not_yet_queued=10) is None

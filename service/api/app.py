@@ -18,7 +18,6 @@ from service.api.http_guard import GuardMiddleware
 from service.api.routes import health, reads, writes
 from service.api.validation import document_limits, field_errors
 from service.components import Components, build_components, close_components
-from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("falconrec.app")
@@ -26,12 +25,12 @@ log = logging.getLogger("falconrec.app")
 
 def create_app(settings: Settings | None = None, components: Components | None = None) -> FastAPI:
     settings = settings or Settings()
-    live: dict[str, Metrics] = {}
+    live: dict[str, Components] = {}  # the guard runs outside the lifespan's scope: it reads them from here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         c = components or await build_components(settings)
-        live["metrics"] = c.metrics
+        live["components"] = c
         handlers = Handlers(c)
         app.state.components, app.state.handlers = c, handlers
         if settings.grpc_port and c.grpc_server is None:
@@ -57,7 +56,12 @@ def create_app(settings: Settings | None = None, components: Components | None =
         lifespan=lifespan,
         description="LLM-embedding two-tower recall + HSTU ranking (M-FALCON) within a latency budget.",
     )
-    app.add_middleware(GuardMiddleware, settings=settings, metrics=lambda: live.get("metrics"))
+    app.add_middleware(
+        GuardMiddleware,
+        settings=settings,
+        metrics=lambda: c.metrics if (c := live.get("components")) else None,
+        admission=lambda: c.recommender.admission if (c := live.get("components")) else None,
+    )
 
     def openapi() -> dict:
         # The limits from settings go into the document: what it says is what validation enforces.

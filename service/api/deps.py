@@ -10,13 +10,12 @@ from fastapi import Depends, Header, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.handlers import Handlers, Refused
-from service.api.http_guard import ARRIVAL
+from service.api.http_guard import ARRIVAL, ENDPOINTS, server_timing_total
 from service.api.schemas import ErrorBody
 from service.api.validation import InvalidInput
 from service.components import Components
 
-# The path of each /v1 endpoint -> its name in metrics and handlers (the same name over gRPC).
-ENDPOINTS = {"/v1/recommend": "recommend", "/v1/score": "score", "/v1/events": "events", "/v1/items": "items"}
+__all__ = ["ENDPOINTS"]  # the routes' names, defined beside the guard that counts them first
 
 
 def get_components(request: Request) -> Components:
@@ -51,15 +50,19 @@ IdempotencyKeyDep = Annotated[
 ]
 
 
-def to_http(refused: Refused) -> HTTPException:
-    """The HTTP form of a refusal (service.api.errors decides it for HTTP and gRPC alike)."""
+def to_http(refused: Refused, arrival: float | None = None) -> HTTPException:
+    """The HTTP form of a refusal (service.api.errors decides it for HTTP and gRPC alike). With the request's
+    `arrival`, a 503 says its server time (`Server-Timing: total`): a shed answer should cost next to nothing."""
     r = refused.refusal
     if r.http_status == 422:
         return HTTPException(422, [InvalidInput(r.field or "body", r.message, r.where).as_error()])
     if r.http_status == 401:
         return HTTPException(401, r.message, headers={"WWW-Authenticate": "Bearer"})
+    headers = {"Retry-After": "1"} if r.retry else {}
+    if arrival is not None and r.http_status == 503:
+        headers["Server-Timing"] = server_timing_total(arrival)
     # A field (409: `items.0.item_id`) names the offending entry, as the gRPC details do.
-    return HTTPException(r.http_status, r.grpc_details, headers={"Retry-After": "1"} if r.retry else None)
+    return HTTPException(r.http_status, r.grpc_details, headers=headers or None)
 
 
 def error_doc(description: str, retry_after: bool = False) -> dict:

@@ -18,14 +18,32 @@ class Admission:
     def __init__(self, max_active: int):
         self.max_active = max_active
         self._slots = asyncio.Semaphore(max_active)
-        self.waiting = 0
+        self.active = 0  # holding a slot
+        self.waiting = 0  # queued for one
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
 
-    def expected_wait(self) -> float:
-        """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time."""
-        if not self._slots.locked():
+    @property
+    def hold_s(self) -> float:
+        """How long a request holds a slot (moving average): what one place in the queue costs."""
+        return self._hold_s
+
+    def expected_wait(self, not_yet_queued: int = 0) -> float:
+        """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time.
+
+        `not_yet_queued`: requests that arrived before the newcomer and will queue ahead of it but have not
+        reached admission yet (the HTTP guard counts them: they are still being parsed and validated).
+        """
+        ahead = self.active + self.waiting + not_yet_queued
+        if ahead < self.max_active:
             return 0.0
-        return (self.waiting + 0.5) * self._hold_s / self.max_active
+        return (ahead - self.max_active + 0.5) * self._hold_s / self.max_active
+
+    def overloaded(self, remaining_s: float, not_yet_queued: int = 0) -> str | None:
+        """Why a newcomer with `remaining_s` of budget cannot get a slot in time, or None when it may."""
+        ahead = self.waiting + not_yet_queued
+        if ahead == 0 or self.expected_wait(not_yet_queued) <= remaining_s:
+            return None
+        return f"overloaded: {ahead} requests queued ahead cannot finish within the budget"
 
     @asynccontextmanager
     async def admitted(self, deadline: Deadline, patient: bool = False) -> AsyncIterator[None]:
@@ -60,8 +78,10 @@ class Admission:
         admitted_at = time.perf_counter()
         if patient:
             deadline.start = admitted_at
+        self.active += 1
         try:
             yield
         finally:
+            self.active -= 1
             self._slots.release()
             self._hold_s = 0.9 * self._hold_s + 0.1 * (time.perf_counter() - admitted_at)

@@ -26,7 +26,7 @@ def router(require_read_key: bool) -> APIRouter:
         try:
             answer = await h.recommend(body, arrival, "http")
         except Refused as e:
-            raise to_http(e) from e
+            raise to_http(e, arrival) from e
         response.headers["Server-Timing"] = answer.timings.server_timing()
         return answer.body
 
@@ -40,7 +40,7 @@ def router(require_read_key: bool) -> APIRouter:
         try:
             answer = await h.score(body, arrival, "http")
         except Refused as e:
-            raise to_http(e) from e
+            raise to_http(e, arrival) from e
         response.headers["Server-Timing"] = answer.timings.server_timing()
         return answer.body
 
