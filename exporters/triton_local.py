@@ -7,8 +7,10 @@ server needs LD_LIBRARY_PATH to hold the Python shared library's directory and t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +22,7 @@ DEFAULT_VENV = Path(".venv-triton")
 
 
 def _free_port() -> int:
+    # Not loadtest.procs.free_port (the shared one): exporters/ sits below loadtest/ and may not import it.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,8 +65,11 @@ class TritonProcess:
         return f"127.0.0.1:{self.http_port}"
 
     def kill(self) -> None:
+        """SIGKILL the whole group (started with start_new_session=True): the Python-backend stubs are tritonserver's
+        children and outlived it when only its pid was killed."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         if self.proc.poll() is None:
-            self.proc.kill()
             self.proc.wait(timeout=30)
 
 

@@ -25,6 +25,7 @@ app.command()(measuring.loadtest)
 app.command("ingest-latency")(measuring.ingest_latency)
 app.command()(measuring.bench)
 app.command("bench-index")(measuring.bench_index)
+app.command(context_settings=measuring.PASS_THROUGH)(measuring.hardening)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The commands that measure: the load test, new-item latency, the serving benchmark, recall at catalog scale."""
+"""The commands that measure: the load test, new-item latency, the serving benchmark, recall at catalog scale, the
+hardening harness."""
 
 from __future__ import annotations
 
@@ -161,3 +162,17 @@ def bench_index(
             "-" if rec is None else f"{rec:.4f}",
         )
     Console().print(t)
+
+
+# `falconrec hardening` hands its arguments to the harness's own parser (loadtest/hardening/options.py), where every
+# one of its ~45 options is declared once with its default and help; `--help` is the harness's too.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+def hardening(ctx: typer.Context) -> None:
+    """Reliability measurements against a real `falconrec serve` on a private redis-server: Redis killed and frozen,
+    wide and cancelled gRPC batches, overload, slow bodies, huge item ids, a killed ingestion worker (--parts);
+    prints a markdown report. `falconrec hardening --help` lists every option."""
+    from loadtest.hardening import main
+
+    raise typer.Exit(main(list(ctx.args), prog="falconrec hardening"))

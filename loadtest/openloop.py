@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from loadtest.procs import pct
+
 MAX_CONNECTIONS = 512  # per process; a request finding none idle waits (and its latency shows it)
 
 
@@ -163,24 +165,21 @@ def summarize(samples: list[Sample], seconds: float) -> dict:
         statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
     n = len(samples)
 
-    def pct(a: np.ndarray, q: float) -> float | None:
-        return round(float(np.percentile(a, q)), 3) if len(a) else None
-
     by_stage: dict[str, list[float]] = {}
     for s in samples:
         for k, v in s.stages.items():
             by_stage.setdefault(k, []).append(v)
     return {
-        "stages_p50_p99_ms": {k: [pct(np.array(v), 50), pct(np.array(v), 99)] for k, v in by_stage.items()},
+        "stages_p50_p99_ms": {k: [pct(v, 50, 3), pct(v, 99, 3)] for k, v in by_stage.items()},
         "sent": n,
         "achieved_rate": round(n / seconds, 1) if seconds else None,
         "ok": int(len(lat)),
         "statuses": statuses,
-        "p50_ms": pct(lat, 50),
-        "p99_ms": pct(lat, 99),
+        "p50_ms": pct(lat, 50, 3),
+        "p99_ms": pct(lat, 99, 3),
         "max_ms": round(float(lat.max()), 3) if len(lat) else None,
-        "server_p50_ms": pct(srv, 50),
-        "server_p99_ms": pct(srv, 99),
+        "server_p50_ms": pct(srv, 50, 3),
+        "server_p99_ms": pct(srv, 99, 3),
         "degraded_share": round(sum(s.degraded for s in samples if s.status == 200) / max(len(lat), 1), 4),
     }
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+# The process plumbing lives in loadtest/procs.py (the hardening harness uses it too); tests import it from here.
+from loadtest.procs import RedisProcess, free_port, kill_process_group  # noqa: F401 - re-exported
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,14 +48,6 @@ def tiny_build(tmp_path_factory) -> TinyBuild:
     tb.results = Builder(load_config("tiny"), tb.artifacts, tb.repo, log=lambda m: None).build()
     tb.seconds = time.time() - t
     return tb
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -114,52 +106,3 @@ def server(tiny_build):
 
 
 REDIS_URL = os.environ.get("FALCONREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-class RedisProcess:
-    """A redis-server of the test's own on a free port (the shared one on 6379 is never killed or frozen)."""
-
-    def __init__(self, port: int | None = None, password: str | None = None):
-        self.port = port or free_port()
-        self.password = password
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        import redis
-
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                redis.Redis(port=self.port, password=self.password).ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        self.kill()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        """Freeze it (SIGSTOP): connections stay open and nothing answers, the worst kind of outage."""
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def cont(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL works on a stopped process too
-            self.proc.wait()
-
-
-def kill_process_group(proc: subprocess.Popen) -> None:
-    """Kill a process started with start_new_session=True and everything it started (tritonserver's Python
-    backend stubs outlived the server when only its pid was killed)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(timeout=30)
