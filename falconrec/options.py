@@ -12,8 +12,12 @@ from rich.console import Console
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="build config: tiny, ml1m, ml1m-large or a .toml path")]
-ArtifactsOpt = Annotated[Path, typer.Option(help="where artifacts/<config>/ live")]
-RepoOpt = Annotated[Path, typer.Option("--repo", help="Triton model repository to write/serve")]
+# The same environment variables the service's settings read: `serve` in a container configured by them (compose)
+# must not fall back to the CLI's defaults.
+ArtifactsOpt = Annotated[Path, typer.Option(envvar="FALCONREC_ARTIFACTS_DIR", help="where artifacts/<config>/ live")]
+RepoOpt = Annotated[
+    Path, typer.Option("--repo", envvar="FALCONREC_MODEL_REPOSITORY", help="Triton model repository to write/serve")
+]
 
 
 def default_config() -> str:

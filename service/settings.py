@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051  # 0 = no gRPC server
-    # Server processes sharing the HTTP (and gRPC) port, each with its own models and caches (service/api/workers.py).
+    # Server processes sharing the HTTP (and gRPC) port, each with its own models and caches
+    # (service/server.py, run_workers).
     # Without Redis each keeps its own in-process store, so the write endpoints answer 503 when workers > 1.
     workers: int = Field(1, ge=1, le=64, description="server processes on the port (writes need Redis when > 1)")
 

@@ -1,8 +1,8 @@
 """`falconrec ingest`: the ingestion worker. Item text -> the build's text model and pooling (training.embed, the
 very code `falconrec build` ran) -> float16 content embedding -> the live version in Redis + the item log.
 
-This is the one module under service/ that uses torch (through training.embed, imported lazily), and it runs in
-its own process: `falconrec ingest`, which the API spawns (service/ingest/supervisor.py) or an operator runs;
+It uses torch (through training.embed, imported lazily), so it lives with training/ and runs in its own
+process: `falconrec ingest`, which the API spawns (service/ingest/supervisor.py) or an operator runs;
 the API never imports it. Two inputs:
 
 - Redis (FALCONREC_REDIS_URL, never on the command line: it may hold a password): jobs from the

@@ -55,7 +55,7 @@ def _budget_s(body: bytes, default_ms: float) -> float:
 
 
 def _is_json(content_type: bytes | None) -> bool:
-    if content_type is None:  # read as JSON (the README says so): _read_body adds the header FastAPI needs
+    if content_type is None:  # read as JSON (docs/api.md says so): _read_body adds the header FastAPI needs
         return True
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))

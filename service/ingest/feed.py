@@ -8,7 +8,7 @@
 - No Redis (`PipeFeed`, the in-process default): the API's own worker child, over its stdin/stdout (JSON lines).
 
 With `ingest_worker` = lazy/start the API spawns the worker as a child process (`python -m
-training.ingest_worker`) and supervises it (service.ingest.supervisor); the module is never imported here: torch and
+falconrec.cli ingest`) and supervises it (service.ingest.supervisor); the module is never imported here: torch and
 the LLM stay out of this process.
 """
 
