@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from service.id_index import IdIndex
+from service.ids import Id, IdError, IdKind, raw_id
 
 
 @dataclass
@@ -22,6 +23,9 @@ class Catalog:
     titles: list[str]  # [N]
     index_of: dict[int, int]  # raw id -> index
     user_histories: dict[int, tuple[np.ndarray, np.ndarray]]  # raw user id -> (raw item ids, ts)
+    # A string catalog (service/ids.py): each item's own id, aligned with raw_ids; None when the ids are integers.
+    keys: list[str] | None = None
+    user_kind: IdKind = "int"
 
     def __post_init__(self) -> None:
         # Vectorised raw-id -> index lookups (to_index runs on every request for ~1,200 ids) in memory proportional
@@ -30,7 +34,32 @@ class Catalog:
         self._raw_buf = np.asarray(self.raw_ids, np.int64)
         self.num_trained = len(self.raw_ids)  # indices above it were added live: no learned ID embedding
 
-    def add_items(self, raw_ids: list[int], titles: list[str]) -> np.ndarray:
+    # --- the catalog's own ids <-> raw ids -----------------------------------------------------------------
+    @property
+    def item_kind(self) -> IdKind:
+        return "int" if self.keys is None else "str"
+
+    def item_raw(self, value: Id) -> int:
+        return raw_id(value, self.item_kind)
+
+    def user_raw(self, value: Id) -> int:
+        return raw_id(value, self.user_kind)
+
+    def item_key(self, value: Id) -> Id:
+        """The id as answers give it back: a string catalog's ints as their decimal string (IdError if unusable)."""
+        if self.keys is None:
+            if isinstance(value, str):
+                raise IdError("this catalog's ids are integers, got a string")
+            return value
+        return str(value) if isinstance(value, int) else value
+
+    def external(self, idx: np.ndarray | list[int]) -> list[Id]:
+        """The catalog's own ids of item indices (1..N)."""
+        if self.keys is None:
+            return [int(r) for r in self.raw_ids[np.asarray(idx, np.int64) - 1]]
+        return [self.keys[i - 1] for i in np.asarray(idx, np.int64).tolist()]
+
+    def add_items(self, raw_ids: list[int], titles: list[str], keys: list[str] | None = None) -> np.ndarray:
         """Append new items (ids not in the catalog); returns their indices. Called on the event loop only. Amortised
         O(1) per item: the id buffer doubles when full and new rows go past the end, so a request holding the old
         `raw_ids` view keeps reading the rows it saw."""
@@ -42,6 +71,10 @@ class Catalog:
             self._raw_buf = grown
         self._raw_buf[n : n + len(raw_ids)] = raw_ids
         self.titles.extend(titles)
+        if self.keys is not None:
+            if keys is None or len(keys) != len(raw_ids):
+                raise ValueError("a string catalog's new items need their string ids")
+            self.keys.extend(keys)
         self.raw_ids = self._raw_buf[: n + len(raw_ids)]
         self._ids.add(list(raw_ids), idx.tolist())
         self.index_of.update(zip(raw_ids, idx.tolist(), strict=True))
@@ -73,7 +106,9 @@ class Catalog:
         for u, a, b in zip(z["user_raw_ids"].tolist(), offsets[:-1], offsets[1:], strict=True):
             b = max(a, b - drop_last)
             hist[int(u)] = (raw[items[a:b] - 1], times[a:b].astype(np.int64))
-        return cls(raw, titles, {int(r): i + 1 for i, r in enumerate(raw.tolist())}, hist)
+        keys = [str(k) for k in z["item_keys"]] if "item_keys" in z.files else None
+        user_kind: IdKind = "str" if "user_keys" in z.files else "int"
+        return cls(raw, titles, {int(r): i + 1 for i, r in enumerate(raw.tolist())}, hist, keys, user_kind)
 
     def to_index(self, raw_ids: np.ndarray) -> np.ndarray:
         """Model indices; 0 for ids the models never saw (cold: content embedding only)."""

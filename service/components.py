@@ -47,6 +47,10 @@ class Components:
     live: LiveData
     grpc_server: object | None = None
 
+    @property
+    def catalog(self) -> Catalog:
+        return self.recommender.catalog
+
 
 async def build_components(settings: Settings) -> Components:
     keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading

@@ -126,7 +126,8 @@ def run_stdio(embed: Embedder, batch: int, parent_pid: int | None) -> None:
 
 def _ingested(job: dict[str, str], emb: np.ndarray) -> IngestedItem:
     """A job's result (the job's digest travels with it: replicas answer a repeated POST from it)."""
-    return IngestedItem(int(job["item_id"]), job["title"], emb, float(job["submitted_at"]), job.get("digest"))
+    key = job.get("key") or None  # a string-id catalog's own id, passed through to every replica
+    return IngestedItem(int(job["item_id"]), job["title"], emb, float(job["submitted_at"]), job.get("digest"), key)
 
 
 # --- redis -------------------------------------------------------------------------------------------------

@@ -37,13 +37,26 @@ MAX_BATCH_USERS = 10_000
 
 
 def _history(events: Any) -> list[dict] | None:
-    return [{"item_id": h.item_id, "ts": h.ts} for h in events] or None
+    return [{"item_id": h.item_key or h.item_id, "ts": h.ts} for h in events] or None
+
+
+def _user(r: Any) -> int | str | None:
+    """The user's id: user_key when set (a string-id catalog), else user_id when set, else none."""
+    if r.HasField("user_key"):
+        return r.user_key
+    return r.user_id if r.HasField("user_id") else None
+
+
+def scored_item(item_id: int | str, score: float, title: str | None = None) -> pb.ScoredItem:
+    if isinstance(item_id, str):
+        return pb.ScoredItem(item_key=item_id, score=score, title=title or "")
+    return pb.ScoredItem(item_id=item_id, score=score, title=title or "")
 
 
 def recommend_input(r: pb.RecommendRequest) -> dict:
     """The proto as the HTTP body would say it (0 = default for k, num_candidates and budget_ms)."""
     return {
-        "user_id": r.user_id if r.HasField("user_id") else None,
+        "user_id": _user(r),
         "history": _history(r.history),
         "k": r.k or 10,
         "exclude_seen": r.exclude_seen if r.HasField("exclude_seen") else True,
@@ -55,9 +68,9 @@ def recommend_input(r: pb.RecommendRequest) -> dict:
 
 def score_input(u: pb.ScoreUser, budget_ms: float) -> dict:
     return {
-        "user_id": u.user_id if u.HasField("user_id") else None,
+        "user_id": _user(u),
         "history": _history(u.history),
-        "item_ids": list(u.item_ids),
+        "item_ids": list(u.item_keys) or list(u.item_ids),
         "budget_ms": budget_ms or None,
         "query_ts": u.query_ts if u.HasField("query_ts") else None,
     }
@@ -67,8 +80,8 @@ def events_input(r: pb.RecordEventsRequest) -> dict:
     return {
         "events": [
             {
-                "user_id": e.user_id,
-                "item_id": e.item_id,
+                "user_id": e.user_key or e.user_id,
+                "item_id": e.item_key or e.item_id,
                 "ts": e.ts,
                 "event_id": e.event_id if e.HasField("event_id") else None,
             }
@@ -79,7 +92,10 @@ def events_input(r: pb.RecordEventsRequest) -> dict:
 
 def items_input(r: pb.AddItemsRequest) -> dict:
     return {
-        "items": [{"item_id": it.item_id, "text": it.text, "metadata": dict(it.metadata) or None} for it in r.items]
+        "items": [
+            {"item_id": it.item_key or it.item_id, "text": it.text, "metadata": dict(it.metadata) or None}
+            for it in r.items
+        ]
     }
 
 
@@ -140,7 +156,7 @@ class RecommenderServicer:
         self._count("Recommend", grpc.StatusCode.OK)
         res = answer.body
         return pb.RecommendResponse(
-            items=[pb.ScoredItem(item_id=i.item_id, score=i.score, title=i.title) for i in res.items],
+            items=[scored_item(i.item_id, i.score, i.title) for i in res.items],
             model_version=res.model_version,
             degraded=res.degraded,
             degraded_reasons=res.degraded_reasons,
@@ -227,7 +243,12 @@ class RecommenderServicer:
         except Exception as e:  # noqa: BLE001 - every failure gets a status; bugs are logged, not shown
             await self._abort(context, "AddItems", *self._refused(e, "AddItems", "items"))
         self._count("AddItems", grpc.StatusCode.OK)
-        return pb.AddItemsResponse(accepted=answer.body.accepted, status=answer.body.status)
+        accepted = answer.body.accepted
+        return pb.AddItemsResponse(
+            accepted=[a for a in accepted if isinstance(a, int)],
+            accepted_keys=[a for a in accepted if isinstance(a, str)],
+            status=answer.body.status,
+        )
 
 
 def _handlers(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:

@@ -21,9 +21,8 @@ from service.api.schemas import (
     ScoredItem,
     ScoreRequest,
     ScoreResponse,
-    UserInput,
 )
-from service.api.validation import check_events, check_items, check_recommend, check_score
+from service.api.validation import check_events, check_items, check_recommend, check_score, raw_user_input, to_raw
 from service.auth import AuthError
 from service.components import Components
 from service.pipeline.deadline import StageTimer
@@ -44,10 +43,6 @@ class Answer:
 
     body: object
     timings: StageTimer | None = None
-
-
-def _history(body: UserInput) -> list[tuple[int, int]] | None:
-    return [(h.item_id, h.ts) for h in body.history] if body.history else None
 
 
 class Handlers:
@@ -86,8 +81,9 @@ class Handlers:
         c = self.c
         try:
             deadline = check_recommend(body, c.settings, arrival)
+            u = raw_user_input(body, c.catalog)
             res = await c.recommender.recommend(
-                body.user_id, _history(body), body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
+                u.user_id, u.history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
             )
         except Exception as e:  # noqa: BLE001 - refuse() re-raises what it does not know
             raise self.refuse(e, "recommend", transport) from e
@@ -111,15 +107,20 @@ class Handlers:
         c = self.c
         try:
             deadline = check_score(body, c.settings, arrival)
+            u = raw_user_input(body, c.catalog)
+            items = [to_raw(c.catalog.item_raw, v, f"item_ids.{i}") for i, v in enumerate(body.item_ids)]
             scores, deg, tm = await c.recommender.score(
-                body.user_id, _history(body), body.item_ids, deadline, body.query_ts, patient=patient
+                u.user_id, u.history, items, deadline, body.query_ts, patient=patient
             )
         except Exception as e:  # noqa: BLE001
             raise self.refuse(e, "score", transport) from e
         self._done("score", transport, arrival, degraded=bool(deg))
         return Answer(
             ScoreResponse(
-                scores=[ScoredItem(item_id=i, score=float(v)) for i, v in zip(body.item_ids, scores, strict=True)],
+                scores=[
+                    ScoredItem(item_id=c.catalog.item_key(i), score=float(v))
+                    for i, v in zip(body.item_ids, scores, strict=True)
+                ],
                 model_version=c.manifest.model_version,
                 degraded=bool(deg),
                 degraded_reasons=[redact(r) for r in deg],
@@ -131,8 +132,8 @@ class Handlers:
     async def record_events(self, body: EventsRequest, idempotency_key: str | None, transport: str) -> Answer:
         arrival = time.perf_counter()
         try:
-            known = self.c.recommender.catalog.index_of.__contains__
-            evs = check_events(body, self.c.settings, known, time.time(), idempotency_key)
+            known = self.c.catalog.index_of.__contains__
+            evs = check_events(body, self.c.settings, known, time.time(), idempotency_key, self.c.catalog)
             out = await self.c.live.record_events(evs)
         except Exception as e:  # noqa: BLE001
             raise self.refuse(e, "events", transport) from e
@@ -142,10 +143,10 @@ class Handlers:
     async def add_items(self, body: ItemsRequest, transport: str) -> Answer:
         arrival = time.perf_counter()
         try:
-            check_items(body, self.c.settings)
-            jobs = self.c.live.jobs(body.items, time.time())
+            items = check_items(body, self.c.settings, self.c.catalog)
+            jobs = self.c.live.jobs(items, time.time())
             await self.c.live.submit(jobs)
         except Exception as e:  # noqa: BLE001
             raise self.refuse(e, "items", transport) from e
         self._done("items", transport, arrival, status=202)
-        return Answer(ItemsResponse(accepted=[j.item_id for j in jobs], status="queued"))
+        return Answer(ItemsResponse(accepted=[j.item_id if j.key is None else j.key for j in jobs], status="queued"))

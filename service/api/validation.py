@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from service.api.schemas import INT64_MAX, EventsRequest, ItemsRequest, RecommendRequest, ScoreRequest, UserInput
+from service.catalog import Catalog
+from service.ids import Id, IdError
 from service.pipeline.deadline import Deadline
 from service.settings import Settings
 from service.stores.base import Event
@@ -53,6 +56,30 @@ def parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
         errors = field_errors(e)
         first = errors[0]["loc"][0] if errors and errors[0]["loc"] else "body"
         raise InvalidInput(str(first), describe_errors(errors)) from e
+
+
+def to_raw(convert: Callable[[Id], int], value: Id, field: str) -> int:
+    """A client's id as a raw id (service/ids.py); a 422 naming the field when this catalog cannot take it."""
+    try:
+        return convert(value)
+    except IdError as e:
+        raise InvalidInput(field, str(e)) from None
+
+
+@dataclass(frozen=True)
+class RawUserInput:
+    """A request's user and history in raw ids, as the pipeline takes them."""
+
+    user_id: int | None
+    history: list[tuple[int, int]] | None
+
+
+def raw_user_input(body: UserInput, catalog: Catalog) -> RawUserInput:
+    user = None if body.user_id is None else to_raw(catalog.user_raw, body.user_id, "user_id")
+    if not body.history:
+        return RawUserInput(user, None)
+    hist = [(to_raw(catalog.item_raw, h.item_id, f"history.{i}.item_id"), h.ts) for i, h in enumerate(body.history)]
+    return RawUserInput(user, hist)
 
 
 def check_user_input(body: UserInput, s: Settings, start: float) -> Deadline:
@@ -108,16 +135,27 @@ def derived_event_id(key: str, index: int, user_id: int, item_id: int, ts: int) 
 
 
 def check_events(
-    body: EventsRequest, s: Settings, known: Callable[[int], bool], now: float, idempotency_key: str | None = None
+    body: EventsRequest,
+    s: Settings,
+    known: Callable[[int], bool],
+    now: float,
+    idempotency_key: str | None = None,
+    catalog: Catalog | None = None,
 ) -> list[Event]:
     """The whole batch is checked before anything is written: one bad entry refuses all of them, and the
-    error names it (`events.3.item_id`). With an Idempotency-Key every entry without an event_id gets one."""
+    error names it (`events.3.item_id`). With an Idempotency-Key every entry without an event_id gets one.
+    Ids become raw ids through `catalog` (service/ids.py); without one they must be integers already."""
     if len(body.events) > s.max_event_batch:
         raise InvalidInput("events", f"{len(body.events)} events in one request; the limit is {s.max_event_batch}")
     latest = now + s.event_future_tolerance_s
+    user_raw = catalog.user_raw if catalog is not None else _as_int
+    item_raw = catalog.item_raw if catalog is not None else _as_int
+    raw: list[tuple[int, int]] = []
     for i, e in enumerate(body.events):
-        if not known(e.item_id):
-            raise InvalidInput(f"events.{i}.item_id", f"unknown item {e.item_id} (event {i}); nothing was written")
+        item = to_raw(item_raw, e.item_id, f"events.{i}.item_id")
+        raw.append((to_raw(user_raw, e.user_id, f"events.{i}.user_id"), item))
+        if not known(item):
+            raise InvalidInput(f"events.{i}.item_id", f"unknown item {e.item_id!r} (event {i}); nothing was written")
         if e.ts > latest:
             raise InvalidInput(
                 f"events.{i}.ts",
@@ -125,30 +163,52 @@ def check_events(
             )
     key = check_idempotency_key(idempotency_key)
     return [
-        Event(
-            e.user_id,
-            e.item_id,
-            e.ts,
-            e.event_id or (derived_event_id(key, i, e.user_id, e.item_id, e.ts) if key else None),
-        )
-        for i, e in enumerate(body.events)
+        Event(u, item, e.ts, e.event_id or (derived_event_id(key, i, u, item, e.ts) if key else None))
+        for i, (e, (u, item)) in enumerate(zip(body.events, raw, strict=True))
     ]
 
 
-def check_items(body: ItemsRequest, s: Settings) -> None:
+def _as_int(value: Id) -> int:
+    if isinstance(value, str):
+        raise IdError("ids are integers here, got a string")
+    return value
+
+
+@dataclass(frozen=True)
+class ValidItem:
+    """A new item as the live path takes it: its raw id, and its own id when the catalog's ids are strings."""
+
+    item_id: int
+    key: str | None
+    text: str
+    metadata: Mapping[str, object] | None
+
+
+def check_items(body: ItemsRequest, s: Settings, catalog: Catalog) -> list[ValidItem]:
     """Limits of a POST /v1/items (known ids are the caller's conflict: service.ingest.live checks them)."""
     if len(body.items) > s.max_item_batch:
         raise InvalidInput("items", f"{len(body.items)} items in one request; the limit is {s.max_item_batch}")
+    out: list[ValidItem] = []
     seen: set[int] = set()
+    for i, it in enumerate(body.items):
+        field = f"items.{i}.item_id"
+        own = to_raw(catalog.item_key, it.item_id, field)
+        raw = to_raw(catalog.item_raw, it.item_id, field)
+        if raw in seen:
+            raise InvalidInput(field, f"item {it.item_id!r} appears twice in the request")
+        seen.add(raw)
+        out.append(ValidItem(raw, own if isinstance(own, str) else None, it.text, it.metadata))
+    _check_item_fields(body, s)
+    return out
+
+
+def _check_item_fields(body: ItemsRequest, s: Settings) -> None:
     for i, it in enumerate(body.items):
         if len(it.text) > s.max_item_text_chars:
             limit = s.max_item_text_chars
             raise InvalidInput(f"items.{i}.text", f"text of {len(it.text)} characters; the limit is {limit}")
         if not it.text.strip():
             raise InvalidInput(f"items.{i}.text", "text is blank")
-        if it.item_id in seen:
-            raise InvalidInput(f"items.{i}.item_id", f"item {it.item_id} appears twice in the request")
-        seen.add(it.item_id)
         if it.metadata is not None and len(json.dumps(it.metadata)) > MAX_METADATA_BYTES:
             raise InvalidInput(f"items.{i}.metadata", f"metadata over {MAX_METADATA_BYTES} bytes as JSON")
         title = (it.metadata or {}).get("title")

@@ -45,9 +45,9 @@ Apply = Callable[[list[IngestedItem]], Awaitable[int]]
 # another job's digest refuses the whole batch ({queued, index of the conflict}); a job whose marker holds its own
 # digest was queued before (a retry: a frozen Redis ran the first attempt after its client had been told 503) and is
 # not queued again. KEYS: the jobs stream, then each job's marker. ARGV: each job's JOB_FIELDS, in that order.
-JOB_FIELDS = ("item_id", "text", "title", "submitted_at", "digest", "version")
+JOB_FIELDS = ("item_id", "text", "title", "submitted_at", "digest", "version", "key")
 ENQUEUE_LUA = """
-local w = 6
+local w = 7
 for i = 2, #KEYS do
   local cur = redis.call('GET', KEYS[i])
   if cur and cur ~= ARGV[(i - 2) * w + 5] then
@@ -59,7 +59,7 @@ for i = 2, #KEYS do
   local b = (i - 2) * w
   if redis.call('SET', KEYS[i], ARGV[b + 5], 'NX') then
     redis.call('XADD', KEYS[1], '*', 'item_id', ARGV[b + 1], 'text', ARGV[b + 2], 'title', ARGV[b + 3],
-      'submitted_at', ARGV[b + 4], 'digest', ARGV[b + 5], 'version', ARGV[b + 6])
+      'submitted_at', ARGV[b + 4], 'digest', ARGV[b + 5], 'version', ARGV[b + 6], 'key', ARGV[b + 7])
     queued = queued + 1
   end
 end
@@ -80,6 +80,8 @@ def encode_result(item: IngestedItem) -> dict[str, str]:
     }
     if item.digest is not None:
         out["digest"] = item.digest
+    if item.key is not None:
+        out["key"] = item.key
     return out
 
 
@@ -91,6 +93,7 @@ def encode_job(job: ItemJob, version: str | None = None) -> dict[str, str]:
         "title": job.title,
         "submitted_at": repr(job.submitted_at),
         "digest": job.digest,
+        "key": job.key or "",  # "" for an integer-id catalog (stream fields are strings)
     }
     return out if version is None else {**out, "version": version}
 
@@ -103,9 +106,10 @@ def decode_result(fields: dict, dim: int) -> IngestedItem | None:
         emb = np.frombuffer(base64.b64decode(raw), np.float16)
         title = _as_str(f["title"])
         digest = _as_str(f["digest"]) if f.get("digest") else None
+        key = _as_str(f["key"]) if f.get("key") else None
         if emb.shape != (dim,):
             raise ValueError(f"embedding of {emb.size} values, the model takes {dim}")
-        return IngestedItem(int(f["item_id"]), title, emb, float(f["submitted_at"]), digest)
+        return IngestedItem(int(f["item_id"]), title, emb, float(f["submitted_at"]), digest, key)
     except (KeyError, ValueError, TypeError) as e:
         log.warning("skipped a malformed ingested item: %s", for_log(e))
         return None

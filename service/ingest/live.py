@@ -39,10 +39,11 @@ def job_digest(item_id: int, text: str, title: str) -> str:
 class ItemJob:
     """One POST /v1/items entry on its way to the worker."""
 
-    item_id: int
+    item_id: int  # raw id (service/ids.py)
     text: str
     title: str
     submitted_at: float  # unix time of the POST: every replica measures POST -> servable from it
+    key: str | None = None  # the item's own id in a string-id catalog
 
     @property
     def digest(self) -> str:
@@ -58,12 +59,14 @@ class IngestedItem:
     emb: np.ndarray  # float16 [E]
     submitted_at: float
     digest: str | None = None  # the job's (None from workers that predate it)
+    key: str | None = None  # the item's own id in a string-id catalog
 
 
 class NewItem(Protocol):
-    """A validated new item (the API's ItemIn has these fields; the live path needs nothing else of it)."""
+    """A validated new item (service.api.validation.ValidItem; the live path needs nothing else of it)."""
 
-    item_id: int
+    item_id: int  # raw id
+    key: str | None  # its own id in a string-id catalog
     text: str
     metadata: Mapping[str, object] | None
 
@@ -155,10 +158,11 @@ class LiveData:
     def jobs(self, items: Sequence[NewItem], now: float) -> list[ItemJob]:
         """Jobs for validated items (service.api.validation.check_items). A known or pending id is a 409, unless the
         request repeats the job that claimed it (a retry: accepted again, queued once)."""
-        jobs = [ItemJob(it.item_id, it.text, title_of(it), now) for it in items]
+        jobs = [ItemJob(it.item_id, it.text, title_of(it), now, it.key) for it in items]
         for i, j in enumerate(jobs):
             if self.known(j.item_id) and self.digests.get(j.item_id) != j.digest:
-                raise Conflict(f"items.{i}.item_id", f"item {j.item_id} already exists or is being added (item {i})")
+                own = j.item_id if j.key is None else repr(j.key)
+                raise Conflict(f"items.{i}.item_id", f"item {own} already exists or is being added (item {i})")
         return jobs
 
     async def submit(self, jobs: list[ItemJob]) -> None:
@@ -200,7 +204,8 @@ class LiveData:
         idx = np.arange(self.catalog.num_items + 1, self.catalog.num_items + 1 + len(new), dtype=np.int64)
         # One synchronous step (no await): store rows, catalog, ranker tokens, FAISS. A request sees all of it or none.
         self.store.add_embeddings(ids, idx, emb)
-        got = self.catalog.add_items(ids.tolist(), [it.title for it in new])
+        keys = [it.key or str(it.item_id) for it in new] if self.catalog.keys is not None else None
+        got = self.catalog.add_items(ids.tolist(), [it.title for it in new], keys)
         assert np.array_equal(got, idx)
         self.tokens.add(idx, toks)
         self.retriever.add(vecs, idx)

@@ -260,13 +260,10 @@ class Recommender:
 
     def _top_k(self, cand_idx: np.ndarray, scores: np.ndarray, k: int) -> list[dict]:
         top = np.argsort(-scores, kind="stable")[:k]
+        ids = self.catalog.external(cand_idx[top])  # the catalog's own ids, strings or integers
         return [
-            {
-                "item_id": int(self.catalog.raw_ids[cand_idx[i] - 1]),
-                "score": float(scores[i]),
-                "title": str(self.catalog.titles[cand_idx[i] - 1]),
-            }
-            for i in top
+            {"item_id": item_id, "score": float(scores[i]), "title": str(self.catalog.titles[cand_idx[i] - 1])}
+            for item_id, i in zip(ids, top, strict=True)
         ]
 
     async def score(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fservice/proto/recommender.proto\x12\x0c\x66\x61lconrec.v1\"+\n\x0cHistoryEvent\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\n\n\x02ts\x18\x02 \x01(\x03\"\xe7\x01\n\x10RecommendRequest\x12\x14\n\x07user_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07history\x18\x02 \x03(\x0b\x32\x1a.falconrec.v1.HistoryEvent\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0enum_candidates\x18\x05 \x01(\r\x12\x11\n\tbudget_ms\x18\x06 \x01(\x02\x12\x15\n\x08query_ts\x18\x07 \x01(\x03H\x02\x88\x01\x01\x42\n\n\x08_user_idB\x0f\n\r_exclude_seenB\x0b\n\t_query_ts\";\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\"\xad\x02\n\x11RecommendResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.falconrec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x04 \x03(\t\x12\x42\n\ntimings_ms\x18\x05 \x03(\x0b\x32..falconrec.v1.RecommendResponse.TimingsMsEntry\x12\x1b\n\x13\x63\x61ndidates_recalled\x18\x06 \x01(\r\x12\x19\n\x11\x63\x61ndidates_ranked\x18\x07 \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xa4\x01\n\tScoreUser\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x07user_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07history\x18\x03 \x03(\x0b\x32\x1a.falconrec.v1.HistoryEvent\x12\x10\n\x08item_ids\x18\x04 \x03(\x03\x12\x15\n\x08query_ts\x18\x05 \x01(\x03H\x01\x88\x01\x01\x42\n\n\x08_user_idB\x0b\n\t_query_ts\"N\n\x11ScoreBatchRequest\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.falconrec.v1.ScoreUser\x12\x11\n\tbudget_ms\x18\x02 \x01(\x02\"e\n\nUserScores\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"Y\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x15\n\x08\x65vent_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_event_id\":\n\x13RecordEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.falconrec.v1.Event\"J\n\x14RecordEventsResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\r\n\x05users\x18\x03 \x01(\r\"\x90\x01\n\x07NewItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.falconrec.v1.NewItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0f\x41\x64\x64ItemsRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.falconrec.v1.NewItem\"4\n\x10\x41\x64\x64ItemsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x03\x12\x0e\n\x06status\x18\x02 \x01(\t2\xc8\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.falconrec.v1.RecommendRequest\x1a\x1f.falconrec.v1.RecommendResponse\x12I\n\nScoreBatch\x12\x1f.falconrec.v1.ScoreBatchRequest\x1a\x18.falconrec.v1.UserScores0\x01\x12U\n\x0cRecordEvents\x12!.falconrec.v1.RecordEventsRequest\x1a\".falconrec.v1.RecordEventsResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.falconrec.v1.AddItemsRequest\x1a\x1e.falconrec.v1.AddItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fservice/proto/recommender.proto\x12\x0c\x66\x61lconrec.v1\"=\n\x0cHistoryEvent\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\n\n\x02ts\x18\x02 \x01(\x03\x12\x10\n\x08item_key\x18\x03 \x01(\t\"\x8b\x02\n\x10RecommendRequest\x12\x14\n\x07user_id\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07history\x18\x02 \x03(\x0b\x32\x1a.falconrec.v1.HistoryEvent\x12\t\n\x01k\x18\x03 \x01(\r\x12\x19\n\x0c\x65xclude_seen\x18\x04 \x01(\x08H\x01\x88\x01\x01\x12\x16\n\x0enum_candidates\x18\x05 \x01(\r\x12\x11\n\tbudget_ms\x18\x06 \x01(\x02\x12\x15\n\x08query_ts\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x15\n\x08user_key\x18\x08 \x01(\tH\x03\x88\x01\x01\x42\n\n\x08_user_idB\x0f\n\r_exclude_seenB\x0b\n\t_query_tsB\x0b\n\t_user_key\"M\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08item_key\x18\x04 \x01(\t\"\xad\x02\n\x11RecommendResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.falconrec.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x04 \x03(\t\x12\x42\n\ntimings_ms\x18\x05 \x03(\x0b\x32..falconrec.v1.RecommendResponse.TimingsMsEntry\x12\x1b\n\x13\x63\x61ndidates_recalled\x18\x06 \x01(\r\x12\x19\n\x11\x63\x61ndidates_ranked\x18\x07 \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xdb\x01\n\tScoreUser\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x07user_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12+\n\x07history\x18\x03 \x03(\x0b\x32\x1a.falconrec.v1.HistoryEvent\x12\x10\n\x08item_ids\x18\x04 \x03(\x03\x12\x15\n\x08query_ts\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\x08user_key\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x11\n\titem_keys\x18\x07 \x03(\tB\n\n\x08_user_idB\x0b\n\t_query_tsB\x0b\n\t_user_key\"N\n\x11ScoreBatchRequest\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.falconrec.v1.ScoreUser\x12\x11\n\tbudget_ms\x18\x02 \x01(\x02\"e\n\nUserScores\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"}\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x15\n\x08\x65vent_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08user_key\x18\x05 \x01(\t\x12\x10\n\x08item_key\x18\x06 \x01(\tB\x0b\n\t_event_id\":\n\x13RecordEventsRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.falconrec.v1.Event\"J\n\x14RecordEventsResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\r\n\x05users\x18\x03 \x01(\r\"\xa2\x01\n\x07NewItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.falconrec.v1.NewItem.MetadataEntry\x12\x10\n\x08item_key\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"7\n\x0f\x41\x64\x64ItemsRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.falconrec.v1.NewItem\"K\n\x10\x41\x64\x64ItemsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x03\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x15\n\raccepted_keys\x18\x03 \x03(\t2\xc8\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.falconrec.v1.RecommendRequest\x1a\x1f.falconrec.v1.RecommendResponse\x12I\n\nScoreBatch\x12\x1f.falconrec.v1.ScoreBatchRequest\x1a\x18.falconrec.v1.UserScores0\x01\x12U\n\x0cRecordEvents\x12!.falconrec.v1.RecordEventsRequest\x1a\".falconrec.v1.RecordEventsResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.falconrec.v1.AddItemsRequest\x1a\x1e.falconrec.v1.AddItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWITEM_METADATAENTRY']._loaded_options = None
   _globals['_NEWITEM_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_HISTORYEVENT']._serialized_start=49
-  _globals['_HISTORYEVENT']._serialized_end=92
-  _globals['_RECOMMENDREQUEST']._serialized_start=95
-  _globals['_RECOMMENDREQUEST']._serialized_end=326
-  _globals['_SCOREDITEM']._serialized_start=328
-  _globals['_SCOREDITEM']._serialized_end=387
-  _globals['_RECOMMENDRESPONSE']._serialized_start=390
-  _globals['_RECOMMENDRESPONSE']._serialized_end=691
-  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_start=643
-  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_end=691
-  _globals['_SCOREUSER']._serialized_start=694
-  _globals['_SCOREUSER']._serialized_end=858
-  _globals['_SCOREBATCHREQUEST']._serialized_start=860
-  _globals['_SCOREBATCHREQUEST']._serialized_end=938
-  _globals['_USERSCORES']._serialized_start=940
-  _globals['_USERSCORES']._serialized_end=1041
-  _globals['_EVENT']._serialized_start=1043
-  _globals['_EVENT']._serialized_end=1132
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=1134
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=1192
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1194
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1268
-  _globals['_NEWITEM']._serialized_start=1271
-  _globals['_NEWITEM']._serialized_end=1415
-  _globals['_NEWITEM_METADATAENTRY']._serialized_start=1368
-  _globals['_NEWITEM_METADATAENTRY']._serialized_end=1415
-  _globals['_ADDITEMSREQUEST']._serialized_start=1417
-  _globals['_ADDITEMSREQUEST']._serialized_end=1472
-  _globals['_ADDITEMSRESPONSE']._serialized_start=1474
-  _globals['_ADDITEMSRESPONSE']._serialized_end=1526
-  _globals['_RECOMMENDER']._serialized_start=1529
-  _globals['_RECOMMENDER']._serialized_end=1857
+  _globals['_HISTORYEVENT']._serialized_end=110
+  _globals['_RECOMMENDREQUEST']._serialized_start=113
+  _globals['_RECOMMENDREQUEST']._serialized_end=380
+  _globals['_SCOREDITEM']._serialized_start=382
+  _globals['_SCOREDITEM']._serialized_end=459
+  _globals['_RECOMMENDRESPONSE']._serialized_start=462
+  _globals['_RECOMMENDRESPONSE']._serialized_end=763
+  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_start=715
+  _globals['_RECOMMENDRESPONSE_TIMINGSMSENTRY']._serialized_end=763
+  _globals['_SCOREUSER']._serialized_start=766
+  _globals['_SCOREUSER']._serialized_end=985
+  _globals['_SCOREBATCHREQUEST']._serialized_start=987
+  _globals['_SCOREBATCHREQUEST']._serialized_end=1065
+  _globals['_USERSCORES']._serialized_start=1067
+  _globals['_USERSCORES']._serialized_end=1168
+  _globals['_EVENT']._serialized_start=1170
+  _globals['_EVENT']._serialized_end=1295
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1297
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1355
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1357
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1431
+  _globals['_NEWITEM']._serialized_start=1434
+  _globals['_NEWITEM']._serialized_end=1596
+  _globals['_NEWITEM_METADATAENTRY']._serialized_start=1549
+  _globals['_NEWITEM_METADATAENTRY']._serialized_end=1596
+  _globals['_ADDITEMSREQUEST']._serialized_start=1598
+  _globals['_ADDITEMSREQUEST']._serialized_end=1653
+  _globals['_ADDITEMSRESPONSE']._serialized_start=1655
+  _globals['_ADDITEMSRESPONSE']._serialized_end=1730
+  _globals['_RECOMMENDER']._serialized_start=1733
+  _globals['_RECOMMENDER']._serialized_end=2061
 # @@protoc_insertion_point(module_scope)
