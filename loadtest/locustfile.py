@@ -32,10 +32,11 @@ _AUTH = {"authorization": f"Bearer {os.environ.get('FALCONREC_LT_API_KEY', '')}"
 
 _z = np.load(os.environ["FALCONREC_LT_DATA"], allow_pickle=False)
 _order = np.argsort(-_z["lengths"], kind="stable")  # most active users first
-USER_IDS = _z["user_raw_ids"][_order]
+# The catalog's own ids as a client sends them: its strings when it has them (issue 24), else the integers.
+USER_IDS = (_z["user_keys"] if "user_keys" in _z.files else _z["user_raw_ids"])[_order].tolist()
 _w = 1.0 / np.arange(1, len(USER_IDS) + 1) ** 1.07
 WEIGHTS = _w / _w.sum()
-ITEM_IDS = _z["item_raw_ids"]
+ITEM_IDS = (_z["item_keys"] if "item_keys" in _z.files else _z["item_raw_ids"]).tolist()
 _rng = np.random.default_rng(int(os.environ.get("FALCONREC_LT_SEED", "0")))
 _events = 0
 _RUN = uuid.uuid4().hex[:12]  # event ids unique across runs: a rerun must not be deduplicated away
@@ -99,10 +100,10 @@ class RecommendUser(FastHttpUser):
     def event(self) -> None:
         global _events
         _events += 1
-        uid = int(_rng.choice(USER_IDS, p=WEIGHTS))  # active users click more: the same skew as reads
+        uid = USER_IDS[_rng.choice(len(USER_IDS), p=WEIGHTS)]  # active users click more: the same skew as reads
         ev = {
             "user_id": uid,
-            "item_id": int(_rng.choice(ITEM_IDS)),
+            "item_id": ITEM_IDS[_rng.integers(len(ITEM_IDS))],
             "ts": int(time.time()),
             "event_id": f"lt-{_RUN}-{_events}",
         }
@@ -113,7 +114,7 @@ class RecommendUser(FastHttpUser):
                 r.failure(f"HTTP {r.status_code}")
 
     def recommend(self) -> None:
-        uid = int(_rng.choice(USER_IDS, p=WEIGHTS))
+        uid = USER_IDS[_rng.choice(len(USER_IDS), p=WEIGHTS)]
         body = {"user_id": uid, "k": K}
         if CANDIDATES:
             body["num_candidates"] = CANDIDATES
