@@ -22,7 +22,14 @@ from service.api.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from service.api.validation import check_events, check_items, check_recommend, check_score, raw_user_input, to_raw
+from service.api.validation import (
+    check_events,
+    check_items,
+    check_recommend,
+    check_score,
+    raw_item_ids,
+    raw_user_input,
+)
 from service.auth import AuthError
 from service.components import Components
 from service.pipeline.deadline import StageTimer
@@ -108,7 +115,7 @@ class Handlers:
         try:
             deadline = check_score(body, c.settings, arrival)
             u = raw_user_input(body, c.catalog)
-            items = [to_raw(c.catalog.item_raw, v, f"item_ids.{i}") for i, v in enumerate(body.item_ids)]
+            items = raw_item_ids(body, c.catalog)
             scores, deg, tm = await c.recommender.score(
                 u.user_id, u.history, items, deadline, body.query_ts, patient=patient
             )

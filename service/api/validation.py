@@ -79,7 +79,22 @@ def raw_user_input(body: UserInput, catalog: Catalog) -> RawUserInput:
     if not body.history:
         return RawUserInput(user, None)
     hist = [(to_raw(catalog.item_raw, h.item_id, f"history.{i}.item_id"), h.ts) for i, h in enumerate(body.history)]
+    _known_items(catalog, [h.item_id for h in body.history], [r for r, _ in hist], "history", "in history: ")
     return RawUserInput(user, hist)
+
+
+def raw_item_ids(body: ScoreRequest, catalog: Catalog) -> list[int]:
+    raw = [to_raw(catalog.item_raw, v, f"item_ids.{i}") for i, v in enumerate(body.item_ids)]
+    _known_items(catalog, body.item_ids, raw, "item_ids")
+    return raw
+
+
+def _known_items(catalog: Catalog, given: list[Id], raw: list[int], field: str, where: str = "") -> None:
+    """422 naming the unknown items as the client gave them (a string's raw id would mean nothing to it)."""
+    unknown = [g for g, r in zip(given, raw, strict=True) if r not in catalog.index_of]
+    if unknown:
+        more = " ..." if len(unknown) > 10 else ""
+        raise InvalidInput(field, f"unknown item ids {where}{unknown[:10]}{more}")
 
 
 def check_user_input(body: UserInput, s: Settings, start: float) -> Deadline:
