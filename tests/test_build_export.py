@@ -181,13 +181,16 @@ def test_faiss_index_matches_item_tower(tiny_build):
 
 
 def test_eval_reports_both_protocols_for_every_row(tiny_build):
-    from training.evaluate import CASCADE_SIZES, PROTOCOLS, evaluate
+    from training.evaluate import CASCADE_SIZES, NEWEST, PROTOCOLS, evaluate
 
     out = evaluate("tiny", tiny_build.artifacts, tiny_build.repo, max_users=120, log=lambda m: None)
     assert (tiny_build.artifacts / "eval.json").is_file()
     assert set(out["results"]) == set(PROTOCOLS)
     rows = {"popularity", "SASRec (ours)", "HSTU ranker, full catalog"}
     rows |= {f"cascade: towers top-{min(n, 400)} -> HSTU" for n in CASCADE_SIZES}
+    # issue 27: the reference's query time (newest history event) beside ours (the target's time), labelled
+    rows |= {"HSTU ranker, full catalog" + NEWEST, f"cascade: towers top-{min(CASCADE_SIZES[0], 400)} -> HSTU{NEWEST}"}
+    assert "newest history event" in out["query_time"] and "stable sort" in out["split"]
     for proto in PROTOCOLS:
         assert set(out["results"][proto]) == rows
         for m in out["results"][proto].values():

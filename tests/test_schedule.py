@@ -8,37 +8,51 @@ from training.schedule import DecaySchedule
 
 
 def test_no_decay_is_constant_and_a_plateau_stops():
-    s = DecaySchedule(lr=1e-3, frac=0.0, budget_s=100.0, max_epochs=50)
-    assert s.maybe_start(elapsed_s=95.0, epochs_done=40, epoch_cost_s=2.0, plateau=False)
-    assert s.rate(99.0, 49.5) == 1e-3 and not s.decaying
-    assert not s.maybe_start(elapsed_s=10.0, epochs_done=5, epoch_cost_s=2.0, plateau=True)
+    s = DecaySchedule(lr=1e-3, frac=0.0, max_epochs=50)
+    assert s.maybe_start(epochs_done=40, plateau=False)
+    assert s.rate(49.5) == 1e-3 and not s.decaying
+    assert not s.maybe_start(epochs_done=5, plateau=True)
 
 
-def test_budget_decay_starts_before_the_last_share_and_reaches_zero_at_the_budget():
-    s = DecaySchedule(lr=1e-3, frac=0.3, budget_s=100.0, max_epochs=1000)
-    s.maybe_start(elapsed_s=60.0, epochs_done=30, epoch_cost_s=2.0, plateau=False)
-    assert not s.decaying  # 40 s left: the next epoch still ends before the last 30 s
-    s.maybe_start(elapsed_s=69.0, epochs_done=34, epoch_cost_s=2.0, plateau=False)
-    assert s.decaying and s.start == 69.0 and s.length == pytest.approx(30.0)
-    assert s.rate(69.0, 34) == pytest.approx(1e-3)
-    assert s.rate(84.0, 41) == pytest.approx(0.5e-3)
-    assert s.rate(99.0, 48) == 0.0
-    assert not s.finished(80.0, 40, 2.0) and s.finished(98.5, 48, 2.0)
+def test_decay_starts_before_the_last_share_of_epochs_and_reaches_zero_at_max_epochs():
+    s = DecaySchedule(lr=1e-3, frac=0.3, max_epochs=100)
+    s.maybe_start(epochs_done=60, plateau=False)
+    assert not s.decaying  # 40 epochs left: the next one still ends before the last 30
+    s.maybe_start(epochs_done=70, plateau=False)
+    assert s.decaying and (s.start, s.length) == (70.0, pytest.approx(30.0))
+    assert s.rate(70.0) == pytest.approx(1e-3)
+    assert s.rate(85.0) == pytest.approx(0.5e-3)
+    assert s.rate(100.0) == 0.0
+    assert not s.finished(90) and s.finished(100)
 
 
 def test_plateau_starts_the_decay_instead_of_stopping():
-    s = DecaySchedule(lr=1e-3, frac=0.25, budget_s=0.0, max_epochs=100)  # no budget: counted in epochs
-    assert s.maybe_start(elapsed_s=1e6, epochs_done=20, epoch_cost_s=1e6, plateau=True)
+    s = DecaySchedule(lr=1e-3, frac=0.25, max_epochs=100)
+    assert s.maybe_start(epochs_done=20, plateau=True)
     assert s.decaying and (s.start, s.length) == (20, 25)
-    assert s.rate(0.0, 32.5) == pytest.approx(0.5e-3)
-    assert not s.finished(0.0, 44, 1.0) and s.finished(0.0, 45, 1.0)
+    assert s.rate(32.5) == pytest.approx(0.5e-3)
+    assert not s.finished(44) and s.finished(45)
 
 
-def test_decay_never_runs_past_the_budget():
-    s = DecaySchedule(lr=1e-3, frac=0.5, budget_s=100.0, max_epochs=1000)
-    s.maybe_start(elapsed_s=90.0, epochs_done=45, epoch_cost_s=2.0, plateau=True)
+def test_decay_never_runs_past_max_epochs():
+    s = DecaySchedule(lr=1e-3, frac=0.5, max_epochs=100)
+    s.maybe_start(epochs_done=90, plateau=True)
     assert s.length == pytest.approx(10.0)
-    assert s.rate(100.0, 50) == 0.0
+    assert s.rate(100.0) == 0.0
+
+
+def test_the_schedule_never_reads_the_clock():
+    """Rule 5: the same epochs give the same rates on a fast and a slow machine (the old schedule decayed over a
+    wall-clock budget: 84 ranker epochs on one machine, 103 on another of the same kind)."""
+    import inspect
+
+    import training.schedule
+
+    assert "time" not in {name for name, _ in inspect.getmembers(training.schedule, inspect.ismodule)}
+    a, b = DecaySchedule(1e-3, 0.3, 100), DecaySchedule(1e-3, 0.3, 100)
+    for e in range(1, 101):
+        assert a.maybe_start(e, plateau=e == 55) == b.maybe_start(e, plateau=e == 55)
+        assert a.rate(e + 0.5) == b.rate(e + 0.5)
 
 
 def test_fit_decays_after_a_plateau_and_keeps_the_best_epoch():
@@ -74,3 +88,23 @@ def test_fit_decays_after_a_plateau_and_keeps_the_best_epoch():
     lrs = [row["lr"] for row in decayed["epochs"]]
     assert lrs[:4] == [1e-2] * 4 and all(a > b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     assert decayed["epochs_run"] == 4 + 10 and lrs[-1] < 1e-2 / 10
+    assert not decayed["capped"]
+
+
+def test_fit_reports_a_run_the_safety_cap_ended():
+    """The wall-clock budget is a safety cap only: a run it ends says so (its model depends on the machine)."""
+    import numpy as np
+    import torch
+
+    from training import train as T
+    from training.data import Dataset
+
+    ds = Dataset(
+        "t", np.arange(1, 6), [str(i) for i in range(5)], np.arange(4), [np.arange(1, 5)] * 4, [np.arange(4)] * 4
+    )
+    model = torch.nn.Linear(2, 1)
+    step = lambda users, rng: model(torch.ones(len(users), 2)).pow(2).mean()  # noqa: E731
+    validate = lambda: {"ndcg@10": 0.5, "hr@10": 0.0}  # noqa: E731
+    plan = T.FitPlan(max_epochs=40, patience=100, budget_s=1e-9, batch_size=2, lr=1e-2)
+    out = T._fit("m", model, plan, ds, step, validate, 0, lambda m: None, torch.zeros(6, 2))[1]
+    assert out["capped"] and out["epochs_run"] == 1 and "SAFETY CAP" in out["stopped"]

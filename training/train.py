@@ -2,7 +2,7 @@
 
 All three see only each user's training prefix (everything but the validation and test items). Each trains
 until validation NDCG@10 (second-last item of 1,000 users, the paper's protocol) stops improving or its
-wall-clock budget runs out; the best epoch is kept. Deterministic for a seed (CPU).
+wall-clock safety cap runs out (reported as capped); the best epoch is kept. Deterministic for a seed (CPU).
 """
 
 from __future__ import annotations
@@ -314,10 +314,10 @@ def sample_negatives(
 
 @dataclass(frozen=True)
 class FitPlan:
-    """How long to train: up to max_epochs, stopping after `patience` validations without a new best, or
-    before an epoch that would not finish inside `budget_s` seconds of wall clock (0 = no budget). With
-    `lr_decay` > 0 the plateau (or the last `lr_decay` of the budget) starts a linear decay of the rate to
-    zero instead, and training ends when it is done."""
+    """How long to train, in epochs: up to max_epochs, stopping after `patience` validations without a new best.
+    With `lr_decay` > 0 the plateau (or the last `lr_decay` of max_epochs) starts a linear decay of the rate to
+    zero instead, and training ends when it is done. `budget_s` (0 = none) is only a safety cap on wall clock:
+    a run it ends is reported as capped, because its model then depends on the machine's speed."""
 
     max_epochs: int
     patience: int
@@ -325,7 +325,7 @@ class FitPlan:
     batch_size: int
     lr: float
     eval_every: int = 1
-    lr_decay: float = 0.0  # see training/schedule.py: share of the budget spent decaying the rate to zero
+    lr_decay: float = 0.0  # see training/schedule.py: share of max_epochs spent decaying the rate to zero
 
 
 def _fit(
@@ -347,7 +347,7 @@ def _fit(
     t0 = time.time()
     train_s: list[float] = []
     stop = "max_epochs"
-    sched = DecaySchedule(plan.lr, plan.lr_decay, plan.budget_s, plan.max_epochs)
+    sched = DecaySchedule(plan.lr, plan.lr_decay, plan.max_epochs)
     decay_epoch = 0
     # One catalog for the whole fit (steps and validation): its standardised content is computed once.
     with training_catalog(model, table):
@@ -358,7 +358,7 @@ def _fit(
             epoch_batches = length_batches(lengths, plan.batch_size, rng)
             bar = tqdm(epoch_batches, desc=f"{name} epoch {epoch}", leave=False)
             for i, batch in enumerate(bar):
-                lr = sched.rate(time.time() - t0, epoch - 1 + i / len(epoch_batches))
+                lr = sched.rate(epoch - 1 + i / len(epoch_batches))
                 for group in opt.param_groups:
                     group["lr"] = lr
                 loss = step(users[batch], rng)
@@ -383,20 +383,24 @@ def _fit(
             history.append(row)
             elapsed = time.time() - t0
             cost = elapsed / epoch  # of the next epoch, validation included
-            if sched.finished(elapsed, epoch, cost):
+            if sched.finished(epoch):
                 stop = f"learning rate decayed to zero (from epoch {decay_epoch})"
                 break
             plateau = epoch - best_epoch >= plan.patience * plan.eval_every
             was_decaying = sched.decaying
-            if not sched.maybe_start(elapsed, epoch, cost, plateau):
+            if not sched.maybe_start(epoch, plateau):
                 stop = f"no better validation for {plan.patience} checks"
                 break
             if sched.decaying and not was_decaying:
                 decay_epoch = epoch + 1
-                why = "validation plateau" if plateau else f"last {plan.lr_decay:.0%} of the budget"
+                why = "validation plateau" if plateau else f"last {plan.lr_decay:.0%} of {plan.max_epochs} epochs"
                 log(f"{name}: linear learning-rate decay to zero from epoch {decay_epoch} ({why})")
-            if plan.budget_s and elapsed + cost > plan.budget_s:
-                stop = f"time budget {plan.budget_s:.0f}s"
+            if plan.budget_s and elapsed + cost > plan.budget_s and epoch < plan.max_epochs:
+                stop = f"SAFETY CAP: {plan.budget_s:.0f} s of wall clock, before the schedule's end"
+                log(
+                    f"{name}: stopped by the {plan.budget_s:.0f} s safety cap after epoch {epoch}: this model depends "
+                    "on the machine's speed (raise train_budget_s, or lower epochs)"
+                )
                 break
     model.load_state_dict(best_state)
     model.eval().cpu()
@@ -406,6 +410,7 @@ def _fit(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "stopped": stop,
+        "capped": stop.startswith("SAFETY CAP"),
         "decay_from_epoch": decay_epoch,
         "sec_per_epoch": float(np.mean(train_s)) if train_s else 0.0,
         "epochs": history,
