@@ -25,6 +25,13 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="server processes on the port (FALCONREC_WORKERS; writes need Redis when > 1)")
     ] = None,
+    versions: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FALCONREC_VERSIONS_DIR",
+            help="serve the version CURRENT names there and follow it (`falconrec models`), not --artifacts/--repo",
+        ),
+    ] = None,
 ) -> None:
     """Serve /v1/recommend and /v1/score over HTTP and Recommend/ScoreBatch over gRPC."""
     from service.contract import Manifest
@@ -42,10 +49,14 @@ def serve(
             "model_repository": repo,
             "redis_url": redis_url,
             "workers": workers,
+            "versions_dir": versions,
         }.items()
         if v is not None
     }
     settings = Settings(**overrides)
+    if versions is not None:
+        run(settings)  # the versions directory says what to serve (service/components.served_paths)
+        return
     from service.artifacts import ArtifactPaths, config_name
     from service.contract import MANIFEST
 

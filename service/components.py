@@ -12,16 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import ArtifactPaths, config_name
 from service.auth import KeyRing
 from service.backends.base import InferenceBackend
-from service.backends.onnx import OnnxBackend
 from service.catalog import Catalog
 from service.contract import Manifest
 from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
 from service.ingest.live import LiveData
 from service.metrics import Metrics
-from service.pipeline.item_tokens import ItemTokens
+from service.model import load_model
 from service.pipeline.recommender import Recommender
 from service.pipeline.retrieval import Retriever
 from service.pipeline.serving import Serving
@@ -29,61 +27,68 @@ from service.settings import Settings
 from service.stores.base import FeatureStore
 from service.stores.memory import InProcessStore
 from service.stores.redis import RedisStore
+from service.swap import VersionWatcher
+from service.versions import VersionStore
 
 log = logging.getLogger("falconrec.components")
 
 
 @dataclass
 class Components:
+    """The model-dependent parts (manifest, catalog, backend, index, tokens) hang off the recommender's Serving, so
+    a version swap (service/swap.py) replaces them all in one assignment."""
+
     settings: Settings
-    manifest: Manifest
-    backend: InferenceBackend
-    fallback: InferenceBackend | None
     store: FeatureStore
-    retriever: Retriever
     recommender: Recommender
     metrics: Metrics
     keys: KeyRing
     live: LiveData
     grpc_server: object | None = None
+    watcher: object | None = None  # service.swap.VersionWatcher when serving from a versions directory
 
     @property
     def catalog(self) -> Catalog:
         return self.recommender.catalog
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.recommender.manifest
+
+    @property
+    def backend(self) -> InferenceBackend:
+        return self.recommender.sv.backend
+
+    @property
+    def fallback(self) -> InferenceBackend | None:
+        return self.recommender.sv.fallback
+
+    @property
+    def retriever(self) -> Retriever:
+        return self.recommender.sv.retriever
+
+
+def served_paths(settings: Settings) -> tuple[Path, Path, str | None]:
+    """(repository, artifacts dir, version id): the CURRENT version's when serving from a versions directory."""
+    if settings.versions_dir is None:
+        return Path(settings.model_repository), Path(settings.artifacts_dir), None
+    vs = VersionStore(settings.versions_dir)
+    vid = vs.current()
+    if vid is None:
+        raise RuntimeError(f"no current version in {settings.versions_dir}: `falconrec models promote <id>` first")
+    return vs.repository(vid), vs.artifacts(vid), vid
+
 
 async def build_components(settings: Settings) -> Components:
     keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading
-    repo = Path(settings.model_repository)
-    manifest = Manifest.read(repo)
-    if manifest.config != config_name(settings.config):
-        log.warning(
-            "repository %s holds config %r, not %r: serving %r", repo, manifest.config, settings.config, manifest.config
-        )
-    paths = ArtifactPaths.for_config(manifest.config, settings.artifacts_dir)
-    catalog = Catalog.load(paths.data)
+    repo, artifacts_dir, version = served_paths(settings)
+    m = load_model(settings, repo, artifacts_dir)
     metrics = Metrics()
-    onnx = OnnxBackend(
-        repo,
-        manifest.dims,
-        settings.onnx_providers,
-        settings.intra_op_threads,
-        settings.inference_threads,
-        trt_cache=paths.root / "trt_cache",
-        tf32=settings.cuda_tf32,
-    )
-    backend: InferenceBackend = onnx
-    fallback = None
-    if settings.backend == "triton":
-        from service.backends.triton import TritonBackend
-
-        backend = TritonBackend.from_settings(settings, manifest.dims)
-        fallback = onnx if settings.triton_fallback else None
     store: FeatureStore
     if settings.redis_url:
         store = RedisStore(
             settings.redis_url,
-            manifest.dims.content_dim,
+            m.manifest.dims.content_dim,
             settings.redis_timeout_ms / 1000,
             settings.embedding_cache_items,
             settings.redis_retry_s,
@@ -91,34 +96,28 @@ async def build_components(settings: Settings) -> Components:
         )
         await store.start()
     else:
-        store = InProcessStore(catalog, np.load(paths.content_emb).astype(np.float32))
-    retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)
-    if retriever.meta.get("model_version") != manifest.model_version:
-        raise RuntimeError(
-            f"FAISS index in {paths.index_dir} belongs to model {retriever.meta.get('model_version')}, "
-            f"repository {repo} to {manifest.model_version}: rebuild (`falconrec build`)"
-        )
-    tokens = ItemTokens.load(paths.index_dir)
-    if tokens.model_version != manifest.model_version or tokens.rows != catalog.num_items + 1:
-        raise RuntimeError(
-            f"ranker tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
-            f"{catalog.num_items} items: rebuild (`falconrec build`)"
-        )
-    sv = Serving(settings, manifest, catalog, backend, store, retriever, metrics, tokens, fallback)
+        store = InProcessStore(m.catalog, np.load(m.content_emb).astype(np.float32))
+    sv = Serving(settings, m.manifest, m.catalog, m.backend, store, m.retriever, metrics, m.tokens, m.fallback)
     rec = Recommender(sv)
     await rec.warmup()
     live = LiveData(sv)
     feed: ItemFeed
     if isinstance(store, RedisStore):
-        feed = RedisFeed(settings, manifest.dims.content_dim, live.apply, lambda: store.version, live.metrics)
+        feed = RedisFeed(settings, m.manifest.dims.content_dim, live.apply, lambda: store.version, live.metrics)
     else:
-        feed = PipeFeed(settings, manifest.dims.content_dim, live.apply, live.metrics)
+        feed = PipeFeed(settings, m.manifest.dims.content_dim, live.apply, live.metrics)
     live.feed = feed
     await feed.start()  # replays the items added live so far (Redis), before the first request
-    return Components(settings, manifest, backend, fallback, store, retriever, rec, metrics, keys, live)
+    c = Components(settings, store, rec, metrics, keys, live)
+    if version is not None:
+        c.watcher = VersionWatcher(c, VersionStore(settings.versions_dir), version)
+        c.watcher.start()
+    return c
 
 
 async def close_components(c: Components) -> None:
+    if c.watcher is not None:
+        await c.watcher.close()
     if c.grpc_server is not None:
         await c.grpc_server.stop(grace=1.0)
     await c.live.close()  # stops the worker this replica started

@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     config: str = "ml1m"
     artifacts_dir: Path = Path("artifacts")
     model_repository: Path = Path("model_repository")
+    # Model versions (service/versions.py): when set, the service serves the version CURRENT there names (instead of
+    # artifacts_dir and model_repository) and swaps to another when CURRENT changes, without a restart.
+    versions_dir: Path | None = None
+    version_poll_s: float = Field(1.0, gt=0, description="how often every process checks CURRENT for a new version")
 
     host: str = "127.0.0.1"
     port: int = 8000

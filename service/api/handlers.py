@@ -88,8 +88,9 @@ class Handlers:
         c = self.c
         try:
             deadline = check_recommend(body, c.settings, arrival)
-            u = raw_user_input(body, c.catalog)
-            res = await c.recommender.recommend(
+            rec = c.recommender  # one version for the whole request, even if a swap happens meanwhile
+            u = raw_user_input(body, rec.catalog)
+            res = await rec.recommend(
                 u.user_id, u.history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
             )
         except Exception as e:  # noqa: BLE001 - refuse() re-raises what it does not know
@@ -99,7 +100,7 @@ class Handlers:
         return Answer(
             RecommendResponse(
                 items=[ScoredItem(**i) for i in res.items],
-                model_version=c.manifest.model_version,
+                model_version=rec.manifest.model_version,
                 degraded=bool(res.degraded),
                 degraded_reasons=[redact(r) for r in res.degraded],
                 candidates_recalled=res.candidates_recalled,
@@ -114,21 +115,20 @@ class Handlers:
         c = self.c
         try:
             deadline = check_score(body, c.settings, arrival)
-            u = raw_user_input(body, c.catalog)
-            items = raw_item_ids(body, c.catalog)
-            scores, deg, tm = await c.recommender.score(
-                u.user_id, u.history, items, deadline, body.query_ts, patient=patient
-            )
+            rec = c.recommender  # one version for the whole request
+            u = raw_user_input(body, rec.catalog)
+            items = raw_item_ids(body, rec.catalog)
+            scores, deg, tm = await rec.score(u.user_id, u.history, items, deadline, body.query_ts, patient=patient)
         except Exception as e:  # noqa: BLE001
             raise self.refuse(e, "score", transport) from e
         self._done("score", transport, arrival, degraded=bool(deg))
         return Answer(
             ScoreResponse(
                 scores=[
-                    ScoredItem(item_id=c.catalog.item_key(i), score=float(v))
+                    ScoredItem(item_id=rec.catalog.item_key(i), score=float(v))
                     for i, v in zip(body.item_ids, scores, strict=True)
                 ],
-                model_version=c.manifest.model_version,
+                model_version=rec.manifest.model_version,
                 degraded=bool(deg),
                 degraded_reasons=[redact(r) for r in deg],
                 timings_ms={k: round(v, 3) for k, v in tm.stages.items()},

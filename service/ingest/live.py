@@ -9,16 +9,18 @@ item to the catalog, the store and FAISS in one event-loop step, so a request se
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from service.catalog import Catalog
 from service.contract import ITEM_TOWER, RANKER_ITEM
 from service.errors import Conflict, Unavailable
 from service.metrics import Metrics
@@ -105,19 +107,32 @@ class LiveMetrics:
 
 class LiveData:
     def __init__(self, sv: Serving):
-        self.sv = sv
+        self.sv = sv  # the served version's; a swap replaces it (move_to), and with it the catalog, tokens, index
         self.s = sv.settings
-        self.tokens = sv.tokens
-        self.manifest = sv.manifest
-        self.catalog = sv.catalog
-        self.store = sv.store
-        self.retriever = sv.retriever
+        self.store = sv.store  # the same for every version
         self.metrics = LiveMetrics(sv.metrics)
+        # Every item added live, by raw id: a new model version gets them replayed (move_to), computed by its models.
+        self.applied: dict[int, IngestedItem] = {}
+        self._lock = asyncio.Lock()  # one apply or swap at a time: no item lands on a version being replaced
         self.pending: dict[int, float] = {}  # item ids POSTed here, not applied yet
         # The job digest of each live item this replica knows (POSTed here, or applied with its digest): a POST of the
         # same job again is a retry (202, not queued twice), another text for the id a 409.
         self.digests: dict[int, str] = {}
         self.feed = None  # service.ingest.feed.ItemFeed, set by the app (it calls back into apply)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.sv.catalog
+
+    async def move_to(self, sv: Serving, switch: Callable[[], None]) -> int:
+        """Replay the items added live into `sv` (a new version: its towers compute their vectors and tokens), then
+        call `switch` (which makes `sv` the served one) with no await in between; returns the items replayed."""
+        async with self._lock:
+            items = [it for it in self.applied.values() if it.item_id not in sv.catalog.index_of]
+            n = await self._apply(sv, items) if items else 0
+            self.sv = sv
+            switch()
+            return n
 
     def _check_shared_store(self) -> None:
         """With several server processes and no Redis, a write would reach one worker's in-process store only
@@ -134,7 +149,7 @@ class LiveData:
         self._check_shared_store()
         ordered = sorted(events, key=lambda e: (e.user_id, e.ts))  # stable: same-time events keep request order
         try:
-            out = await self.store.append_events(ordered, self.manifest.dims.max_len, self.s.event_dedup_window)
+            out = await self.store.append_events(ordered, self.sv.manifest.dims.max_len, self.s.event_dedup_window)
         except StoreUnavailable as e:
             if not e.sent:  # refused before anything went out: the answer can say so
                 raise Unavailable(f"user history store unavailable ({e.public}); nothing was written, retry") from e
@@ -185,30 +200,36 @@ class LiveData:
 
     async def apply(self, items: list[IngestedItem]) -> int:
         """Make ingested items servable here; items already in the catalog are skipped (replays, duplicates)."""
+        async with self._lock:
+            return await self._apply(self.sv, items)
+
+    async def _apply(self, sv: Serving, items: list[IngestedItem]) -> int:
         fresh: dict[int, IngestedItem] = {}
         for it in items:
-            if it.item_id not in self.catalog.index_of:
+            if it.item_id not in sv.catalog.index_of:
                 fresh.setdefault(it.item_id, it)
         if not fresh:
             return 0
         new = list(fresh.values())
         emb = np.stack([it.emb for it in new]).astype(np.float32)
-        vecs = await self._per_item(ITEM_TOWER, emb, "item_vec")
-        toks = await self._per_item(RANKER_ITEM, emb, "item_token")
+        vecs = await self._per_item(sv, ITEM_TOWER, emb, "item_vec")
+        toks = await self._per_item(sv, RANKER_ITEM, emb, "item_token")
         # After the awaits: another apply may have added some of these meanwhile.
-        keep = [i for i, it in enumerate(new) if it.item_id not in self.catalog.index_of]
+        cat = sv.catalog
+        keep = [i for i, it in enumerate(new) if it.item_id not in cat.index_of]
         new, emb, vecs, toks = [new[i] for i in keep], emb[keep], vecs[keep], toks[keep]
         if not new:
             return 0
         ids = np.array([it.item_id for it in new], np.int64)
-        idx = np.arange(self.catalog.num_items + 1, self.catalog.num_items + 1 + len(new), dtype=np.int64)
+        idx = np.arange(cat.num_items + 1, cat.num_items + 1 + len(new), dtype=np.int64)
         # One synchronous step (no await): store rows, catalog, ranker tokens, FAISS. A request sees all of it or none.
         self.store.add_embeddings(ids, idx, emb)
-        keys = [it.key or str(it.item_id) for it in new] if self.catalog.keys is not None else None
-        got = self.catalog.add_items(ids.tolist(), [it.title for it in new], keys)
+        keys = [it.key or str(it.item_id) for it in new] if cat.keys is not None else None
+        got = cat.add_items(ids.tolist(), [it.title for it in new], keys)
         assert np.array_equal(got, idx)
-        self.tokens.add(idx, toks)
-        self.retriever.add(vecs, idx)
+        sv.tokens.add(idx, toks)
+        sv.retriever.add(vecs, idx)
+        self.applied.update((it.item_id, it) for it in new)
         now = time.time()
         for it in new:
             self.pending.pop(it.item_id, None)
@@ -218,10 +239,11 @@ class LiveData:
         self.metrics.items.inc(len(new))
         return len(new)
 
-    async def _per_item(self, model: str, emb: np.ndarray, output: str) -> np.ndarray:
+    @staticmethod
+    async def _per_item(sv: Serving, model: str, emb: np.ndarray, output: str) -> np.ndarray:
         """A per-item graph (item tower, ranker token) on new items' content, with the unknown ID (index 0)."""
         inputs = {"content_emb": emb, "item_idx": np.zeros((len(emb), 1), np.int64)}
-        return (await self.sv.infer_unbudgeted(model, inputs, timeout_s=10.0))[0][output]
+        return (await sv.infer_unbudgeted(model, inputs, timeout_s=10.0))[0][output]
 
     def problem(self) -> str | None:
         """Why accepted items are not becoming servable (for /readyz), or None."""

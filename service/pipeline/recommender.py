@@ -53,7 +53,9 @@ class Result:
 
 
 class Recommender:
-    def __init__(self, sv: Serving):
+    def __init__(self, sv: Serving, admission: Admission | None = None):
+        """`admission`: the one the version this replaces used, so that both count against one limit while the
+        old one finishes its requests (service/swap.py)."""
         s = sv.settings
         self.sv = sv
         self.s = s
@@ -65,7 +67,7 @@ class Recommender:
         self.store = sv.store
         self.metrics = sv.metrics
         self.users = UserStates(sv)
-        self.admission = Admission(s.max_active)
+        self.admission = admission or Admission(s.max_active)
         self.num_candidates = s.num_candidates or sv.manifest.num_candidates
         self.microbatch = s.microbatch or sv.manifest.microbatch
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online

@@ -32,6 +32,8 @@ async def readyz(request: Request) -> JSONResponse:
         reasons.append(f"backend {c.backend.name} unavailable" + (", using fallback" if c.fallback else ""))
     if ingest := c.live.problem():
         reasons.append(ingest)
+    if c.watcher is not None and c.watcher.refused:  # CURRENT names a version this process cannot serve
+        reasons += [f"not serving version {v}: {why}" for v, why in c.watcher.refused.items()]
     # Operators' detail stays, without addresses, paths or credentials (describe() lists URLs and dirs).
     return JSONResponse(
         redact_tree(
@@ -45,6 +47,7 @@ async def readyz(request: Request) -> JSONResponse:
                 "index": c.retriever.describe(),
                 "store": store,
                 "live": c.live.status(),
+                "versions": c.watcher.describe() if c.watcher is not None else None,
             }
         )
     )

@@ -1,0 +1,117 @@
+"""`falconrec models`: the model versions a service follows (service/versions.py) — add, list, promote, rollback.
+
+A build writes into any --artifacts/--repo pair; `models add` copies that build into the versions directory as a new,
+immutable version with its validation metrics. `promote` makes a version current if the gate passes (its ranker's
+validation HR@10 and NDCG@10 not worse than the current version's by more than --tolerance) or with --force; every
+serving process swaps to it within FALCONREC_VERSION_POLL_S, without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
+from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY, ArtifactPaths, config_name
+from service.contract import Manifest
+from service.versions import VersionError, VersionInfo, VersionStore, gate
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+VersionsOpt = Annotated[
+    Path, typer.Option("--versions", envvar="FALCONREC_VERSIONS_DIR", help="the versions directory")
+]
+DEFAULT_VERSIONS = Path("versions")
+
+
+def validation_metrics(paths: ArtifactPaths) -> dict[str, float]:
+    """The ranker's validation HR@10 and NDCG@10 at its best epoch (training's own summary; never the test split)."""
+    try:
+        train = json.loads((paths.root / "ranker.json").read_text())["train"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return {}
+    best = next((e for e in train.get("epochs", []) if e.get("epoch") == train.get("best_epoch")), {})
+    return {k: float(best[k]) for k in ("hr@10", "ndcg@10") if k in best}
+
+
+@app.command()
+def add(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    versions: VersionsOpt = DEFAULT_VERSIONS,
+    note: Annotated[str, typer.Option(help="a line to remember it by")] = "",
+) -> None:
+    """Copy a build (--artifacts, --repo) into the versions directory as a new version; prints its id."""
+    src = ArtifactPaths.for_config(config, artifacts)
+    manifest = Manifest.read(repo)
+    if manifest.config != config_name(config):
+        raise typer.BadParameter(f"{repo} holds a build of {manifest.config!r}, not {config!r}")
+    vs = VersionStore(versions)
+    vid = vs.next_id()
+    dest = vs.dir(vid)
+    skip = shutil.ignore_patterns("trt_cache", ".*")  # engines are rebuilt per machine
+    shutil.copytree(src.root, vs.artifacts(vid) / src.root.name, ignore=skip)
+    shutil.copytree(repo, vs.repository(vid), ignore=skip)
+    info = VersionInfo(
+        vid, manifest.config, manifest.model_version, manifest.embedding_version, time.time(),
+        validation_metrics(src), note,
+    )  # fmt: skip
+    vs.write_info(info)  # last: a version without it is incomplete and never listed
+    console.print(f"added version {vid} (model {manifest.model_version}) in {dest}: {info.metrics}")
+    print(vid)
+
+
+@app.command("list")
+def list_(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
+    """Every version, oldest first, the current one marked."""
+    vs = VersionStore(versions)
+    cur = vs.current()
+    t = Table(title=f"model versions in {vs.root}")
+    for col in ("", "id", "config", "model", "valid HR@10", "valid NDCG@10", "added", "note"):
+        t.add_column(col)
+    for vid in vs.ids():
+        i = vs.info(vid)
+        added = time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created))
+        hr, ndcg = (f"{i.metrics[k]:.4f}" if k in i.metrics else "-" for k in ("hr@10", "ndcg@10"))
+        t.add_row("*" if vid == cur else "", vid, i.config, i.model_version, hr, ndcg, added, i.note)
+    Console().print(t)
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="the version id, e.g. v3")],
+    force: Annotated[bool, typer.Option(help="skip the validation gate")] = False,
+    tolerance: Annotated[float, typer.Option(help="how much worse a validation metric may be")] = 0.005,
+    versions: VersionsOpt = DEFAULT_VERSIONS,
+) -> None:
+    """Make a version current if it passes the gate; exits 1 (and keeps it, unserved) when it does not."""
+    vs = VersionStore(versions)
+    try:
+        cand = vs.info(version)
+        cur = vs.current()
+        why = None if force else gate(cand, vs.info(cur) if cur else None, tolerance)
+        if why:
+            console.print(f"[red]version {version} not promoted: {why} (--force to promote anyway)[/red]")
+            raise typer.Exit(1)
+        before = vs.set_current(version)
+    except VersionError as e:
+        raise typer.BadParameter(str(e)) from None
+    console.print(f"current version: {version} (was {before}){' [forced]' if force else ''}")
+
+
+@app.command()
+def rollback(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
+    """Back to the version that was current before this one."""
+    vs = VersionStore(versions)
+    try:
+        console.print(f"current version: {vs.rollback()}")
+    except VersionError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None

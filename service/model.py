@@ -1,0 +1,73 @@
+"""One model version, loaded: its manifest, catalog, backend (ONNX Runtime in-process, or Triton with ONNX as the
+fallback), FAISS index and ranker tokens, checked to belong together. Used at start (service/components.py) and for
+every version swap (service/swap.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.artifacts import ArtifactPaths, config_name
+from service.backends.base import InferenceBackend
+from service.backends.onnx import OnnxBackend
+from service.catalog import Catalog
+from service.contract import Manifest
+from service.pipeline.item_tokens import ItemTokens
+from service.pipeline.retrieval import Retriever
+from service.settings import Settings
+
+log = logging.getLogger("falconrec.model")
+
+
+@dataclass
+class Model:
+    """What one model version brings: everything the store and the process-wide parts do not."""
+
+    manifest: Manifest
+    catalog: Catalog
+    backend: InferenceBackend
+    fallback: InferenceBackend | None
+    retriever: Retriever
+    tokens: ItemTokens
+    content_emb: Path
+
+
+def load_model(settings: Settings, repo: Path, artifacts_dir: Path) -> Model:
+    """Read one built version (its repository and artifacts) and check that its parts belong together."""
+    manifest = Manifest.read(repo)
+    if manifest.config != config_name(settings.config):
+        log.warning(
+            "repository %s holds config %r, not %r: serving %r", repo, manifest.config, settings.config, manifest.config
+        )
+    paths = ArtifactPaths.for_config(manifest.config, artifacts_dir)
+    catalog = Catalog.load(paths.data)
+    onnx = OnnxBackend(
+        repo,
+        manifest.dims,
+        settings.onnx_providers,
+        settings.intra_op_threads,
+        settings.inference_threads,
+        trt_cache=paths.root / "trt_cache",
+        tf32=settings.cuda_tf32,
+    )
+    backend: InferenceBackend = onnx
+    fallback = None
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        backend = TritonBackend.from_settings(settings, manifest.dims)
+        fallback = onnx if settings.triton_fallback else None
+    retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)
+    if retriever.meta.get("model_version") != manifest.model_version:
+        raise RuntimeError(
+            f"FAISS index in {paths.index_dir} belongs to model {retriever.meta.get('model_version')}, "
+            f"repository {repo} to {manifest.model_version}: rebuild (`falconrec build`)"
+        )
+    tokens = ItemTokens.load(paths.index_dir)
+    if tokens.model_version != manifest.model_version or tokens.rows != catalog.num_items + 1:
+        raise RuntimeError(
+            f"ranker tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
+            f"{catalog.num_items} items: rebuild (`falconrec build`)"
+        )
+    return Model(manifest, catalog, backend, fallback, retriever, tokens, paths.content_emb)

@@ -1,0 +1,129 @@
+"""Hot swap (issue 25): follow the CURRENT version pointer (service/versions.py) without a restart or a failed request.
+
+Every process polls CURRENT. When it names another version, the process loads that version beside the one it
+serves (off the event loop), checks the two can share the store (the same content embeddings, and a catalog that
+extends or is extended by the served one, so stored rows keep their indices), warms it with the whole pipeline,
+replays the items added live into it, then switches in one synchronous step: the next request runs on the new
+version. A request runs entirely on the version it started on (it holds its Recommender: history K/V, candidates
+and the answer's `model_version` all come from one), so in-flight requests finish on the old one, which is closed
+once the longest budget has passed; its memory goes with its last reference.
+
+Only the in-process ONNX Runtime backend swaps: with Triton the new version's graphs must be loaded into Triton
+(not done here), so a swap is refused and said so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from service.model import Model, load_model
+from service.pipeline.recommender import Recommender
+from service.pipeline.serving import Serving
+from service.stores.memory import InProcessStore
+from service.versions import VersionStore
+
+log = logging.getLogger("falconrec.swap")
+RETIRE_MARGIN_S = 1.0  # after the longest budget, before the old version is closed
+
+
+class SwapRefused(RuntimeError):
+    """A version this process cannot swap to without a restart; the message says why."""
+
+
+class VersionWatcher:
+    def __init__(self, c: Any, versions: VersionStore, serving: str):
+        self.c = c  # service.components.Components (not imported: components imports this module)
+        self.versions = versions
+        self.serving = serving
+        self.refused: dict[str, str] = {}  # version -> why not (not retried until CURRENT names it anew)
+        self.swaps = 0
+        self._task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="version-watcher")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.c.settings.version_poll_s)
+            try:
+                target = self.versions.current()
+            except OSError as e:  # a shared filesystem hiccup: keep serving, look again
+                log.warning("cannot read the current version: %s", e)
+                continue
+            if target is None or target == self.serving:
+                self.refused.clear()
+                continue
+            if target not in self.refused:
+                await self.swap(target)
+
+    async def swap(self, vid: str) -> bool:
+        t = time.perf_counter()
+        s = self.c.settings
+        try:
+            model = await asyncio.to_thread(load_model, s, self.versions.repository(vid), self.versions.artifacts(vid))
+            self._check(model)
+            old = self.c.recommender
+            sv = Serving(s, model.manifest, model.catalog, model.backend, self.c.store, model.retriever,
+                         self.c.metrics, model.tokens, model.fallback)  # fmt: skip
+            rec = Recommender(sv, admission=old.admission)
+            await rec.warmup()
+            replayed = await self.c.live.move_to(sv, lambda: self._switch(rec, model))
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, the served version stays
+            self.refused[vid] = str(e)
+            log.error("not swapping to version %s: %s", vid, e)
+            return False
+        self.serving = vid
+        self.swaps += 1
+        log.info(
+            "serving version %s (model %s) after %.2f s; %d live items replayed into it",
+            vid, model.manifest.model_version, time.perf_counter() - t, replayed,
+        )  # fmt: skip
+        self._retire(old)
+        return True
+
+    def _check(self, model: Model) -> None:
+        if self.c.settings.backend != "onnx":
+            raise SwapRefused("only the in-process ONNX backend swaps versions; restart to serve it with Triton")
+        cur = self.c.recommender.sv
+        if model.manifest.embedding_version != cur.manifest.embedding_version:
+            raise SwapRefused(
+                f"content embeddings {model.manifest.embedding_version} differ from the served "
+                f"{cur.manifest.embedding_version}: the store holds the served ones (reload the store and restart)"
+            )
+        a, b = model.catalog.raw_ids, cur.catalog.raw_ids
+        m = min(len(a), len(b))
+        if not np.array_equal(a[:m], b[:m]):
+            raise SwapRefused("its catalog orders items differently from the served one (restart to serve it)")
+
+    def _switch(self, rec: Recommender, model: Model) -> None:
+        """The switch itself: synchronous, so no request sees half of it."""
+        self.c.recommender = rec
+        if isinstance(self.c.store, InProcessStore):
+            self.c.store.catalog = model.catalog  # the store finds rows by the served catalog's indices
+
+    def _retire(self, old: Recommender) -> None:
+        async def later() -> None:
+            await asyncio.sleep(self.c.settings.max_budget_ms / 1000 + RETIRE_MARGIN_S)
+            await old.close()
+            await old.sv.backend.close()
+            if old.sv.fallback is not None:
+                await old.sv.fallback.close()
+
+        task = asyncio.create_task(later())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def describe(self) -> dict:
+        return {"version": self.serving, "swaps": self.swaps, "refused": dict(self.refused)}
+
+    async def close(self) -> None:
+        for task in [self._task, *self._retiring]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*[t for t in [self._task, *self._retiring] if t is not None], return_exceptions=True)

@@ -1,0 +1,133 @@
+"""Model versions (issue 25): immutable builds side by side, a *current* pointer the service follows, a gate.
+
+Layout under `FALCONREC_VERSIONS_DIR` (`falconrec models add` writes it):
+
+    versions/
+      CURRENT                   the served version's id (one line; written by rename, so never half-written)
+      HISTORY                   the ids that were current before, oldest first (what `rollback` goes back to)
+      <id>/version.json         id, config, model_version, embedding_version, when, validation metrics
+      <id>/artifacts/<config>/  what `falconrec build --artifacts` wrote (data, embeddings, index, checkpoints)
+      <id>/model_repository/    what `falconrec build --repo` wrote (the ONNX graphs in Triton's layout)
+
+A version is never changed once written. Every serving process (all `--workers`, every replica on the same
+filesystem) polls CURRENT and swaps to the version it names (service/swap.py); numpy and json only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+CURRENT = "CURRENT"
+HISTORY = "HISTORY"
+INFO = "version.json"
+
+
+class VersionError(RuntimeError):
+    """A version that does not exist, is incomplete, or may not become current; the message says why."""
+
+
+@dataclass
+class VersionInfo:
+    id: str
+    config: str
+    model_version: str
+    embedding_version: str
+    created: float
+    metrics: dict[str, float] = field(default_factory=dict)  # validation: the ranker's HR@10 and NDCG@10
+    note: str = ""
+
+
+class VersionStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # --- reading ------------------------------------------------------------------------------------------
+    def dir(self, vid: str) -> Path:
+        if not vid or "/" in vid or vid.startswith("."):
+            raise VersionError(f"not a version id: {vid!r}")
+        return self.root / vid
+
+    def artifacts(self, vid: str) -> Path:
+        return self.dir(vid) / "artifacts"
+
+    def repository(self, vid: str) -> Path:
+        return self.dir(vid) / "model_repository"
+
+    def info(self, vid: str) -> VersionInfo:
+        path = self.dir(vid) / INFO
+        if not path.is_file():
+            raise VersionError(f"no version {vid!r} in {self.root} (no {INFO})")
+        return VersionInfo(**json.loads(path.read_text()))
+
+    def ids(self) -> list[str]:
+        """Every complete version, oldest first."""
+        found = [p.name for p in self.root.iterdir() if (p / INFO).is_file()] if self.root.is_dir() else []
+        return sorted(found, key=lambda v: (self.info(v).created, v))
+
+    def current(self) -> str | None:
+        try:
+            vid = (self.root / CURRENT).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return vid or None
+
+    def history(self) -> list[str]:
+        try:
+            return json.loads((self.root / HISTORY).read_text())
+        except FileNotFoundError:
+            return []
+
+    # --- writing ------------------------------------------------------------------------------------------
+    def next_id(self) -> str:
+        taken = {int(v[1:]) for v in self.ids() if v[:1] == "v" and v[1:].isdigit()}
+        return f"v{max(taken, default=0) + 1}"
+
+    def write_info(self, info: VersionInfo) -> None:
+        _atomic_write(self.dir(info.id) / INFO, json.dumps(asdict(info), indent=2))
+
+    def set_current(self, vid: str, remember: bool = True) -> str | None:
+        """Make `vid` current; returns the one it replaced (kept in HISTORY for rollback unless not `remember`)."""
+        self.info(vid)  # exists and is complete
+        before = self.current()
+        if before == vid:
+            return before
+        if remember and before is not None:
+            _atomic_write(self.root / HISTORY, json.dumps([*self.history(), before]))
+        _atomic_write(self.root / CURRENT, vid + "\n")
+        return before
+
+    def rollback(self) -> str:
+        """Back to the version that was current before this one; returns its id."""
+        hist = self.history()
+        if not hist:
+            raise VersionError("nothing to roll back to: no version was current before this one")
+        target = hist[-1]
+        self.set_current(target, remember=False)
+        _atomic_write(self.root / HISTORY, json.dumps(hist[:-1]))
+        return target
+
+
+def gate(candidate: VersionInfo, current: VersionInfo | None, tolerance: float) -> str | None:
+    """Why `candidate` may not replace `current` (a validation metric worse by more than `tolerance`), or None."""
+    if current is None:
+        return None
+    worse = [
+        f"{k} {candidate.metrics[k]:.4f} < {current.metrics[k]:.4f} - {tolerance:g}"
+        for k in sorted(current.metrics.keys() & candidate.metrics.keys())
+        if candidate.metrics[k] < current.metrics[k] - tolerance
+    ]
+    if worse:
+        return f"validation worse than {current.id}: " + "; ".join(worse)
+    return None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write by rename: a reader sees the old file or the new one, never a part (other processes poll these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

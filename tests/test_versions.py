@@ -1,0 +1,184 @@
+"""Issue 25: model versions, the promotion gate, and the hot swap: a real server follows CURRENT under steady load,
+through a promote and a rollback, with no failed request and every answer computed by one version alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from falconrec.models import app as models_app
+from service.versions import VersionInfo, VersionStore, gate
+from tests.conftest import RunningServer, TinyBuild, server_settings
+
+WAIT_S = 120.0
+
+
+def test_gate_refuses_a_worse_version_within_tolerance_only():
+    cur = VersionInfo("v1", "tiny", "a", "e", 0.0, {"hr@10": 0.30, "ndcg@10": 0.17})
+    close = VersionInfo("v2", "tiny", "b", "e", 1.0, {"hr@10": 0.298, "ndcg@10": 0.171})
+    worse = VersionInfo("v3", "tiny", "c", "e", 2.0, {"hr@10": 0.28, "ndcg@10": 0.171})
+    assert gate(close, cur, tolerance=0.005) is None
+    assert "hr@10 0.2800 < 0.3000" in gate(worse, cur, tolerance=0.005)
+    assert gate(worse, None, tolerance=0.0) is None  # the first version has nothing to be worse than
+
+
+@pytest.fixture(scope="module")
+def second_build(tiny_build, tmp_path_factory) -> TinyBuild:
+    """Another version of the tiny config: another training seed and fewer epochs, so other weights."""
+    from falconrec.build import Builder
+    from training.config import load_config
+
+    cfg = load_config("tiny")
+    cfg = dataclasses.replace(
+        cfg,
+        seed=cfg.seed + 1,
+        ranker=dataclasses.replace(cfg.ranker, epochs=3),
+        towers=dataclasses.replace(cfg.towers, epochs=3),
+        sasrec=dataclasses.replace(cfg.sasrec, epochs=1),
+    )
+    tb = TinyBuild(tmp_path_factory.mktemp("v2"))
+    Builder(cfg, tb.artifacts, tb.repo, log=lambda m: None).build()
+    return tb
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_build, second_build, tmp_path_factory) -> tuple[Path, str, str]:
+    root = tmp_path_factory.mktemp("versions")
+    ids = []
+    for b in (tiny_build, second_build):
+        args = ["add", "--config", "tiny", "--artifacts", str(b.artifacts), "--repo", str(b.repo)]
+        r = CliRunner().invoke(models_app, [*args, "--versions", str(root)])
+        assert r.exit_code == 0, r.output
+        ids.append(r.output.strip().splitlines()[-1])
+    assert ids == ["v1", "v2"]
+    r = CliRunner().invoke(models_app, ["promote", "v1", "--versions", str(root)])
+    assert r.exit_code == 0, r.output
+    return root, *ids
+
+
+def test_promote_goes_through_the_gate_and_rollback_goes_back(versions, tmp_path):
+    root, v1, v2 = versions
+    scratch = tmp_path / "versions"  # a copy: the served versions directory of the next test stays as it is
+    vs = VersionStore(scratch)
+    for vid in (v1, v2):
+        info = VersionStore(root).info(vid)
+        assert info.metrics.keys() == {"hr@10", "ndcg@10"}  # the ranker's validation, from the build's summary
+        if vid == v2:  # made clearly worse than v1, whatever the seed gave
+            info.metrics = {k: v - 0.1 for k, v in VersionStore(root).info(v1).metrics.items()}
+        vs.write_info(info)
+    vs.set_current(v1)
+    run = lambda *a: CliRunner().invoke(models_app, [*a, "--versions", str(scratch)])  # noqa: E731
+    refused = run("promote", v2)
+    assert refused.exit_code == 1 and "not promoted" in refused.output and vs.current() == v1
+    assert run("promote", v2, "--force").exit_code == 0 and vs.current() == v2
+    assert run("rollback").exit_code == 0 and vs.current() == v1
+    assert run("rollback").exit_code == 1  # nothing before v1
+
+
+class Load:
+    """Requests back to back from two threads while versions change; every answer kept."""
+
+    def __init__(self, url: str, users: list[int]):
+        self.url, self.users = url, users
+        self.answers: list[tuple[int, str | None, int]] = []  # (status, model_version, user)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            i = offset
+            while not self.stop.is_set():
+                u = self.users[i % len(self.users)]
+                r = c.post("/v1/recommend", json={"user_id": u, "k": 5})
+                self.answers.append((r.status_code, r.json().get("model_version"), u))
+                i += 2
+
+    def versions_seen(self) -> list[str | None]:
+        return [v for _, v, _ in self.answers]
+
+
+def _wait_for(load: Load, model_version: str) -> None:
+    end = time.time() + WAIT_S
+    n = len(load.answers)
+    while model_version not in load.versions_seen()[n:]:
+        assert time.time() < end, f"no answer from {model_version} within {WAIT_S} s"
+        time.sleep(0.05)
+
+
+def test_swaps_under_load_lose_no_request_and_each_answer_is_one_versions(versions, tiny_build, second_build):
+    root, v1, v2 = versions
+    vs = VersionStore(root)
+    m1, m2 = vs.info(v1).model_version, vs.info(v2).model_version
+    assert m1 != m2
+    s = server_settings(tiny_build, versions_dir=root, version_poll_s=0.1, grpc_port=0)
+    srv = RunningServer(s)
+    users = list(srv.components.catalog.user_histories)[:20]
+    probe = {"user_id": users[0], "k": 5}
+    load = Load(srv.url, users)
+    try:
+        before = httpx.post(f"{srv.url}/v1/recommend", json=probe, timeout=30).json()
+        for t in load.threads:
+            t.start()
+        vs.set_current(v2)
+        _wait_for(load, m2)
+        during = httpx.post(f"{srv.url}/v1/recommend", json=probe, timeout=30).json()
+        ready = httpx.get(f"{srv.url}/readyz", timeout=30).json()
+        vs.rollback()
+        _wait_for(load, m1)
+        time.sleep(0.5)
+    finally:
+        load.stop.set()
+        for t in load.threads:
+            t.join(timeout=30)
+        srv.stop()
+    statuses = [st for st, _, _ in load.answers]
+    assert len(statuses) > 20 and set(statuses) == {200}, f"{len(statuses)} answers: {set(statuses)}"
+    assert set(load.versions_seen()) == {m1, m2}
+    assert ready["versions"]["version"] == v2 and ready["versions"]["swaps"] == 1 and ready["status"] == "ok"
+    assert before["model_version"] == m1 and during["model_version"] == m2
+    # What each version alone gives: a server started on that version's files answers the probe the same way.
+    for model_version, answer, build in ((m1, before, tiny_build), (m2, during, second_build)):
+        alone = RunningServer(server_settings(build, grpc_port=0))
+        try:
+            ref = httpx.post(f"{alone.url}/v1/recommend", json=probe, timeout=30).json()
+        finally:
+            alone.stop()
+        assert ref["model_version"] == model_version
+        assert [i["item_id"] for i in ref["items"]] == [i["item_id"] for i in answer["items"]]
+        assert [i["score"] for i in ref["items"]] == pytest.approx([i["score"] for i in answer["items"]], abs=1e-5)
+
+
+def test_a_version_with_other_content_embeddings_is_refused_and_said_so(versions, tiny_build, tmp_path):
+    """The store holds the served version's content embeddings: a version with others needs a restart."""
+    import shutil
+
+    root, v1, _ = versions
+    vs = VersionStore(tmp_path / "versions")
+    for vid in (v1, "v9"):
+        shutil.copytree(VersionStore(root).dir(v1), vs.dir(vid))
+    manifest = vs.repository("v9") / "falconrec.json"
+    m = json.loads(manifest.read_text())
+    m["embedding_version"] = "other"
+    manifest.write_text(json.dumps(m))
+    info = vs.info(v1)
+    vs.write_info(dataclasses.replace(info, id="v9", created=info.created + 1))
+    vs.set_current(v1)
+    srv = RunningServer(server_settings(tiny_build, versions_dir=vs.root, version_poll_s=0.1, grpc_port=0))
+    try:
+        vs.set_current("v9")
+        end = time.time() + WAIT_S
+        while not (ready := httpx.get(f"{srv.url}/readyz", timeout=30).json())["versions"]["refused"]:
+            assert time.time() < end
+            time.sleep(0.1)
+        assert ready["status"] == "degraded" and "content embeddings" in ready["reasons"][-1]
+        r = httpx.post(f"{srv.url}/v1/recommend", json={"user_id": 1}, timeout=30).json()
+        assert r["model_version"] == info.model_version  # still serving v1
+    finally:
+        srv.stop()
