@@ -182,3 +182,29 @@ def test_a_version_with_other_content_embeddings_is_refused_and_said_so(versions
         assert r["model_version"] == info.model_version  # still serving v1
     finally:
         srv.stop()
+
+
+def test_two_replicas_switch_after_one_promote(versions, tiny_build):
+    """Two serving processes' worth of components on one versions directory: one promote, both switch (each polls
+    CURRENT every 0.1 s here; the bound below is generous for a busy 2-core box: loading and warming take ~1 s)."""
+    root, v1, v2 = versions
+    vs = VersionStore(root)
+    vs.set_current(v1)
+    servers = [RunningServer(server_settings(tiny_build, versions_dir=root, version_poll_s=0.1, grpc_port=0))]
+    servers.append(RunningServer(server_settings(tiny_build, versions_dir=root, version_poll_s=0.1, grpc_port=0)))
+    try:
+        t = time.time()
+        vs.set_current(v2)
+        waits = []
+        for srv in servers:
+            while srv.components.watcher.serving != v2:
+                assert time.time() - t < WAIT_S, srv.components.watcher.describe()
+                time.sleep(0.02)
+            waits.append(time.time() - t)
+        print(f"replicas serving {v2} after {', '.join(f'{w:.2f}' for w in waits)} s")
+        answers = [httpx.post(f"{s.url}/v1/recommend", json={"user_id": 1, "k": 3}, timeout=30).json() for s in servers]
+        assert {a["model_version"] for a in answers} == {vs.info(v2).model_version}
+    finally:
+        for srv in servers:
+            srv.stop()
+        vs.set_current(v1, remember=False)
