@@ -20,7 +20,8 @@ from rich.table import Table
 
 from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY, ArtifactPaths, config_name
-from service.contract import Manifest
+from service.contract import MANIFEST, Manifest
+from service.pipeline.retrieval import INDEX_FILE
 from service.versions import VersionError, VersionInfo, VersionStore, gate
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -50,6 +51,8 @@ def add(
 ) -> None:
     """Copy a build (--artifacts, --repo) into the versions directory as a new version; prints its id."""
     src = ArtifactPaths.for_config(config, artifacts)
+    if not (repo / MANIFEST).is_file() or not (src.index_dir / INDEX_FILE).is_file():
+        raise typer.BadParameter(f"no complete build of {config!r} in {artifacts} and {repo} (`falconrec build`)")
     manifest = Manifest.read(repo)
     if manifest.config != config_name(config):
         raise typer.BadParameter(f"{repo} holds a build of {manifest.config!r}, not {config!r}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main-job command: set up, build artifacts if missing, then serve HTTP + gRPC.
+# The README's main-job command: set up, build a first model version if there is none, then serve HTTP + gRPC.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source service/setup_env.sh
@@ -26,4 +26,19 @@ except DatasetError as e:
 print(f"MovieLens-1M ready in {d}", file=sys.stderr)
 PY
 fi
-exec falconrec serve --config "$CONFIG" --build-if-missing "$@"
+# Serve in minutes, improve in the background (issue 25): the service follows the versions directory's CURRENT.
+# On a fresh machine a quick first version (a few epochs, no SASRec) is built and served; the full build runs as
+# its own low-priority process and its version is promoted through the gate when done (`falconrec models list`;
+# log: artifacts/full-build.log). A full build already on disk (artifacts/, model_repository/) is adopted as is.
+export FALCONREC_VERSIONS_DIR=${FALCONREC_VERSIONS_DIR:-versions}
+if [ ! -s "$FALCONREC_VERSIONS_DIR/CURRENT" ]; then
+  if vid=$(falconrec models add --config "$CONFIG" 2>/dev/null | tail -1) && [ -n "$vid" ]; then
+    falconrec models promote "$vid" --force
+  else
+    falconrec models quick --config "$CONFIG"
+    mkdir -p artifacts
+    nohup nice -n 19 falconrec models full --config "$CONFIG" > artifacts/full-build.log 2>&1 &
+    echo "falconrec: full build of $CONFIG running in the background (pid $!, log artifacts/full-build.log)" >&2
+  fi
+fi
+exec falconrec serve --config "$CONFIG" "$@"

@@ -208,3 +208,23 @@ def test_two_replicas_switch_after_one_promote(versions, tiny_build):
         for srv in servers:
             srv.stop()
         vs.set_current(v1, remember=False)
+
+
+def test_newcomer_path_serves_a_quick_version_then_promotes_the_full_one(tmp_path, monkeypatch):
+    """`bash service/run.sh` on a fresh machine: `models quick` (a few epochs, towers and ranker only) becomes
+    current at once; `models full` (every epoch of the config) is added and promoted through the gate."""
+    import json as _json
+
+    from falconrec.cli import app as cli
+
+    monkeypatch.chdir(tmp_path)
+    assert CliRunner().invoke(cli, ["models", "quick", "--config", "tiny"]).exit_code == 0
+    vs = VersionStore(tmp_path / "versions")
+    assert vs.current() == "v1" and vs.info("v1").note.startswith("quick")
+    quick_root = vs.artifacts("v1") / "tiny"
+    assert _json.loads((quick_root / "ranker.json").read_text())["train"]["epochs_run"] == 5
+    assert not (quick_root / "sasrec.safetensors").exists()  # SASRec belongs to `falconrec eval`, not to serving
+    full = CliRunner().invoke(cli, ["models", "full", "--config", "tiny"])
+    assert full.exit_code == 0, full.output
+    assert vs.current() == "v2" and vs.history() == ["v1"]
+    assert vs.info("v2").metrics["ndcg@10"] >= vs.info("v1").metrics["ndcg@10"] - 0.005  # it passed the gate

@@ -1,0 +1,90 @@
+"""Serve in minutes, improve in the background (issue 25, point 4): the newcomer path of `bash service/run.sh`.
+
+`falconrec models quick` builds a *quick* first version (the data, the content embeddings, a few epochs of the
+towers and the ranker; no SASRec, which is an evaluation baseline and belongs to `falconrec eval`), adds it to the
+versions directory and makes it current, so the service answers within minutes. `falconrec models full` then
+runs the whole build (every epoch of the config) as its own process, adds the result as a version and promotes it
+through the gate; the serving processes swap to it without a restart (service/swap.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from falconrec.models import VersionsOpt
+from falconrec.models import add as add_version
+from falconrec.models import promote as promote_version
+from falconrec.options import ConfigOpt, console, default_config
+
+DEFAULT_VERSIONS = Path("versions")
+QUICK_EPOCHS = {"towers": 2, "ranker": 5}  # ~4-6 minutes of training for ml1m on two cores, embedding apart
+WORK = Path("artifacts") / "builds"  # where the builds are made before `models add` copies them in
+
+
+def quick_config(cfg, epochs: dict[str, int]):  # noqa: ANN001, ANN201 - training.config.BuildConfig, imported lazily
+    """The config with a few epochs per model, the schedule's decay over those (counted in epochs, as always)."""
+    return dataclasses.replace(
+        cfg,
+        towers=dataclasses.replace(cfg.towers, epochs=min(cfg.towers.epochs, epochs["towers"])),
+        ranker=dataclasses.replace(cfg.ranker, epochs=min(cfg.ranker.epochs, epochs["ranker"])),
+    )
+
+
+def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[str] | None) -> None:  # noqa: ANN001
+    from falconrec.build import Builder
+
+    b = Builder(cfg, artifacts, repo, data_dir=data_dir, download=True, log=lambda m: console.print(m))
+    ds = b.data()
+    emb, meta = b.embed(ds)
+    b.train(ds, emb, only=models)
+    manifest = b.export(ds, emb, meta)
+    b.index(ds, emb, manifest)
+
+
+def _add_and_promote(config: str, artifacts: Path, repo: Path, versions: Path, note: str, force: bool) -> None:
+    add_version(config, artifacts, repo, versions, note)
+    from service.versions import VersionStore
+
+    newest = VersionStore(versions).ids()[-1]
+    try:
+        promote_version(newest, force=force, versions=versions)
+    except typer.Exit as e:
+        if e.exit_code:  # the gate said no: the version stays listed, unserved
+            console.print(f"{newest} kept but not served (see above)")
+        raise
+
+
+def quick(
+    config: ConfigOpt = default_config(),
+    versions: VersionsOpt = DEFAULT_VERSIONS,
+    data_dir: Annotated[Path | None, typer.Option(envvar="FALCONREC_DATA_DIR", help="dataset directory")] = None,
+) -> None:
+    """Build a quick first version (few epochs, no SASRec), add it and make it current."""
+    from training.config import load_config
+
+    cfg = quick_config(load_config(config), QUICK_EPOCHS)
+    artifacts, repo = WORK / "quick" / "artifacts", WORK / "quick" / "model_repository"
+    _build(cfg, artifacts, repo, data_dir, {"towers", "ranker"})
+    shared = Path("artifacts") / "cache"  # the full build re-reads these embeddings instead of recomputing them
+    if (artifacts / "cache").is_dir() and not shared.exists():
+        shutil.copytree(artifacts / "cache", shared)
+    epochs = ", ".join(f"{k} {v}" for k, v in QUICK_EPOCHS.items())
+    _add_and_promote(config, artifacts, repo, versions, f"quick: {epochs} epochs", force=True)
+
+
+def full(
+    config: ConfigOpt = default_config(),
+    versions: VersionsOpt = DEFAULT_VERSIONS,
+    data_dir: Annotated[Path | None, typer.Option(envvar="FALCONREC_DATA_DIR", help="dataset directory")] = None,
+) -> None:
+    """Run the whole build of the config, add it as a version and promote it through the gate."""
+    from training.config import load_config
+
+    artifacts, repo = Path("artifacts"), Path("model_repository")
+    _build(load_config(config), artifacts, repo, data_dir, None)
+    _add_and_promote(config, artifacts, repo, versions, "full build", force=False)
