@@ -100,31 +100,49 @@ class Builder:
         return res
 
     # --- steps ---------------------------------------------------------------------------------------
-    def data(self) -> Dataset:
+    def _data_sources(self) -> list[str]:
+        """Hashes of the files the data step reads, so that changing one re-runs it (and, via the fingerprint,
+        whatever trains on it)."""
         c = self.cfg.data
         if c.source == "ml1m":
             d = Path(self.data_dir) if self.data_dir else default_ml1m_dir()
-            src = (
-                [file_hash(d / f) for f in ("ratings.dat", "movies.dat")] if (d / "ratings.dat").exists() else [str(d)]
-            )
-        else:
-            src = []
-        inputs = _h(self.cfg.section_hash("data"), src)
+            if (d / "ratings.dat").exists():
+                return [file_hash(d / f) for f in ("ratings.dat", "movies.dat")]
+            return [str(d)]
+        if c.source == "files":
+            from training.dataset_files import expand_paths
+
+            return [f"{p}:{file_hash(p)}" for spec in (c.interactions, c.items) for p in expand_paths(spec)]
+        return []
+
+    def _load(self) -> Dataset:
+        c = self.cfg.data
+        if c.source == "ml1m":
+            return load_ml1m(self.data_dir, download=self.download, options=c.load_options())
+        if c.source == "synthetic":
+            return make_synthetic(c.num_users, c.num_items, seed=c.seed)
+        from training.dataset_files import load_files
+
+        return load_files(c.interactions, c.items, c.load_options(), name=self.cfg.name)  # eval tables say its name
+
+    def data(self) -> Dataset:
+        inputs = _h(self.cfg.section_hash("data"), self._data_sources())
 
         def run() -> dict:
-            if c.source == "ml1m":
-                ds = load_ml1m(self.data_dir, download=self.download)
-            elif c.source == "synthetic":
-                ds = make_synthetic(c.num_users, c.num_items, seed=c.seed)
-            else:
-                raise ValueError(f"unknown data source {c.source!r}: use ml1m or synthetic")
+            ds = self._load()
             ds.save(self.paths.data)
-            return {
+            info = {
                 "users": ds.num_users,
                 "items": ds.num_items,
                 "interactions": int(sum(map(len, ds.seqs))),
                 "fingerprint": ds.fingerprint(),
+                "id_kinds": {"item": ds.meta["item_id_kind"], "user": ds.meta["user_id_kind"]},
             }
+            report = ds.meta.get("load_report")
+            if report is not None:  # what was read, kept and dropped, and why (also in build.json)
+                self.log(report.summary())
+                info["report"] = report.as_dict()
+            return info
 
         self._step("data", inputs, [self.paths.data], run)
         return Dataset.load(self.paths.data)
@@ -264,6 +282,7 @@ def summary_rows(results: list[StepResult]) -> list[tuple[str, str, str, str, st
                 )
         elif "users" in r.info:
             metric = f"{r.info['users']} users, {r.info['items']} items, {r.info['interactions']} events"
+            metric += _dropped(r.info.get("report", {}))
         elif "dim" in r.info:
             metric = f"{r.info['model']} dim {r.info['dim']}"
         elif "kind" in r.info:
@@ -272,3 +291,14 @@ def summary_rows(results: list[StepResult]) -> list[tuple[str, str, str, str, st
             metric = f"version {r.info['model_version']}"
         rows.append((r.name, "ran" if r.ran else "cached", f"{r.seconds:.1f}s", f"{size / 1e6:.2f} MB", metric))
     return rows
+
+
+def _dropped(report: dict) -> str:
+    """The summary's note when the loader dropped anything (the log and build.json say why)."""
+    parts = []
+    for key, word in (("interactions", "events"), ("users", "users"), ("items", "items")):
+        if key in report:
+            n = report[key].get("read", report[key].get("seen", 0)) - report[key]["kept"]
+            if n:
+                parts.append(f"{n} {word}")
+    return f", dropped {', '.join(parts)}" if parts else ""

@@ -1,5 +1,6 @@
 """`falconrec`: the one front door. Every command of the project is registered here; each lives beside what it
-runs (offline.py: build and evaluation, online.py: serving, measuring.py: benchmarks and load tests)."""
+runs (offline.py: build and evaluation, online.py: serving, models.py: model versions, measuring.py: benchmarks and
+load tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import typer
 
-from falconrec import measuring, offline, online
+from falconrec import lifecycle, measuring, models, offline, online
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.command()(offline.build)
@@ -25,7 +26,12 @@ app.command()(measuring.loadtest)
 app.command("ingest-latency")(measuring.ingest_latency)
 app.command()(measuring.bench)
 app.command("bench-index")(measuring.bench_index)
+app.command("bench-data")(measuring.bench_data)
+app.command()(measuring.swaps)
 app.command(context_settings=measuring.PASS_THROUGH)(measuring.hardening)
+models.app.command()(lifecycle.quick)
+models.app.command()(lifecycle.full)
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

@@ -164,6 +164,43 @@ def bench_index(
     Console().print(t)
 
 
+def bench_data(
+    interactions: Annotated[int, typer.Option(help="events in the ML-20M-sized log")] = 20_000_000,
+    users: Annotated[int, typer.Option(help="users of that log")] = 140_000,
+    items: Annotated[int, typer.Option(help="items of that log")] = 27_000,
+    catalog: Annotated[int, typer.Option(help="items of the large-catalog case (0: skip it)")] = 1_000_000,
+    catalog_interactions: Annotated[int, typer.Option(help="events of the large-catalog case")] = 5_000_000,
+    string_ids: Annotated[bool, typer.Option(help="also load the log with string ids")] = True,
+) -> None:
+    """Dataset loader at scale: generates Parquet files in a temp dir, loads each in a fresh process; load time,
+    peak RSS, data.npz save/load (docs/data.md)."""
+    require_offline()
+    from loadtest.bench_data import bench_data as run
+
+    log = lambda m: console.print(m, markup=False)  # noqa: E731 - "[case]" prefixes are not markup
+    rows = run(interactions, users, items, catalog, catalog_interactions, string_ids, log=log)
+    t = Table(title="dataset loader: Parquet -> Dataset (fresh process each; peak RSS = ru_maxrss)")
+    cols = ["case", "ids", "interactions", "users", "items", "Parquet MB", "load s", "RSS after imports MB"]
+    for col in [*cols, "peak RSS MB", "save npz s", "npz MB", "npz load s"]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            r["case"],
+            r["ids"],
+            f"{r['interactions']:,}",
+            f"{r['users']:,}",
+            f"{r['items']:,}",
+            f"{r['parquet_mb']:.0f}",
+            f"{r['load_s']:.1f}",
+            f"{r['import_rss_mb']:.0f}",
+            f"{r['load_peak_rss_mb']:.0f}",
+            f"{r['save_s']:.1f}",
+            f"{r['npz_mb']:.0f}",
+            f"{r['npz_load_s']:.1f}",
+        )
+    Console(width=180).print(t)
+
+
 # `falconrec hardening` hands its arguments to the harness's own parser (loadtest/hardening/options.py), where every
 # one of its ~45 options is declared once with its default and help; `--help` is the harness's too.
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
@@ -176,3 +213,16 @@ def hardening(ctx: typer.Context) -> None:
     from loadtest.hardening import main
 
     raise typer.Exit(main(list(ctx.args), prog="falconrec hardening"))
+
+
+def swaps(
+    rate: Annotated[float, typer.Option(help="requests per second, open loop")] = 100.0,
+    phase_s: Annotated[float, typer.Option(help="seconds between swaps (three promotions, one rollback)")] = 15.0,
+    versions: Annotated[
+        Path | None, typer.Option(help="a versions directory of the tiny config (built when it has fewer than 3)")
+    ] = None,
+) -> None:
+    """Version swaps under steady load: non-200s, latency outside the swap seconds, answers per model_version."""
+    from loadtest.swaps import main
+
+    raise typer.Exit(main(rate, phase_s, versions))

@@ -32,10 +32,12 @@ def builder(
     download: bool = False,
     force: bool = False,
     tensorrt: bool = False,
+    interactions: Path | None = None,
+    items: Path | None = None,
 ):
     load_config, Builder = require_offline()
     try:
-        cfg = load_config(config)
+        cfg = with_files(load_config(config), interactions, items)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from e
@@ -46,9 +48,22 @@ def builder(
         data_dir=data_dir,
         download=download,
         force=force,
-        log=lambda m: console.print(m),
+        # markup off: log lines hold "[data]"-style step names and the load report's values as read from the files
+        log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
         tensorrt=tensorrt,
     )
+
+
+def with_files(cfg, interactions: Path | None, items: Path | None):
+    """The config with `[data] source = "files"` and these two paths (a one-off: `build --interactions --items`);
+    the rest of [data] (column names, template, filters) stays the config's."""
+    if interactions is None and items is None:
+        return cfg
+    if interactions is None or items is None:
+        raise ValueError("--interactions and --items go together: the interactions table and the items table")
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, source="files", interactions=str(interactions), items=str(items)))
 
 
 def print_summary(results) -> None:
@@ -77,7 +92,8 @@ def run_steps(b, until: str, only: set[str] | None = None) -> None:
         if order.index(until) >= 4:
             b.index(ds, emb, manifest)
     except DatasetError as e:
-        console.print(f"[red]{e}[/red]")
+        # plain text: the load report quotes values from the user's files, which may look like markup
+        console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from e
     print_summary(b.results)
 
@@ -90,9 +106,13 @@ def build(
     download: Annotated[bool, typer.Option(help="download ml-1m.zip (SHA-256 checked) if missing")] = False,
     force: Annotated[bool, typer.Option(help="re-run every step")] = False,
     tensorrt: Annotated[bool, typer.Option(help="add the TensorRT FP16 accelerator to config.pbtxt")] = False,
+    interactions: Annotated[
+        Path | None, typer.Option(help='interactions file or directory: [data] source = "files" (docs/data.md)')
+    ] = None,
+    items: Annotated[Path | None, typer.Option(help="items file or directory, with --interactions")] = None,
 ) -> None:
     """Data -> LLM embeddings -> train towers, HSTU, SASRec -> ONNX + config.pbtxt -> FAISS index."""
-    run_steps(builder(config, artifacts, repo, data_dir, download, force, tensorrt), "index")
+    run_steps(builder(config, artifacts, repo, data_dir, download, force, tensorrt, interactions, items), "index")
 
 
 def embed(
@@ -169,7 +189,7 @@ def cold_start(
         ds = b.data()
         emb, _ = b.embed(ds)
     except DatasetError as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from e
     out = run(b.cfg, ds, emb, b.paths.root, log=lambda m: console.print(m))
     t = Table(

@@ -99,7 +99,10 @@ class Catalog:
         """User histories keep all but the last `drop_last` events (the leave-one-out test item)."""
         z = np.load(path, allow_pickle=False)
         raw = z["item_raw_ids"].astype(np.int64)
-        titles = [str(t).split(" | ")[0] for t in z["item_texts"]]
+        if "item_titles" in z.files:  # the items table's own titles (docs/data.md)
+            titles = [str(t) for t in z["item_titles"]]
+        else:  # the text up to its first " | " (ML-1M's "Title (Year) | Genres")
+            titles = [str(t).split(" | ")[0] for t in z["item_texts"]]
         offsets = np.concatenate([[0], np.cumsum(z["lengths"])])
         items, times = z["items"], z["times"]
         hist = {}

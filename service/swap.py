@@ -71,8 +71,11 @@ class VersionWatcher:
             old = self.c.recommender
             sv = Serving(s, model.manifest, model.catalog, model.backend, self.c.store, model.retriever,
                          self.c.metrics, model.tokens, model.fallback)  # fmt: skip
-            rec = Recommender(sv, admission=old.admission)
+            # Warmed on an admission of its own: its cold first runs (~40 ms each) must neither hold the served
+            # version's slots nor inflate the hold time live requests are shed by; then it joins the shared one.
+            rec = Recommender(sv)
             await rec.warmup()
+            rec.admission = old.admission
             replayed = await self.c.live.move_to(sv, lambda: self._switch(rec, model))
         except Exception as e:  # noqa: BLE001 - whatever went wrong, the served version stays
             self.refused[vid] = str(e)

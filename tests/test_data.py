@@ -65,7 +65,7 @@ def test_synthetic_scales_to_large_catalogs():
         (lambda d: _write_ml1m(d, ratings="1::2::five::300\n"), "UserID::MovieID::Rating::Timestamp"),
         (lambda d: _write_ml1m(d, ratings="1::2::5\n"), "4 '::'-separated"),
         (lambda d: _write_ml1m(d, movies="garbage line\n"), "expected 'MovieID::Title"),
-        (lambda d: _write_ml1m(d, ratings="1::99::5::3\n"), "missing from movies.dat"),
+        (lambda d: _write_ml1m(d, ratings="1::99::5::3\n"), "not in the items table"),
     ],
 )
 def test_bad_data_dirs_give_clear_errors(tmp_path, setup, needle):

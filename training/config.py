@@ -9,23 +9,84 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from service.contract import ModelDims
+from training.text_template import template_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+SOURCES = ("synthetic", "ml1m", "files")
+CHOICES = {
+    "on_bad_rows": ("fail", "skip"),
+    "time_unit": ("auto", "s", "ms"),
+    "item_id_kind": ("auto", "int", "str"),
+    "user_id_kind": ("auto", "int", "str"),
+}
+COLUMNS = ("user_col", "item_col", "time_col", "event_col", "weight_col", "text_col", "title_col")
+
+
 @dataclass(frozen=True)
 class DataCfg:
-    source: str = "synthetic"  # "synthetic" | "ml1m"
-    num_users: int = 300
+    source: str = "synthetic"  # "synthetic" | "ml1m" | "files" (docs/data.md)
+    num_users: int = 300  # synthetic only
     num_items: int = 400
     seed: int = 0
     # Whose second-last item training never sees: "all" users, or only the validation users (the reference's
     # split: everyone else trains on all but the test item, so the transition next to it is learned).
     valid_holdout: str = "all"
+    # source = "files": a file, a directory of files, each Parquet, CSV/TSV or JSON Lines (.gz/.zst/.bz2 too).
+    interactions: str = ""
+    items: str = ""
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    event_col: str = "event"
+    weight_col: str = "weight"
+    text_col: str = "text"
+    title_col: str = "title"
+    text_template: str = ""  # e.g. "{title} | {categories}"; empty: the text column
+    time_unit: str = "auto"  # integer timestamps: "s", "ms", or "auto" (ms when any is >= 1e11)
+    item_id_kind: str = "auto"  # "auto": int when every id is an integer, else str
+    user_id_kind: str = "auto"
+    keep_events: tuple[str, ...] = ()  # only these event types (empty: all)
+    min_weight: float | None = None  # drop interactions whose weight is below this
+    # Every source: what a bad row does, and the k-core (min_user_interactions >= 3 leaves a history to learn from
+    # beside the validation and test items).
+    on_bad_rows: str = "fail"
+    min_user_interactions: int = 3
+    min_item_interactions: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_events", tuple(self.keep_events))  # TOML gives a list
         if self.valid_holdout not in ("all", "valid_users"):
             raise ValueError(f'[data] valid_holdout must be "all" or "valid_users", got {self.valid_holdout!r}')
+        if self.source not in SOURCES:
+            raise ValueError(f"[data] source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"[data] {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in ("min_user_interactions", "min_item_interactions"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"[data] {key} must be a whole number >= 0, got {v!r}")
+        for key in COLUMNS:
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ValueError(f"[data] {key} must name a column, got {getattr(self, key)!r}")
+        if not all(isinstance(e, str) for e in self.keep_events):
+            raise ValueError(f"[data] keep_events must be a list of strings, got {list(self.keep_events)!r}")
+        template_fields(self.text_template)
+        if self.source == "files":
+            missing = [k for k in ("interactions", "items") if not getattr(self, k)]
+            if missing:
+                raise ValueError(
+                    f'[data] source = "files" needs {" and ".join(missing)} (a path each), '
+                    "or pass --interactions and --items to falconrec build"
+                )
+
+    def load_options(self):  # -> training.dataset_files.LoadOptions (pyarrow is imported only when data is read)
+        from training.dataset_files import LoadOptions
+
+        names = {f.name for f in fields(LoadOptions)}
+        return LoadOptions(**{k: v for k, v in asdict(self).items() if k in names})
 
 
 @dataclass(frozen=True)

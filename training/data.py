@@ -1,4 +1,6 @@
-"""Datasets: MovieLens-1M (local dir or verified download) and a synthetic catalog with planted structure.
+"""Datasets: MovieLens-1M (local dir or verified download) and a synthetic catalog with planted structure. Both are
+instances of the dataset format (docs/data.md): ML-1M is converted to it and the synthetic tables are built in it,
+and both are read by its one loader, training/dataset_files.py, as a user's own files are.
 
 Items are re-indexed to 1..N (0 is padding everywhere); every user's interactions are sorted by time.
 The split is leave-one-out as in SASRec/HSTU: last item = test, second last = validation. Training reads
@@ -14,96 +16,23 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from training.dataset import Dataset, DatasetError
+
+if TYPE_CHECKING:
+    from training.dataset_files import LoadOptions
+
+__all__ = ["Dataset", "DatasetError"]  # their home is training/dataset.py, below the loader; imported from here too
 
 ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 ML1M_SHA256 = "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"
 ML1M_FILES = ("ratings.dat", "movies.dat")
 # Beside the checkout on the team's machines (read-only).
 _SHARED_ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing or malformed; the message says what was expected and where."""
-
-
-@dataclass
-class Dataset:
-    """Interactions of every user, time-sorted, with item indices 1..num_items (0 = padding)."""
-
-    name: str
-    item_raw_ids: np.ndarray  # [num_items] raw id of item index i+1
-    item_texts: list[str]  # [num_items] text fed to the content model
-    user_raw_ids: np.ndarray  # [num_users]
-    seqs: list[np.ndarray]  # per user: item indices (int64), time-ordered
-    times: list[np.ndarray]  # per user: unix seconds (int64), same order
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_items(self) -> int:
-        return len(self.item_raw_ids)
-
-    @property
-    def num_users(self) -> int:
-        return len(self.seqs)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(self.name.encode())
-        h.update(self.item_raw_ids.tobytes())
-        for s, t in zip(self.seqs, self.times, strict=True):
-            h.update(s.tobytes())
-            h.update(t.tobytes())
-        return h.hexdigest()[:16]
-
-    # --- leave-one-out split -------------------------------------------------------------------
-    def train_seq(self, u: int, keep_valid: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Everything except the validation and test items (`keep_valid`: except the test item only)."""
-        end = -1 if keep_valid else -2
-        return self.seqs[u][:end], self.times[u][:end]
-
-    def valid_example(self, u: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(history items, history times, target item, target time) with the second-last item as target."""
-        s, t = self.seqs[u], self.times[u]
-        return s[:-2], t[:-2], int(s[-2]), int(t[-2])
-
-    def test_example(self, u: int) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """History is everything but the last item; the last item is the target."""
-        s, t = self.seqs[u], self.times[u]
-        return s[:-1], t[:-1], int(s[-1]), int(t[-1])
-
-    # --- persistence (artifacts/, never committed) --------------------------------------------
-    def save(self, path: Path) -> None:
-        lengths = np.array([len(s) for s in self.seqs], dtype=np.int64)
-        np.savez_compressed(
-            path,
-            name=np.array(self.name),
-            item_raw_ids=self.item_raw_ids,
-            item_texts=np.array(self.item_texts, dtype=str),
-            user_raw_ids=self.user_raw_ids,
-            lengths=lengths,
-            items=np.concatenate(self.seqs) if self.seqs else np.zeros(0, np.int64),
-            times=np.concatenate(self.times) if self.times else np.zeros(0, np.int64),
-        )
-
-    @classmethod
-    def load(cls, path: Path) -> Dataset:
-        z = np.load(path, allow_pickle=False)
-        offsets = np.concatenate([[0], np.cumsum(z["lengths"])])
-        items, times = z["items"], z["times"]
-        seqs = [items[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        ts = [times[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        return cls(
-            name=str(z["name"]),
-            item_raw_ids=z["item_raw_ids"],
-            item_texts=[str(x) for x in z["item_texts"]],
-            user_raw_ids=z["user_raw_ids"],
-            seqs=seqs,
-            times=ts,
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,15 +101,10 @@ def _check_dir(data_dir: Path) -> None:
         )
 
 
-def load_ml1m(data_dir: Path | None = None, download: bool = False) -> Dataset:
-    data_dir = Path(data_dir) if data_dir else default_ml1m_dir()
-    if download and not all((data_dir / f).is_file() for f in ML1M_FILES):
-        download_ml1m(data_dir)
-    _check_dir(data_dir)
-
-    movies_path = data_dir / "movies.dat"
+def _read_movies(movies_path: Path) -> tuple[list[int], list[str], list[str]]:
     raw_ids: list[int] = []
-    texts: list[str] = []
+    titles: list[str] = []
+    genres: list[str] = []
     with open(movies_path, encoding="latin-1") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -192,12 +116,15 @@ def load_ml1m(data_dir: Path | None = None, download: bool = False) -> Dataset:
                     f"{movies_path}:{lineno}: expected 'MovieID::Title (Year)::Genre|Genre', got {line[:80]!r}"
                 )
             raw_ids.append(int(parts[0]))
-            texts.append(f"{parts[1]} | {parts[2].replace('|', ', ')}")
+            titles.append(parts[1])
+            genres.append(parts[2].replace("|", ", "))
     if not raw_ids:
         raise DatasetError(f"{movies_path} holds no movies")
-    id_to_idx = {r: i + 1 for i, r in enumerate(raw_ids)}
+    return raw_ids, titles, genres
 
-    ratings_path = data_dir / "ratings.dat"
+
+def _read_ratings(ratings_path: Path) -> np.ndarray:
+    """[n, 4] int64: UserID, MovieID, Rating, Timestamp, in file order."""
     raw = ratings_path.read_bytes()
     lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
     try:
@@ -211,22 +138,53 @@ def load_ml1m(data_dir: Path | None = None, download: bool = False) -> Dataset:
             f"{ratings_path}: expected {lines} lines of 4 '::'-separated integers "
             "(UserID::MovieID::Rating::Timestamp), found a different field count"
         )
-    arr = flat.reshape(-1, 4)
-    users, movies, times = arr[:, 0], arr[:, 1], arr[:, 3]
-    unknown = set(np.unique(movies).tolist()) - id_to_idx.keys()
-    if unknown:
-        raise DatasetError(f"{ratings_path} rates {len(unknown)} movie ids missing from movies.dat")
-    lut = np.zeros(max(raw_ids) + 1, dtype=np.int64)
-    lut[list(id_to_idx)] = list(id_to_idx.values())
-    items = lut[movies]
-    # Stable sort by (user, time) keeps file order for equal timestamps, as SASRec's preprocessing does.
-    order = np.lexsort((times, users))
-    users, items, times = users[order], items[order], times[order]
-    uniq, starts = np.unique(users, return_index=True)
-    ends = np.append(starts[1:], len(users))
-    seqs = [items[a:b] for a, b in zip(starts, ends, strict=True)]
-    ts = [times[a:b] for a, b in zip(starts, ends, strict=True)]
-    return Dataset("ml1m", np.array(raw_ids, np.int64), texts, uniq.astype(np.int64), seqs, ts)
+    return flat.reshape(-1, 4)
+
+
+def convert_ml1m(data_dir: Path, out_dir: Path) -> tuple[Path, Path]:
+    """MovieLens-1M's '::' files -> the dataset format (docs/data.md): interactions.parquet (user_id, item_id,
+    timestamp in seconds, weight = the rating) in ratings.dat's order, items.parquet (item_id, title, genres)
+    in movies.dat's order. Ids stay the MovieLens integers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw_ids, titles, genres = _read_movies(data_dir / "movies.dat")
+    arr = _read_ratings(data_dir / "ratings.dat")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = pa.table({"item_id": pa.array(raw_ids, pa.int64()), "title": titles, "genres": genres})
+    inter = pa.table({"user_id": arr[:, 0], "item_id": arr[:, 1], "timestamp": arr[:, 3], "weight": arr[:, 2]})
+    pq.write_table(items, out_dir / "items.parquet")
+    pq.write_table(inter, out_dir / "interactions.parquet")
+    return out_dir / "interactions.parquet", out_dir / "items.parquet"
+
+
+# The config's filters that apply to ML-1M too (the columns, template and units are the converter's).
+ML1M_FILTERS = ("on_bad_rows", "min_user_interactions", "min_item_interactions", "min_weight")
+
+
+def ml1m_options(base: LoadOptions | None = None) -> LoadOptions:
+    """The reader settings of the converted files; the filters (k-core, bad-row policy, events) stay the caller's."""
+    from training.dataset_files import LoadOptions
+
+    keep = {k: getattr(base, k) for k in ML1M_FILTERS} if base is not None else {}
+    fixed = {"text_template": "{title} | {genres}", "time_unit": "s", "item_id_kind": "int", "user_id_kind": "int"}
+    return LoadOptions(**fixed, **keep)
+
+
+def load_ml1m(data_dir: Path | None = None, download: bool = False, options: LoadOptions | None = None) -> Dataset:
+    """ML-1M through the one loader: converted to Parquet in a temporary directory, then read like any user's
+    files. The report names the .dat files (their line numbers are the Parquet row numbers)."""
+    from training.dataset_files import load_tables, read_part
+
+    data_dir = Path(data_dir) if data_dir else default_ml1m_dir()
+    if download and not all((data_dir / f).is_file() for f in ML1M_FILES):
+        download_ml1m(data_dir)
+    _check_dir(data_dir)
+    with tempfile.TemporaryDirectory(prefix="falconrec-ml1m-") as tmp:
+        inter_path, items_path = convert_ml1m(data_dir, Path(tmp))
+        inter, items = read_part(inter_path, ()), read_part(items_path, ())
+    inter.name, items.name = str(data_dir / "ratings.dat"), str(data_dir / "movies.dat")
+    return load_tables("ml1m", [inter], [items], ml1m_options(options))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,12 +234,26 @@ def make_synthetic(
         seqs.append(s + 1)
         t0 = 946_684_800 + int(rng.integers(0, 10**7))
         times.append(t0 + np.cumsum(rng.integers(30, 86_400, size=n)).astype(np.int64))
-    return Dataset(
-        "synthetic",
-        np.arange(1, num_items + 1, dtype=np.int64),
-        texts,
-        np.arange(1, num_users + 1, dtype=np.int64),
-        seqs,
-        times,
-        meta={"clusters": cluster_of},
+    ds = _load_synthetic(texts, seqs, times)
+    ds.meta["clusters"] = cluster_of
+    return ds
+
+
+def _load_synthetic(texts: list[str], seqs: list[np.ndarray], times: list[np.ndarray]) -> Dataset:
+    """The generated catalog as the two tables of the format (item ids 1..N, user ids 1..U), through the one
+    loader; every generated user is kept (no minimum history: the generator decides the lengths)."""
+    import pyarrow as pa
+
+    from training.dataset_files import LoadOptions, Part, load_tables
+
+    lengths = [len(s) for s in seqs]
+    inter = pa.table(
+        {
+            "user_id": np.repeat(np.arange(1, len(seqs) + 1, dtype=np.int64), lengths),
+            "item_id": np.concatenate(seqs),
+            "timestamp": np.concatenate(times),
+        }
     )
+    items = pa.table({"item_id": np.arange(1, len(texts) + 1, dtype=np.int64), "text": texts})
+    opts = LoadOptions(time_unit="s", min_user_interactions=1)
+    return load_tables("synthetic", [Part("synthetic interactions", inter)], [Part("synthetic items", items)], opts)
