@@ -370,3 +370,28 @@ def test_tiny_build_over_a_string_id_catalog(tmp_path):
     ds = Dataset.load(tmp_path / "artifacts" / "shop" / "data.npz")
     assert ds.item_keys.tolist() == items["item_id"]
     assert (tmp_path / "repo" / MANIFEST).exists()
+    _serves_string_ids(tmp_path, str(ds.user_keys[0]), set(items["item_id"]))
+
+
+def _serves_string_ids(root: Path, user: str, skus: set[str]) -> None:
+    """The build from files serves: a string user id over HTTP and gRPC, the catalog's SKUs in the answers."""
+    import grpc
+    import httpx
+
+    from service.proto import recommender_pb2 as pb
+    from service.proto import recommender_pb2_grpc as pb_grpc
+    from tests.conftest import RunningServer, TinyBuild, server_settings
+
+    build = TinyBuild(root)
+    build.artifacts, build.repo = root / "artifacts", root / "repo"
+    srv = RunningServer(server_settings(build, config="shop"))
+    try:
+        r = httpx.post(f"{srv.url}/v1/recommend", json={"user_id": user, "k": 5}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = [i["item_id"] for i in r.json()["items"]]
+        assert len(got) == 5 and set(got) <= skus
+        with grpc.insecure_channel(f"127.0.0.1:{srv.settings.grpc_port}") as ch:
+            res = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_key=user, k=5), timeout=30)
+        assert [i.item_key for i in res.items] == got
+    finally:
+        srv.stop()

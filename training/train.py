@@ -328,6 +328,37 @@ class FitPlan:
     lr_decay: float = 0.0  # see training/schedule.py: share of max_epochs spent decaying the rate to zero
 
 
+def _train_epoch(
+    desc: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: DecaySchedule,
+    step: Callable,
+    users: np.ndarray,
+    lengths: np.ndarray,
+    plan: FitPlan,
+    rng: np.random.Generator,
+    epoch: int,
+) -> tuple[float, float]:
+    """One pass over the users in length-bucketed batches, the rate set per step; (mean loss, last rate)."""
+    model.train()
+    losses = []
+    epoch_batches = length_batches(lengths, plan.batch_size, rng)
+    bar = tqdm(epoch_batches, desc=desc, leave=False)
+    lr = sched.rate(epoch - 1)
+    for i, batch in enumerate(bar):
+        lr = sched.rate(epoch - 1 + i / len(epoch_batches))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = step(users[batch], rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    return float(np.mean(losses)), lr
+
+
 def _fit(
     name: str,
     model: torch.nn.Module,
@@ -353,22 +384,9 @@ def _fit(
     with training_catalog(model, table):
         for epoch in range(1, plan.max_epochs + 1):
             te = time.time()
-            model.train()
-            losses = []
-            epoch_batches = length_batches(lengths, plan.batch_size, rng)
-            bar = tqdm(epoch_batches, desc=f"{name} epoch {epoch}", leave=False)
-            for i, batch in enumerate(bar):
-                lr = sched.rate(epoch - 1 + i / len(epoch_batches))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss = step(users[batch], rng)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+            loss, lr = _train_epoch(f"{name} epoch {epoch}", model, opt, sched, step, users, lengths, plan, rng, epoch)
             train_s.append(time.time() - te)
-            row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_s": train_s[-1], "lr": lr}
+            row = {"epoch": epoch, "loss": loss, "train_s": train_s[-1], "lr": lr}
             if epoch % plan.eval_every == 0 or epoch == plan.max_epochs:
                 tv = time.time()
                 model.eval()
