@@ -82,9 +82,10 @@ def full(
     versions: VersionsOpt = DEFAULT_VERSIONS,
     data_dir: Annotated[Path | None, typer.Option(envvar="FALCONREC_DATA_DIR", help="dataset directory")] = None,
 ) -> None:
-    """Run the whole build of the config, add it as a version and promote it through the gate."""
+    """Build the config's serving models with every epoch (towers and ranker; SASRec is `falconrec build`'s, for
+    `falconrec eval`), add them as a version and promote it through the gate."""
     from training.config import load_config
 
     artifacts, repo = Path("artifacts"), Path("model_repository")
-    _build(load_config(config), artifacts, repo, data_dir, None)
+    _build(load_config(config), artifacts, repo, data_dir, {"towers", "ranker"})
     _add_and_promote(config, artifacts, repo, versions, "full build", force=False)
