@@ -9,6 +9,7 @@ serving process swaps to it within FALCONREC_VERSION_POLL_S, without a restart.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,11 @@ VersionsOpt = Annotated[
     Path, typer.Option("--versions", envvar="FALCONREC_VERSIONS_DIR", help="the versions directory")
 ]
 DEFAULT_VERSIONS = Path("versions")
+
+
+def _store(versions: Path) -> VersionStore:
+    """The versions directory, with the current pointer in Redis when FALCONREC_REDIS_URL is set (as the service)."""
+    return VersionStore(versions, os.environ.get("FALCONREC_REDIS_URL") or None)
 
 
 def validation_metrics(paths: ArtifactPaths) -> dict[str, float]:
@@ -74,7 +80,7 @@ def add(
 @app.command("list")
 def list_(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
     """Every version, oldest first, the current one marked."""
-    vs = VersionStore(versions)
+    vs = _store(versions)
     cur = vs.current()
     t = Table(title=f"model versions in {vs.root}")
     for col in ("", "id", "config", "model", "valid HR@10", "valid NDCG@10", "added", "note"):
@@ -95,7 +101,7 @@ def promote(
     versions: VersionsOpt = DEFAULT_VERSIONS,
 ) -> None:
     """Make a version current if it passes the gate; exits 1 (and keeps it, unserved) when it does not."""
-    vs = VersionStore(versions)
+    vs = _store(versions)
     try:
         cand = vs.info(version)
         cur = vs.current()
@@ -112,7 +118,7 @@ def promote(
 @app.command()
 def rollback(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
     """Back to the version that was current before this one."""
-    vs = VersionStore(versions)
+    vs = _store(versions)
     try:
         console.print(f"current version: {vs.rollback()}")
     except VersionError as e:

@@ -72,7 +72,7 @@ def served_paths(settings: Settings) -> tuple[Path, Path, str | None]:
     """(repository, artifacts dir, version id): the CURRENT version's when serving from a versions directory."""
     if settings.versions_dir is None:
         return Path(settings.model_repository), Path(settings.artifacts_dir), None
-    vs = VersionStore(settings.versions_dir)
+    vs = VersionStore(settings.versions_dir, settings.redis_url)
     vid = vs.current()
     if vid is None:
         raise RuntimeError(f"no current version in {settings.versions_dir}: `falconrec models promote <id>` first")
@@ -110,7 +110,7 @@ async def build_components(settings: Settings) -> Components:
     await feed.start()  # replays the items added live so far (Redis), before the first request
     c = Components(settings, store, rec, metrics, keys, live)
     if version is not None:
-        c.watcher = VersionWatcher(c, VersionStore(settings.versions_dir), version)
+        c.watcher = VersionWatcher(c, VersionStore(settings.versions_dir, settings.redis_url), version)
         c.watcher.start()
     return c
 

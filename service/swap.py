@@ -24,6 +24,7 @@ import numpy as np
 from service.model import Model, load_model
 from service.pipeline.recommender import Recommender
 from service.pipeline.serving import Serving
+from service.redact import for_log
 from service.stores.memory import InProcessStore
 from service.versions import VersionStore
 
@@ -51,10 +52,10 @@ class VersionWatcher:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.c.settings.version_poll_s)
-            try:
-                target = self.versions.current()
-            except OSError as e:  # a shared filesystem hiccup: keep serving, look again
-                log.warning("cannot read the current version: %s", e)
+            try:  # in a thread: the pointer may be a Redis key, read with the sync client
+                target = await asyncio.to_thread(self.versions.current)
+            except Exception as e:  # noqa: BLE001 - a filesystem or Redis hiccup: keep serving, look again
+                log.warning("cannot read the current version: %s", for_log(e))
                 continue
             if target is None or target == self.serving:
                 self.refused.clear()

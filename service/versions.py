@@ -9,8 +9,10 @@ Layout under `FALCONREC_VERSIONS_DIR` (`falconrec models add` writes it):
       <id>/artifacts/<config>/  what `falconrec build --artifacts` wrote (data, embeddings, index, checkpoints)
       <id>/model_repository/    what `falconrec build --repo` wrote (the ONNX graphs in Triton's layout)
 
-A version is never changed once written. Every serving process (all `--workers`, every replica on the same
-filesystem) polls CURRENT and swaps to the version it names (service/swap.py); numpy and json only.
+A version is never changed once written. Every serving process (all `--workers`, every replica) polls the current
+pointer and swaps to the version it names (service/swap.py). The pointer is the CURRENT file, or, when Redis is
+configured (FALCONREC_REDIS_URL), the Redis key `falconrec:model:current` (with `falconrec:model:history`), so that
+replicas on several machines follow one pointer (each still reads the version's files from its versions directory).
 """
 
 from __future__ import annotations
@@ -41,9 +43,18 @@ class VersionInfo:
     note: str = ""
 
 
+REDIS_CURRENT = "falconrec:model:current"
+REDIS_HISTORY = "falconrec:model:history"
+
+
 class VersionStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, redis_url: str | None = None):
         self.root = Path(root)
+        self.redis = None
+        if redis_url:
+            import redis  # the sync client: the CLI and the watcher's thread read the pointer
+
+            self.redis = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     # --- reading ------------------------------------------------------------------------------------------
     def dir(self, vid: str) -> Path:
@@ -69,6 +80,9 @@ class VersionStore:
         return sorted(found, key=lambda v: (self.info(v).created, v))
 
     def current(self) -> str | None:
+        if self.redis is not None:
+            raw = self.redis.get(REDIS_CURRENT)
+            return raw.decode() if raw else None
         try:
             vid = (self.root / CURRENT).read_text().strip()
         except FileNotFoundError:
@@ -76,10 +90,26 @@ class VersionStore:
         return vid or None
 
     def history(self) -> list[str]:
+        if self.redis is not None:
+            raw = self.redis.get(REDIS_HISTORY)
+            return json.loads(raw) if raw else []
         try:
             return json.loads((self.root / HISTORY).read_text())
         except FileNotFoundError:
             return []
+
+    def _write_pointer(self, current: str, history: list[str] | None) -> None:
+        """CURRENT (and HISTORY when given), as one step: one Redis transaction, or file renames."""
+        if self.redis is not None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.set(REDIS_CURRENT, current)
+            if history is not None:
+                pipe.set(REDIS_HISTORY, json.dumps(history))
+            pipe.execute()
+            return
+        if history is not None:
+            _atomic_write(self.root / HISTORY, json.dumps(history))
+        _atomic_write(self.root / CURRENT, current + "\n")
 
     # --- writing ------------------------------------------------------------------------------------------
     def next_id(self) -> str:
@@ -95,9 +125,8 @@ class VersionStore:
         before = self.current()
         if before == vid:
             return before
-        if remember and before is not None:
-            _atomic_write(self.root / HISTORY, json.dumps([*self.history(), before]))
-        _atomic_write(self.root / CURRENT, vid + "\n")
+        remembered = [*self.history(), before] if remember and before is not None else None
+        self._write_pointer(vid, remembered)
         return before
 
     def rollback(self) -> str:
@@ -106,8 +135,8 @@ class VersionStore:
         if not hist:
             raise VersionError("nothing to roll back to: no version was current before this one")
         target = hist[-1]
-        self.set_current(target, remember=False)
-        _atomic_write(self.root / HISTORY, json.dumps(hist[:-1]))
+        self.info(target)
+        self._write_pointer(target, hist[:-1])
         return target
 
 

@@ -228,3 +228,42 @@ def test_newcomer_path_serves_a_quick_version_then_promotes_the_full_one(tmp_pat
     assert full.exit_code == 0, full.output
     assert vs.current() == "v2" and vs.history() == ["v1"]
     assert vs.info("v2").metrics["ndcg@10"] >= vs.info("v1").metrics["ndcg@10"] - 0.005  # it passed the gate
+
+
+def test_with_redis_the_pointer_is_a_redis_key(versions, tiny_build, monkeypatch):
+    """With FALCONREC_REDIS_URL the current version is the Redis key every replica reads (not the CURRENT file):
+    `falconrec models promote` writes it, the serving process follows it."""
+    import shutil
+
+    from exporters.redis_loader import load_redis
+    from service.versions import REDIS_CURRENT
+    from tests.conftest import RedisProcess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    root, v1, v2 = versions
+    file_current = VersionStore(root).current()
+    rp = RedisProcess()
+    try:
+        load_redis(rp.url, "tiny", tiny_build.artifacts, tiny_build.repo, progress=False)
+        monkeypatch.setenv("FALCONREC_REDIS_URL", rp.url)
+        run = lambda *a: CliRunner().invoke(models_app, [*a, "--versions", str(root)])  # noqa: E731
+        assert run("promote", v1, "--force").exit_code == 0
+        vs = VersionStore(root, rp.url)
+        assert vs.current() == v1 and rp.client().get(REDIS_CURRENT) == v1.encode()
+        s = server_settings(tiny_build, versions_dir=root, version_poll_s=0.1, grpc_port=0, redis_url=rp.url)
+        srv = RunningServer(s)
+        try:
+            assert run("promote", v2, "--force").exit_code == 0
+            end = time.time() + WAIT_S
+            while srv.components.watcher.serving != v2:
+                assert time.time() < end, srv.components.watcher.describe()
+                time.sleep(0.05)
+            r = httpx.post(f"{srv.url}/v1/recommend", json={"user_id": 1, "k": 3}, timeout=30).json()
+            assert r["model_version"] == vs.info(v2).model_version
+            assert run("rollback").exit_code == 0 and vs.current() == v1
+        finally:
+            srv.stop()
+    finally:
+        rp.kill()
+    assert VersionStore(root).current() == file_current  # the file pointer was not touched
