@@ -78,6 +78,7 @@ class Builder:
         self.force = force
         self.log = log
         self.tensorrt = tensorrt
+        self.init: dict[str, Path] = {}  # model name -> checkpoint to warm-start from (falconrec/retrain.py)
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.state: dict = json.loads(self.paths.build_state.read_text()) if self.paths.build_state.exists() else {}
         self.results: list[StepResult] = []
@@ -175,13 +176,16 @@ class Builder:
         for name, section_hash, path, fn in jobs:
             if only is not None and name not in only:
                 continue
+            init = self.init.get(name)  # a retrain starts from the current version's weights
+            extra = {"init": init} if init is not None else {}
 
-            def run(fn=fn, path=path) -> dict:
-                model, kwargs, info = fn(self.cfg, ds, emb, log=self.log)
+            def run(fn=fn, path=path, extra=extra) -> dict:
+                model, kwargs, info = fn(self.cfg, ds, emb, log=self.log, **extra)
                 T.save_checkpoint(path, model, kwargs, {"train": info})
                 return {k: v for k, v in info.items() if k != "epochs"}
 
-            self._step(f"train-{name}", _h(base, section_hash), [path], run)
+            inputs = _h(base, section_hash) if init is None else _h(base, section_hash, file_hash(init))
+            self._step(f"train-{name}", inputs, [path], run)
 
     def dims(self, ds: Dataset, emb: np.ndarray) -> ModelDims:
         return self.cfg.model_dims(int(emb.shape[1]), ds.num_items)

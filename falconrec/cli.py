@@ -31,6 +31,7 @@ app.command()(measuring.swaps)
 app.command(context_settings=measuring.PASS_THROUGH)(measuring.hardening)
 models.app.command()(lifecycle.quick)
 models.app.command()(lifecycle.full)
+models.app.command()(lifecycle.retrain)
 app.add_typer(models.app, name="models")
 
 

@@ -46,13 +46,15 @@ def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[
     b.index(ds, emb, manifest)
 
 
-def _add_and_promote(config: str, artifacts: Path, repo: Path, versions: Path, note: str, force: bool) -> None:
+def _add_and_promote(
+    config: str, artifacts: Path, repo: Path, versions: Path, note: str, force: bool, tolerance: float = 0.005
+) -> None:
     add_version(config, artifacts, repo, versions, note)
     from service.versions import VersionStore
 
     newest = VersionStore(versions).ids()[-1]
     try:
-        promote_version(newest, force=force, versions=versions)
+        promote_version(newest, force=force, tolerance=tolerance, versions=versions)
     except typer.Exit as e:
         if e.exit_code:  # the gate said no: the version stays listed, unserved
             console.print(f"{newest} kept but not served (see above)")
@@ -89,3 +91,61 @@ def full(
     artifacts, repo = Path("artifacts"), Path("model_repository")
     _build(load_config(config), artifacts, repo, data_dir, {"towers", "ranker"})
     _add_and_promote(config, artifacts, repo, versions, "full build", force=False)
+
+
+def retrain(
+    config: ConfigOpt = default_config(),
+    versions: VersionsOpt = DEFAULT_VERSIONS,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="epochs of the towers and the ranker, from the current weights")
+    ] = 5,
+    tolerance: Annotated[float, typer.Option(help="the gate: how much worse a validation metric may be")] = 0.005,
+    force: Annotated[bool, typer.Option(help="promote whatever the gate says")] = False,
+) -> None:
+    """Train a new version on what the service has seen (the Redis store: histories with their new events, items
+    added live), warm-started from the current version, and submit it to the gate. Its own process, never the
+    server's; schedule it with cron or a Kubernetes CronJob (docs/operations.md)."""
+    import os
+    import time
+
+    redis_url = os.environ.get("FALCONREC_REDIS_URL")
+    if not redis_url:
+        raise typer.BadParameter("retrain reads the service's store: set FALCONREC_REDIS_URL (an in-process store "
+                                 "lives and dies with its server process)")  # fmt: skip
+    from falconrec.models import _store
+
+    current = _store(versions).current()
+    if current is None:
+        raise typer.BadParameter(f"no current version in {versions}: nothing to start from")
+    work = WORK / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    artifacts, repo = work / "artifacts", work / "model_repository"
+    _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
+    _add_and_promote(config, artifacts, repo, versions, f"retrain of {current}, {epochs} epochs", force, tolerance)
+
+
+def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, epochs: int, redis_url: str) -> None:  # noqa: ANN001
+    from falconrec.build import Builder
+    from service.artifacts import ArtifactPaths
+    from training.config import load_config
+    from training.dataset import Dataset
+    from training.embed import load_embeddings, save_embeddings, texts_hash
+    from training.retrain import snapshot
+
+    base_paths = ArtifactPaths.for_config(config, vs.artifacts(current))
+    base = Dataset.load(base_paths.data)
+    base_emb, meta = load_embeddings(base_paths.content_emb)
+    snap = snapshot(redis_url, base, base_emb)
+    console.print(
+        f"retrain from {current}: {snap.new_items} live items, {snap.new_events} new events, {snap.new_users} new users"
+    )
+    cfg = quick_config(load_config(config), {"towers": epochs, "ranker": epochs})
+    b = Builder(cfg, artifacts, repo, log=lambda m: console.print(m, markup=False))
+    snap.dataset.save(b.paths.data)
+    meta = {**meta, "texts_hash": texts_hash(snap.dataset.item_texts)}
+    save_embeddings(b.paths.content_emb, snap.emb, meta)
+    ds = Dataset.load(b.paths.data)
+    b.state["data"] = {"inputs": "snapshot", "info": {"fingerprint": ds.fingerprint(), "users": ds.num_users}}
+    b.init = {"towers": base_paths.towers, "ranker": base_paths.ranker}
+    b.train(ds, snap.emb, only={"towers", "ranker"})
+    manifest = b.export(ds, snap.emb, meta)
+    b.index(ds, snap.emb, manifest)

@@ -110,7 +110,10 @@ class Catalog:
             b = max(a, b - drop_last)
             hist[int(u)] = (raw[items[a:b] - 1], times[a:b].astype(np.int64))
         keys = [str(k) for k in z["item_keys"]] if "item_keys" in z.files else None
-        user_kind: IdKind = "str" if "user_keys" in z.files else "int"
+        if "id_kinds" in z.files:  # [item kind, user kind]; a retrained dataset keeps them without the user keys
+            user_kind: IdKind = "str" if str(z["id_kinds"][1]) == "str" else "int"
+        else:
+            user_kind = "str" if "user_keys" in z.files else "int"
         return cls(raw, titles, {int(r): i + 1 for i, r in enumerate(raw.tolist())}, hist, keys, user_kind)
 
     def to_index(self, raw_ids: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Hot swap (issue 25): follow the CURRENT version pointer (service/versions.py) without a restart or a failed request.
 
 Every process polls CURRENT. When it names another version, the process loads that version beside the one it
-serves (off the event loop), checks the two can share the store (the same content embeddings, and a catalog that
+serves (off the event loop), checks the two can share the store (the same text model, and a catalog that
 extends or is extended by the served one, so stored rows keep their indices), warms it with the whole pipeline,
 replays the items added live into it, then switches in one synchronous step: the next request runs on the new
 version. A request runs entirely on the version it started on (it holds its Recommender: history K/V, candidates
@@ -95,10 +95,13 @@ class VersionWatcher:
         if self.c.settings.backend != "onnx":
             raise SwapRefused("only the in-process ONNX backend swaps versions; restart to serve it with Triton")
         cur = self.c.recommender.sv
-        if model.manifest.embedding_version != cur.manifest.embedding_version:
+        # The store holds content embeddings from the served version's text model (and the live items' rows): a
+        # version over another text model (or width) needs the store reloaded. More items (a retrain) are fine.
+        new, old = model.manifest, cur.manifest
+        if (new.embedding_model, new.dims.content_dim) != (old.embedding_model, old.dims.content_dim):
             raise SwapRefused(
-                f"content embeddings {model.manifest.embedding_version} differ from the served "
-                f"{cur.manifest.embedding_version}: the store holds the served ones (reload the store and restart)"
+                f"content embeddings from {new.embedding_model} ({new.dims.content_dim} wide) differ from the served "
+                f"{old.embedding_model} ({old.dims.content_dim}): the store holds the served ones (reload it, restart)"
             )
         a, b = model.catalog.raw_ids, cur.catalog.raw_ids
         m = min(len(a), len(b))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -165,7 +166,7 @@ def test_a_version_with_other_content_embeddings_is_refused_and_said_so(versions
         shutil.copytree(VersionStore(root).dir(v1), vs.dir(vid))
     manifest = vs.repository("v9") / "falconrec.json"
     m = json.loads(manifest.read_text())
-    m["embedding_version"] = "other"
+    m["embedding_model"] = "another-text-model"
     manifest.write_text(json.dumps(m))
     info = vs.info(v1)
     vs.write_info(dataclasses.replace(info, id="v9", created=info.created + 1))
@@ -267,3 +268,84 @@ def test_with_redis_the_pointer_is_a_redis_key(versions, tiny_build, monkeypatch
     finally:
         rp.kill()
     assert VersionStore(root).current() == file_current  # the file pointer was not touched
+
+
+def test_retrain_on_what_the_service_saw_lifts_a_new_item_and_swaps(tiny_build, tmp_path, monkeypatch):
+    """A new item (POST /v1/items) that a group of users then interacts with: `falconrec models retrain` trains on the
+    store (histories with the events, the live item), warm-started; the item gets an ID embedding of its own, ranks
+    higher for those users than before, the gate's decision is printed, and the server swaps without a restart."""
+    import shutil
+
+    from exporters.redis_loader import load_redis
+    from falconrec.cli import app as cli
+    from service.catalog import Catalog
+    from tests.conftest import RedisProcess
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    monkeypatch.chdir(tmp_path)
+    rp = RedisProcess()
+    load_redis(rp.url, "tiny", tiny_build.artifacts, tiny_build.repo, progress=False)
+    monkeypatch.setenv("FALCONREC_REDIS_URL", rp.url)
+    root = tmp_path / "versions"
+    add = [
+        "models",
+        "add",
+        "--config",
+        "tiny",
+        "--artifacts",
+        str(tiny_build.artifacts),
+        "--repo",
+        str(tiny_build.repo),
+    ]
+    assert CliRunner().invoke(cli, [*add, "--versions", str(root)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["models", "promote", "v1", "--versions", str(root)]).exit_code == 0
+    key = "retrain-key-0123456789abcdef"
+    s = server_settings(tiny_build, versions_dir=root, version_poll_s=0.1, grpc_port=0, redis_url=rp.url,
+                        api_keys=[f"write:{key}"])  # fmt: skip
+    srv = RunningServer(s)
+    auth = {"authorization": f"Bearer {key}"}
+    new = 9_000_001
+    catalog = Catalog.load(tiny_build.paths.data)
+    group = sorted(catalog.user_histories)[:40]
+    everything = [int(x) for x in catalog.raw_ids.tolist()] + [new]
+
+    def mean_rank(c: httpx.Client) -> float:
+        ranks = []
+        for u in group:
+            scores = c.post("/v1/score", json={"user_id": u, "item_ids": everything}).json()["scores"]
+            mine = next(x["score"] for x in scores if x["item_id"] == new)
+            ranks.append(sum(x["score"] > mine for x in scores))
+        return float(np.mean(ranks))
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            item = {"item_id": new, "text": "Ghost Road 9001 (2001) | Horror"}
+            assert c.post("/v1/items", json={"items": [item]}, headers=auth).status_code == 202
+            end = time.time() + WAIT_S
+            while c.post("/v1/score", json={"user_id": group[0], "item_ids": [new]}).status_code != 200:
+                assert time.time() < end
+                time.sleep(0.2)
+            for u in group:  # the new item, then two of the user's own: trained on (not the held-out last two)
+                items, _ = catalog.user_histories[u]
+                t = int(time.time()) - 600  # after every event of the build
+                evs = [(new, t + 60), (int(items[-1]), t + 120), (int(items[-2]), t + 180)]
+                body = {"events": [{"user_id": u, "item_id": i, "ts": w} for i, w in evs]}
+                assert c.post("/v1/events", json=body, headers=auth).status_code == 200
+            before = mean_rank(c)
+            out = CliRunner().invoke(cli, ["models", "retrain", "--config", "tiny", "--versions", str(root),
+                                           "--epochs", "6", "--tolerance", "1.0"])  # fmt: skip
+            assert out.exit_code == 0, out.output
+            assert "1 live items, 120 new events" in out.output and "current version: v2" in out.output
+            end = time.time() + WAIT_S
+            while srv.components.watcher.serving != "v2":
+                assert time.time() < end, srv.components.watcher.describe()
+                time.sleep(0.05)
+            after = mean_rank(c)
+        retrained = Catalog.load(VersionStore(root).artifacts("v2") / "tiny" / "data.npz")
+        assert retrained.model_index(np.array([new]))[0] > 0  # an ID embedding of its own now
+        print(f"mean rank of the new item among {len(everything)} for its 40 users: {before:.1f} -> {after:.1f}")
+        assert after < before
+    finally:
+        srv.stop()
+        rp.kill()

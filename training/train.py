@@ -63,6 +63,26 @@ def save_checkpoint(path: Path, model: torch.nn.Module, kwargs: dict, extra: dic
     path.with_suffix(".json").write_text(json.dumps({"kwargs": kwargs, **(extra or {})}, indent=2))
 
 
+def warm_start(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a previous version's weights into `model`; a table that has more rows now (the catalog grew: items added
+    live get ID embeddings) keeps its old rows and its new rows' fresh init. Returns the tensors that grew."""
+    own = model.state_dict()
+    grown = []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        t = own[k]
+        if t.shape == v.shape:
+            t.copy_(v)
+        elif t.dim() == v.dim() and t.shape[1:] == v.shape[1:] and t.shape[0] > v.shape[0]:
+            t[: v.shape[0]].copy_(v)
+            grown.append(k)
+        else:
+            raise ValueError(f"cannot warm-start {k}: {tuple(v.shape)} -> {tuple(t.shape)} (other model sizes?)")
+    model.load_state_dict(own)
+    return grown
+
+
 def load_checkpoint(path: Path, cls: type[torch.nn.Module]) -> torch.nn.Module:
     info = json.loads(path.with_suffix(".json").read_text())
     model = cls(**info["kwargs"])
@@ -517,8 +537,14 @@ def target_position_scores(
 
 
 def train_ranker(
-    cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print, warm: np.ndarray | None = None
+    cfg: BuildConfig,
+    ds: Dataset,
+    emb16: np.ndarray,
+    log=print,
+    warm: np.ndarray | None = None,
+    init: Path | None = None,
 ) -> tuple[HSTURanker, dict, dict]:
+    """`init`: a checkpoint to start from (a retrain); its item-ID rows carry over, new items' rows start fresh."""
     seed_all(cfg.seed)
     r = cfg.ranker
     table = content_table(emb16)
@@ -526,6 +552,8 @@ def train_ranker(
     dev = train_device()
     table = table.to(dev)
     model = HSTURanker(**kwargs).to(dev)
+    if init is not None:
+        log(f"ranker: warm start from {init} (grown: {', '.join(warm_start(model, load_file(str(init)))) or '-'})")
     model.items.set_content_stats(table)
     L, S, K, N = r.max_len, r.target_positions, r.cand_negatives, ds.num_items
     batches, gen = _batcher(cfg, ds, dev), _generator(cfg.seed, dev)
@@ -693,8 +721,14 @@ def all_item_vecs(model: TwoTower, table: torch.Tensor) -> torch.Tensor:
 
 
 def train_towers(
-    cfg: BuildConfig, ds: Dataset, emb16: np.ndarray, log=print, warm: np.ndarray | None = None
+    cfg: BuildConfig,
+    ds: Dataset,
+    emb16: np.ndarray,
+    log=print,
+    warm: np.ndarray | None = None,
+    init: Path | None = None,
 ) -> tuple[TwoTower, dict, dict]:
+    """`init`: a checkpoint to start from (a retrain), as train_ranker's."""
     seed_all(cfg.seed)
     t = cfg.towers
     table = content_table(emb16)
@@ -702,6 +736,8 @@ def train_towers(
     dev = train_device()
     table = table.to(dev)
     model = TwoTower(**kwargs).to(dev)
+    if init is not None:
+        log(f"towers: warm start from {init} (grown: {', '.join(warm_start(model, load_file(str(init)))) or '-'})")
     model.item_in.set_content_stats(table)
     model.user_in.set_content_stats(table)
     L, N = cfg.ranker.max_len, ds.num_items
