@@ -49,10 +49,7 @@ def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[
 def _add_and_promote(
     config: str, artifacts: Path, repo: Path, versions: Path, note: str, force: bool, tolerance: float = 0.005
 ) -> None:
-    add_version(config, artifacts, repo, versions, note)
-    from service.versions import VersionStore
-
-    newest = VersionStore(versions).ids()[-1]
+    newest = add_version(config, artifacts, repo, versions, note)
     try:
         promote_version(newest, force=force, tolerance=tolerance, versions=versions)
     except typer.Exit as e:

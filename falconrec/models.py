@@ -54,7 +54,7 @@ def add(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     versions: VersionsOpt = DEFAULT_VERSIONS,
     note: Annotated[str, typer.Option(help="a line to remember it by")] = "",
-) -> None:
+) -> str:
     """Copy a build (--artifacts, --repo) into the versions directory as a new version; prints its id."""
     src = ArtifactPaths.for_config(config, artifacts)
     if not (repo / MANIFEST).is_file() or not (src.index_dir / INDEX_FILE).is_file():
@@ -75,6 +75,7 @@ def add(
     vs.write_info(info)  # last: a version without it is incomplete and never listed
     console.print(f"added version {vid} (model {manifest.model_version}) in {dest}: {info.metrics}")
     print(vid)
+    return vid
 
 
 @app.command("list")
@@ -91,6 +92,15 @@ def list_(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
         hr, ndcg = (f"{i.metrics[k]:.4f}" if k in i.metrics else "-" for k in ("hr@10", "ndcg@10"))
         t.add_row("*" if vid == cur else "", vid, i.config, i.model_version, hr, ndcg, added, i.note)
     Console().print(t)
+
+
+@app.command()
+def current(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
+    """Print the current version's id (the Redis key when FALCONREC_REDIS_URL is set); exit 1 when there is none."""
+    vid = _store(versions).current()
+    if vid is None:
+        raise typer.Exit(1)
+    print(vid)
 
 
 @app.command()

@@ -58,7 +58,8 @@ def ensure_versions(root: Path, work: Path, n: int = 3) -> VersionStore:
 
 def start_server(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "FALCONREC_VERSIONS_DIR": str(root), "FALCONREC_VERSION_POLL_S": "0.2"}
+    env = {k: v for k, v in os.environ.items() if k != "FALCONREC_REDIS_URL"}  # the driver writes the file pointer
+    env |= {"FALCONREC_VERSIONS_DIR": str(root), "FALCONREC_VERSION_POLL_S": "0.2"}
     cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--config", "tiny", "--port", str(port), "--grpc-port", "0"]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

@@ -31,7 +31,7 @@ fi
 # its own low-priority process and its version is promoted through the gate when done (`falconrec models list`;
 # log: artifacts/full-build.log). A full build already on disk (artifacts/, model_repository/) is adopted as is.
 export FALCONREC_VERSIONS_DIR=${FALCONREC_VERSIONS_DIR:-versions}
-if [ ! -s "$FALCONREC_VERSIONS_DIR/CURRENT" ]; then
+if ! falconrec models current >/dev/null 2>&1; then  # the CURRENT file, or the Redis key with FALCONREC_REDIS_URL
   if vid=$(falconrec models add --config "$CONFIG" 2>/dev/null | tail -1) && [ -n "$vid" ]; then
     falconrec models promote "$vid" --force
   else

@@ -29,7 +29,8 @@ from service.stores.memory import InProcessStore
 from service.versions import VersionStore
 
 log = logging.getLogger("falconrec.swap")
-RETIRE_MARGIN_S = 1.0  # after the longest budget, before the old version is closed
+RETIRE_MARGIN_S = 1.0  # after the longest budget, before the old version is closed (once no request uses it)
+RETRY_S = 10.0  # a swap that failed for a passing cause (a file not copied yet, a timeout) is tried again
 
 
 class SwapRefused(RuntimeError):
@@ -41,10 +42,12 @@ class VersionWatcher:
         self.c = c  # service.components.Components (not imported: components imports this module)
         self.versions = versions
         self.serving = serving
-        self.refused: dict[str, str] = {}  # version -> why not (not retried until CURRENT names it anew)
+        self.refused: dict[str, str] = {}  # version -> why it cannot be served without a restart
+        self._retry_at: dict[str, float] = {}  # version -> when to try again after a passing failure
         self.swaps = 0
         self._task: asyncio.Task | None = None
         self._retiring: set[asyncio.Task] = set()
+        self._old = c.recommender
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="version-watcher")
@@ -57,39 +60,63 @@ class VersionWatcher:
             except Exception as e:  # noqa: BLE001 - a filesystem or Redis hiccup: keep serving, look again
                 log.warning("cannot read the current version: %s", for_log(e))
                 continue
-            if target is None or target == self.serving:
-                self.refused.clear()
+            self.refused = {v: why for v, why in self.refused.items() if v == target}  # a new target: try afresh
+            if target is None or target == self.serving or target in self.refused:
                 continue
-            if target not in self.refused:
+            if time.monotonic() >= self._retry_at.get(target, 0.0):
                 await self.swap(target)
 
     async def swap(self, vid: str) -> bool:
         t = time.perf_counter()
-        s = self.c.settings
         try:
-            model = await asyncio.to_thread(load_model, s, self.versions.repository(vid), self.versions.artifacts(vid))
+            model, rows = await asyncio.to_thread(self._load, vid)
             self._check(model)
-            old = self.c.recommender
-            sv = Serving(s, model.manifest, model.catalog, model.backend, self.c.store, model.retriever,
-                         self.c.metrics, model.tokens, model.fallback)  # fmt: skip
-            # Warmed on an admission of its own: its cold first runs (~40 ms each) must neither hold the served
-            # version's slots nor inflate the hold time live requests are shed by; then it joins the shared one.
-            rec = Recommender(sv)
-            await rec.warmup()
-            rec.admission = old.admission
-            replayed = await self.c.live.move_to(sv, lambda: self._switch(rec, model))
-        except Exception as e:  # noqa: BLE001 - whatever went wrong, the served version stays
+            rec = await self._warm(model)
+            try:
+                replayed = await self.c.live.move_to(
+                    rec.sv, check=lambda: self._check_catalog(model), switch=lambda: self._switch(rec, model, rows)
+                )
+            except BaseException:
+                await _close(rec)
+                raise
+        except SwapRefused as e:
             self.refused[vid] = str(e)
             log.error("not swapping to version %s: %s", vid, e)
             return False
-        self.serving = vid
+        except Exception as e:  # noqa: BLE001 - a passing cause: the served version stays, try again later
+            self._retry_at[vid] = time.monotonic() + RETRY_S
+            log.warning("swap to version %s failed (again in %.0f s): %s", vid, RETRY_S, for_log(e))
+            return False
+        old, self.serving = self._old, vid
         self.swaps += 1
+        self._retry_at.pop(vid, None)
         log.info(
             "serving version %s (model %s) after %.2f s; %d live items replayed into it",
             vid, model.manifest.model_version, time.perf_counter() - t, replayed,
         )  # fmt: skip
         self._retire(old)
         return True
+
+    def _load(self, vid: str) -> tuple[Model, np.ndarray | None]:
+        """Off the event loop: the version's models, and its content rows when the store is in-process."""
+        model = load_model(self.c.settings, self.versions.repository(vid), self.versions.artifacts(vid))
+        rows = np.load(model.content_emb).astype(np.float32) if isinstance(self.c.store, InProcessStore) else None
+        return model, rows
+
+    async def _warm(self, model: Model) -> Recommender:
+        """The new version, warmed on an admission of its own: its cold first runs (~40 ms each) must neither hold
+        the served version's slots nor inflate the hold time live requests are shed by; then it joins the shared one."""
+        s = self.c.settings
+        sv = Serving(s, model.manifest, model.catalog, model.backend, self.c.store, model.retriever,
+                     self.c.metrics, model.tokens, model.fallback)  # fmt: skip
+        rec = Recommender(sv)
+        try:
+            await rec.warmup()
+        except BaseException:
+            await _close(rec)
+            raise
+        rec.admission = self.c.recommender.admission
+        return rec
 
     def _check(self, model: Model) -> None:
         if self.c.settings.backend != "onnx":
@@ -103,24 +130,34 @@ class VersionWatcher:
                 f"content embeddings from {new.embedding_model} ({new.dims.content_dim} wide) differ from the served "
                 f"{old.embedding_model} ({old.dims.content_dim}): the store holds the served ones (reload it, restart)"
             )
-        a, b = model.catalog.raw_ids, cur.catalog.raw_ids
+        self._check_catalog(model)
+
+    def _check_catalog(self, model: Model) -> None:
+        """Both catalogs give each item the same index: the store's rows (and live items' indices) stay valid. Checked
+        again under the live data's lock, right before the switch: an item added meanwhile took the next index."""
+        a, b = model.catalog.raw_ids, self.c.recommender.catalog.raw_ids
         m = min(len(a), len(b))
         if not np.array_equal(a[:m], b[:m]):
             raise SwapRefused("its catalog orders items differently from the served one (restart to serve it)")
 
-    def _switch(self, rec: Recommender, model: Model) -> None:
+    def _switch(self, rec: Recommender, model: Model, rows: np.ndarray | None) -> None:
         """The switch itself: synchronous, so no request sees half of it."""
+        self._old = self.c.recommender
+        store = self.c.store
+        if isinstance(store, InProcessStore):
+            served = self._old.catalog.num_items
+            if rows is not None and len(rows) > served:  # items the new version trained on and the store lacks
+                idx = np.arange(served + 1, len(rows) + 1, dtype=np.int64)
+                store.add_embeddings(model.catalog.raw_ids[idx - 1], idx, rows[idx - 1])
+            store.catalog = model.catalog  # the store finds rows by the served catalog's indices
         self.c.recommender = rec
-        if isinstance(self.c.store, InProcessStore):
-            self.c.store.catalog = model.catalog  # the store finds rows by the served catalog's indices
 
     def _retire(self, old: Recommender) -> None:
         async def later() -> None:
             await asyncio.sleep(self.c.settings.max_budget_ms / 1000 + RETIRE_MARGIN_S)
-            await old.close()
-            await old.sv.backend.close()
-            if old.sv.fallback is not None:
-                await old.sv.fallback.close()
+            while old.inflight:  # a patient ScoreBatch user may still be queued on it
+                await asyncio.sleep(0.1)
+            await _close(old)
 
         task = asyncio.create_task(later())
         self._retiring.add(task)
@@ -134,3 +171,11 @@ class VersionWatcher:
             if task is not None:
                 task.cancel()
         await asyncio.gather(*[t for t in [self._task, *self._retiring] if t is not None], return_exceptions=True)
+
+
+async def _close(rec: Recommender) -> None:
+    """A version no request uses any more: its batcher, then its backends (their threads and sessions)."""
+    await rec.close()
+    await rec.sv.backend.close()
+    if rec.sv.fallback is not None:
+        await rec.sv.fallback.close()

@@ -113,7 +113,9 @@ class VersionStore:
 
     # --- writing ------------------------------------------------------------------------------------------
     def next_id(self) -> str:
-        taken = {int(v[1:]) for v in self.ids() if v[:1] == "v" and v[1:].isdigit()}
+        """The next free vN: directories count too, so an interrupted `models add` (no version.json) is skipped."""
+        names = [p.name for p in self.root.iterdir()] if self.root.is_dir() else []
+        taken = {int(v[1:]) for v in names if v[:1] == "v" and v[1:].isdigit()}
         return f"v{max(taken, default=0) + 1}"
 
     def write_info(self, info: VersionInfo) -> None:
@@ -144,6 +146,9 @@ def gate(candidate: VersionInfo, current: VersionInfo | None, tolerance: float) 
     """Why `candidate` may not replace `current` (a validation metric worse by more than `tolerance`), or None."""
     if current is None:
         return None
+    missing = sorted(current.metrics.keys() - candidate.metrics.keys())
+    if missing:
+        return f"no validation {', '.join(missing)} to compare with {current.id}'s (was its build complete?)"
     worse = [
         f"{k} {candidate.metrics[k]:.4f} < {current.metrics[k]:.4f} - {tolerance:g}"
         for k in sorted(current.metrics.keys() & candidate.metrics.keys())

@@ -10,6 +10,7 @@ kept bouncing around a level (ml1m ranker validation HR@10 moved +-0.02 from epo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -36,7 +37,8 @@ class DecaySchedule:
         total = float(self.max_epochs)
         left = total - epochs_done
         if plateau or left - 1 < self.frac * total:
-            self.start, self.length = float(epochs_done), max(min(self.frac * total, left), 1.0)
+            # Whole epochs: a length of 4.5 ended training after 4 with the rate still at a third of its peak.
+            self.start, self.length = float(epochs_done), max(min(float(math.ceil(self.frac * total)), left), 1.0)
         return True
 
     def rate(self, epochs_done: float) -> float:

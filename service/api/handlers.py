@@ -90,9 +90,10 @@ class Handlers:
             deadline = check_recommend(body, c.settings, arrival)
             rec = c.recommender  # one version for the whole request, even if a swap happens meanwhile
             u = raw_user_input(body, rec.catalog)
-            res = await rec.recommend(
-                u.user_id, u.history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
-            )
+            with rec.in_use():
+                res = await rec.recommend(
+                    u.user_id, u.history, body.k, body.exclude_seen, body.num_candidates, deadline, body.query_ts
+                )
         except Exception as e:  # noqa: BLE001 - refuse() re-raises what it does not know
             raise self.refuse(e, "recommend", transport) from e
         c.metrics.stages(res.timings.stages)
@@ -118,7 +119,8 @@ class Handlers:
             rec = c.recommender  # one version for the whole request
             u = raw_user_input(body, rec.catalog)
             items = raw_item_ids(body, rec.catalog)
-            scores, deg, tm = await rec.score(u.user_id, u.history, items, deadline, body.query_ts, patient=patient)
+            with rec.in_use():
+                scores, deg, tm = await rec.score(u.user_id, u.history, items, deadline, body.query_ts, patient=patient)
         except Exception as e:  # noqa: BLE001
             raise self.refuse(e, "score", transport) from e
         self._done("score", transport, arrival, degraded=bool(deg))

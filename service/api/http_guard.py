@@ -120,8 +120,9 @@ class GuardMiddleware:
         if why is not None:
             m = self.metrics()
             if m is not None:  # counted as the handlers count theirs (by endpoint name, both transports)
-                m.shed.labels(ENDPOINTS[endpoint]).inc()
-                m.answers.labels(ENDPOINTS[endpoint], "http", "503").inc()
+                name = ENDPOINTS.get(endpoint, endpoint)  # "other": a /v1/ path no route has
+                m.shed.labels(name).inc()
+                m.answers.labels(name, "http", "503").inc()
             timing = server_timing_total(scope[ARRIVAL])
             await _reply(send, 503, f"{why}, retry shortly", retry_after=True, server_timing=timing)
             return

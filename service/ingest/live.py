@@ -124,14 +124,16 @@ class LiveData:
     def catalog(self) -> Catalog:
         return self.sv.catalog
 
-    async def move_to(self, sv: Serving, switch: Callable[[], None]) -> int:
-        """Replay the items added live into `sv` (a new version: its towers compute their vectors and tokens), then
-        call `switch` (which makes `sv` the served one) with no await in between; returns the items replayed."""
+    async def move_to(self, sv: Serving, check: Callable[[], None], switch: Callable[[], None]) -> int:
+        """Under the lock no item is added meanwhile: `check` that `sv` can take over, replay the items added live
+        into it (its towers compute their vectors and tokens), then `switch` (which makes `sv` the served one) with no
+        await in between; returns the items replayed. If `check` or the replay raises, nothing was switched."""
         async with self._lock:
+            check()
             items = [it for it in self.applied.values() if it.item_id not in sv.catalog.index_of]
-            n = await self._apply(sv, items) if items else 0
-            self.sv = sv
+            n = await self._apply(sv, items, replay=True) if items else 0
             switch()
+            self.sv = sv
             return n
 
     def _check_shared_store(self) -> None:
@@ -203,7 +205,7 @@ class LiveData:
         async with self._lock:
             return await self._apply(self.sv, items)
 
-    async def _apply(self, sv: Serving, items: list[IngestedItem]) -> int:
+    async def _apply(self, sv: Serving, items: list[IngestedItem], replay: bool = False) -> int:
         fresh: dict[int, IngestedItem] = {}
         for it in items:
             if it.item_id not in sv.catalog.index_of:
@@ -230,6 +232,8 @@ class LiveData:
         sv.tokens.add(idx, toks)
         sv.retriever.add(vecs, idx)
         self.applied.update((it.item_id, it) for it in new)
+        if replay:  # into a new version: not new to anyone, nothing to measure
+            return len(new)
         now = time.time()
         for it in new:
             self.pending.pop(it.item_id, None)

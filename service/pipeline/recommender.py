@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +70,7 @@ class Recommender:
         self.metrics = sv.metrics
         self.users = UserStates(sv)
         self.admission = admission or Admission(s.max_active)
+        self.inflight = 0  # requests using this version (in_use)
         self.num_candidates = s.num_candidates or sv.manifest.num_candidates
         self.microbatch = s.microbatch or sv.manifest.microbatch
         self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
@@ -82,6 +85,15 @@ class Recommender:
             if s.rank_batching
             else None
         )
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held by a request from before it queues to its answer: a retired version closes only at zero."""
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     async def close(self) -> None:
         if self.batcher is not None:
