@@ -226,3 +226,18 @@ def swaps(
     from loadtest.swaps import main
 
     raise typer.Exit(main(rate, phase_s, versions))
+
+
+def deadline(
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    rates: Annotated[str, typer.Option(help="comma-separated req/s, run one after another")] = "100,150,200,250,300",
+    seconds: Annotated[float, typer.Option(help="seconds at each rate")] = 60.0,
+    out: Annotated[Path, typer.Option(help="where deadline.md and the server log go")] = Path("loadtest/results"),
+) -> None:
+    """Open-loop load at several rates against a real server: client and service p99, degraded and 503 shares, the
+    503s' latency, beside the GEMM peak (issue 26)."""
+    from loadtest.deadline import main
+
+    raise typer.Exit(main(config, artifacts, repo, [float(r) for r in rates.split(",")], seconds, out))

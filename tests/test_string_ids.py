@@ -35,6 +35,7 @@ def _as_strings(src: TinyBuild, dst: TinyBuild) -> None:
     z["item_keys"] = np.array([f"sku-{r}" for r in z["item_raw_ids"].tolist()])
     z["user_keys"] = np.array([f"user-{u}" for u in z["user_raw_ids"].tolist()])
     z["item_raw_ids"], z["user_raw_ids"] = keys_to_raw(z["item_keys"]), keys_to_raw(z["user_keys"])
+    z["id_kinds"] = np.array(["str", "str"])  # [item kind, user kind], as a files build with string ids writes them
     np.savez_compressed(path, **z)
 
 

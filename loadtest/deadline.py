@@ -1,0 +1,94 @@
+"""Does the server keep its budget under load? (issue 26): a real `falconrec serve`, the open-loop generator
+(loadtest/openloop.py: ~0.1 core, latency from each request's scheduled time) at several rates, one after another.
+
+Prints, per rate: achieved rate, client p50/p99 of the 200s, the service's own p99 (the sum of Server-Timing stages),
+degraded share, 503 share, 503 client p50 and the 503s' server time (Server-Timing total), beside the machine's
+single-thread GEMM peak measured in the same run. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms).
+
+    falconrec deadline --config ml1m --rates 100,150,200,250,300 --seconds 60
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from loadtest.bench import gemm_peak_gflops
+from loadtest.openloop import Sample, build_requests, run
+from loadtest.procs import free_port, pct, stop_group
+from service.artifacts import ArtifactPaths
+
+
+def start(config: str, artifacts: Path, repo: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--config", config, "--port", str(port), "--grpc-port", "0"]
+    cmd += ["--artifacts", str(artifacts), "--repo", str(repo)]
+    env = {k: v for k, v in os.environ.items() if k != "FALCONREC_VERSIONS_DIR"}
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    end = time.time() + 300
+    while time.time() < end and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    stop_group(proc)
+    raise RuntimeError(f"the server did not become ready (see {log})")
+
+
+def row(rate: float, seconds: float, samples: list[Sample]) -> str:
+    ok = [s for s in samples if s.status == 200]
+    shed = [s for s in samples if s.status == 503]
+    lat = [s.latency_ms for s in ok]
+    srv = [s.server_ms for s in ok if s.server_ms == s.server_ms]
+    n = max(len(samples), 1)
+    deg = sum(s.degraded for s in ok) / max(len(ok), 1)
+    shed_srv = [s.stages["total"] for s in shed if "total" in s.stages]
+    cells = [
+        f"{rate:g}",
+        f"{len(samples) / seconds:.0f}",
+        f"{pct(lat, 50, 1)} / {pct(lat, 99, 1)}",
+        f"{pct(srv, 99, 1)}",
+        f"{100 * deg:.1f} %",
+        f"{100 * len(shed) / n:.1f} %",
+        f"{pct([s.latency_ms for s in shed], 50, 1)} / {pct(shed_srv, 50, 2)}",
+        f"{sum(s.status not in (200, 503) for s in samples)}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    peak = gemm_peak_gflops()
+    z = np.load(ArtifactPaths.for_config(config, artifacts).data)
+    users = [int(u) for u in z["user_raw_ids"][np.argsort(-z["lengths"], kind="stable")][:2000]]
+    proc, url = start(config, artifacts, repo, out / "server.log")
+    lines = [
+        f"## The budget under load: {config}, open loop, {seconds:g} s a rate, GEMM peak {peak:.1f} GFLOP/s",
+        "",
+        "| target req/s | achieved | client p50 / p99 ms (200) | service p99 ms | degraded | 503 "
+        "| 503 client p50 / server p50 ms | other |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        reqs = build_requests(url, users, 10, None)
+        asyncio.run(run(url, 20, 3, reqs))  # warm: connections and the first requests' allocations
+        for rate in rates:
+            samples, _ = asyncio.run(run(url, rate, seconds, reqs))
+            lines.append(row(rate, seconds, samples))
+            print(lines[-1], flush=True)
+    finally:
+        stop_group(proc)
+    text = "\n".join(lines)
+    (out / "deadline.md").write_text(text + "\n")
+    print(text)
+    return 0
