@@ -16,8 +16,7 @@ from typing import Annotated
 
 import typer
 
-from falconrec.models import VersionsOpt
-from falconrec.models import add as add_version
+from falconrec.models import VersionsOpt, add_build
 from falconrec.models import promote as promote_version
 from falconrec.options import ConfigOpt, console, default_config
 
@@ -47,9 +46,16 @@ def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[
 
 
 def _add_and_promote(
-    config: str, artifacts: Path, repo: Path, versions: Path, note: str, force: bool, tolerance: float = 0.005
+    config: str,
+    artifacts: Path,
+    repo: Path,
+    versions: Path,
+    note: str,
+    force: bool,
+    tolerance: float = 0.005,
+    holdout: dict | None = None,
 ) -> None:
-    newest = add_version(config, artifacts, repo, versions, note)
+    newest = add_build(config, artifacts, repo, versions, note, holdout)
     try:
         promote_version(newest, force=force, tolerance=tolerance, versions=versions)
     except typer.Exit as e:
@@ -98,10 +104,14 @@ def retrain(
     ] = 5,
     tolerance: Annotated[float, typer.Option(help="the gate: how much worse a validation metric may be")] = 0.005,
     force: Annotated[bool, typer.Option(help="promote whatever the gate says")] = False,
+    every: Annotated[
+        str | None, typer.Option(help="keep running: retrain again this long after each start, e.g. 6h, 30m, 1d")
+    ] = None,
 ) -> None:
     """Train a new version on what the service has seen (the Redis store: histories with their new events, items
-    added live), warm-started from the current version, and submit it to the gate. Its own process, never the
-    server's; schedule it with cron or a Kubernetes CronJob (docs/operations.md)."""
+    added live), warm-started from the current version, and submit it to the gate (validation metrics, and both
+    versions on a holdout of each updated user's newest event). Its own process, never the server's; --every keeps
+    it running on a schedule, or use cron / a Kubernetes CronJob (docs/operations.md)."""
     import os
     import time
 
@@ -109,6 +119,35 @@ def retrain(
     if not redis_url:
         raise typer.BadParameter("retrain reads the service's store: set FALCONREC_REDIS_URL (an in-process store "
                                  "lives and dies with its server process)")  # fmt: skip
+    period = parse_period(every) if every else None
+    while True:
+        start = time.monotonic()
+        try:
+            _retrain_once(config, versions, epochs, tolerance, force, redis_url)
+        except typer.Exit as e:  # the gate said no: the next run starts from the same current version
+            if period is None:
+                raise
+            console.print(f"retrain: exit {e.exit_code}; next run in {every}")
+        if period is None:
+            return
+        time.sleep(max(0.0, period - (time.monotonic() - start)))
+
+
+def parse_period(text: str) -> float:
+    """'90s', '30m', '6h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise typer.BadParameter(f"--every {text!r}: a number and one of s, m, h, d (e.g. 6h)") from None
+    if value <= 0:
+        raise typer.BadParameter(f"--every {text!r}: must be positive")
+    return value
+
+
+def _retrain_once(config: str, versions: Path, epochs: int, tolerance: float, force: bool, redis_url: str) -> None:
+    import time
+
     from falconrec.models import _store
 
     current = _store(versions).current()
@@ -116,11 +155,12 @@ def retrain(
         raise typer.BadParameter(f"no current version in {versions}: nothing to start from")
     work = WORK / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     artifacts, repo = work / "artifacts", work / "model_repository"
-    _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
-    _add_and_promote(config, artifacts, repo, versions, f"retrain of {current}, {epochs} epochs", force, tolerance)
+    holdout = _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
+    note = f"retrain of {current}, {epochs} epochs"
+    _add_and_promote(config, artifacts, repo, versions, note, force, tolerance, holdout)
 
 
-def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, epochs: int, redis_url: str) -> None:  # noqa: ANN001
+def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, epochs: int, redis_url: str) -> dict:  # noqa: ANN001
     from falconrec.build import Builder
     from service.artifacts import ArtifactPaths
     from training.config import load_config
@@ -146,3 +186,19 @@ def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, e
     b.train(ds, snap.emb, only={"towers", "ranker"})
     manifest = b.export(ds, snap.emb, meta)
     b.index(ds, snap.emb, manifest)
+    return _holdout(cfg, ds, snap, current, {"candidate": b.paths.ranker, "current": base_paths.ranker})
+
+
+def _holdout(cfg, ds, snap, current: str, ckpts: dict[str, Path]) -> dict:  # noqa: ANN001
+    """Both rankers on each updated user's newest event (never trained on): what the gate compares besides
+    validation."""
+    from training.retrain import holdout_metrics
+
+    if not snap.updated:
+        console.print("holdout: no user has new events; the gate compares validation metrics only")
+        return {}
+    got = holdout_metrics(ds, snap.updated, snap.emb, ckpts, cfg.ranker.valid_rerank, cfg.seed)
+    n = got["candidate"]["users"]
+    for name, m in got.items():
+        console.print(f"holdout ({n} users' newest event) {name}: HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}")
+    return {"against": current, "users": n, **got}

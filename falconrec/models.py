@@ -56,6 +56,11 @@ def add(
     note: Annotated[str, typer.Option(help="a line to remember it by")] = "",
 ) -> str:
     """Copy a build (--artifacts, --repo) into the versions directory as a new version; prints its id."""
+    return add_build(config, artifacts, repo, versions, note)
+
+
+def add_build(config: str, artifacts: Path, repo: Path, versions: Path, note: str, holdout: dict | None = None) -> str:
+    """`models add`; a retrain passes its holdout comparison, which the gate reads (service/versions.py)."""
     src = ArtifactPaths.for_config(config, artifacts)
     if not (repo / MANIFEST).is_file() or not (src.index_dir / INDEX_FILE).is_file():
         raise typer.BadParameter(f"no complete build of {config!r} in {artifacts} and {repo} (`falconrec build`)")
@@ -70,7 +75,7 @@ def add(
     shutil.copytree(repo, vs.repository(vid), ignore=skip)
     info = VersionInfo(
         vid, manifest.config, manifest.model_version, manifest.embedding_version, time.time(),
-        validation_metrics(src), note,
+        validation_metrics(src), note, holdout or {},
     )  # fmt: skip
     vs.write_info(info)  # last: a version without it is incomplete and never listed
     console.print(f"added version {vid} (model {manifest.model_version}) in {dest}: {info.metrics}")

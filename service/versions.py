@@ -41,6 +41,9 @@ class VersionInfo:
     created: float
     metrics: dict[str, float] = field(default_factory=dict)  # validation: the ranker's HR@10 and NDCG@10
     note: str = ""
+    # A retrain's holdout (each updated user's newest event), scored by this version and by the one it was trained
+    # from: {"against": id, "users": n, "candidate": {metric: value}, "current": {metric: value}}.
+    holdout: dict = field(default_factory=dict)
 
 
 REDIS_CURRENT = "falconrec:model:current"
@@ -149,14 +152,18 @@ def gate(candidate: VersionInfo, current: VersionInfo | None, tolerance: float) 
     missing = sorted(current.metrics.keys() - candidate.metrics.keys())
     if missing:
         return f"no validation {', '.join(missing)} to compare with {current.id}'s (was its build complete?)"
-    worse = [
-        f"{k} {candidate.metrics[k]:.4f} < {current.metrics[k]:.4f} - {tolerance:g}"
-        for k in sorted(current.metrics.keys() & candidate.metrics.keys())
-        if candidate.metrics[k] < current.metrics[k] - tolerance
-    ]
+    worse = _worse(candidate.metrics, current.metrics, tolerance, "")
+    h = candidate.holdout
+    if h.get("against") == current.id:  # the holdout compares the two on the same events: only against that one
+        worse += _worse(h["candidate"], h["current"], tolerance, f"holdout ({h['users']} users) ")
     if worse:
         return f"validation worse than {current.id}: " + "; ".join(worse)
     return None
+
+
+def _worse(cand: dict[str, float], cur: dict[str, float], tolerance: float, what: str) -> list[str]:
+    keys = sorted(k for k in cur.keys() & cand.keys() if k != "users")
+    return [f"{what}{k} {cand[k]:.4f} < {cur[k]:.4f} - {tolerance:g}" for k in keys if cand[k] < cur[k] - tolerance]
 
 
 def _atomic_write(path: Path, text: str) -> None:

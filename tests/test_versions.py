@@ -28,6 +28,11 @@ def test_gate_refuses_a_worse_version_within_tolerance_only():
     assert gate(close, cur, tolerance=0.005) is None
     assert "hr@10 0.2800 < 0.3000" in gate(worse, cur, tolerance=0.005)
     assert gate(worse, None, tolerance=0.0) is None  # the first version has nothing to be worse than
+    # A retrain's holdout: both versions on the same newest events, compared only against the version it names.
+    holdout = {"against": "v1", "users": 40, "candidate": {"hr@10": 0.20}, "current": {"hr@10": 0.25}}
+    retrained = dataclasses.replace(close, holdout=holdout)
+    assert "holdout (40 users) hr@10 0.2000 < 0.2500" in gate(retrained, cur, tolerance=0.005)
+    assert gate(retrained, dataclasses.replace(cur, id="v0"), tolerance=0.005) is None
 
 
 @pytest.fixture(scope="module")
@@ -337,11 +342,14 @@ def test_retrain_on_what_the_service_saw_lifts_a_new_item_and_swaps(tiny_build, 
                                            "--epochs", "6", "--tolerance", "1.0"])  # fmt: skip
             assert out.exit_code == 0, out.output
             assert "1 live items, 120 new events" in out.output and "current version: v2" in out.output
+            assert "holdout (40 users' newest event) candidate: HR@10" in out.output
             end = time.time() + WAIT_S
             while srv.components.watcher.serving != "v2":
                 assert time.time() < end, srv.components.watcher.describe()
                 time.sleep(0.05)
             after = mean_rank(c)
+        held = VersionStore(root).info("v2").holdout
+        assert held["against"] == "v1" and held["users"] == 40 and "hr@10" in held["current"]
         retrained = Catalog.load(VersionStore(root).artifacts("v2") / "tiny" / "data.npz")
         assert retrained.model_index(np.array([new]))[0] > 0  # an ID embedding of its own now
         print(f"mean rank of the new item among {len(everything)} for its 40 users: {before:.1f} -> {after:.1f}")
@@ -349,3 +357,14 @@ def test_retrain_on_what_the_service_saw_lifts_a_new_item_and_swaps(tiny_build, 
     finally:
         srv.stop()
         rp.kill()
+
+
+def test_retrain_every_takes_a_period_and_refuses_nonsense():
+    import typer
+
+    from falconrec.lifecycle import parse_period
+
+    assert parse_period("6h") == 21_600 and parse_period("30m") == 1_800 and parse_period("1d") == 86_400
+    for bad in ("6", "h", "6x", "-1h", "0s"):
+        with pytest.raises(typer.BadParameter):
+            parse_period(bad)

@@ -11,7 +11,9 @@ towers and the ranker warm-start from the current version's weights: live items 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +29,7 @@ class Snapshot:
     new_items: int
     new_events: int
     new_users: int
+    updated: list[int]  # users (dataset indices) whose newest event came from the store: the retrain's holdout
 
 
 def _live_items(r, version: str, dim: int, known: set[int]) -> list:  # noqa: ANN001 - a redis.Redis
@@ -64,7 +67,7 @@ def snapshot(redis_url: str, base: Dataset, base_emb: np.ndarray) -> Snapshot:
     seqs, times = list(base.seqs), list(base.times)
     users = {int(u): i for i, u in enumerate(base.user_raw_ids.tolist())}
     user_ids = list(base.user_raw_ids.tolist())
-    added = 0
+    added, updated = 0, []
     for u, (items, ts) in sorted(_histories(r, version).items()):
         i = users.get(u)
         last = int(base.times[i][-1]) if i is not None and len(base.times[i]) else -1
@@ -74,6 +77,7 @@ def snapshot(redis_url: str, base: Dataset, base_emb: np.ndarray) -> Snapshot:
         if not keep.any():
             continue
         added += int(keep.sum())
+        updated.append(i if i is not None else len(seqs))
         if i is None:
             users[u] = len(seqs)
             user_ids.append(u)
@@ -97,4 +101,49 @@ def snapshot(redis_url: str, base: Dataset, base_emb: np.ndarray) -> Snapshot:
         user_keys=None,  # new users' string ids are not in the store (only their hashes); meta keeps the kind
         item_titles=[*base.item_titles, *[it.title for it in live]] if base.item_titles is not None else None,
     )
-    return Snapshot(ds, emb.astype(np.float16), len(live), added, len(user_ids) - base.num_users)
+    return Snapshot(ds, emb.astype(np.float16), len(live), added, len(user_ids) - base.num_users, sorted(updated))
+
+
+HOLDOUT_USERS = 2000  # a seeded sample beyond this: the gate's holdout costs seconds, not the retrain's minutes
+
+
+def holdout_metrics(ds: Dataset, users: list[int], emb16: np.ndarray, ckpts: dict[str, Path], top_n: int, seed: int):
+    """HR@10 / NDCG@10 of each ranker checkpoint on the same holdout: each updated user's newest event (the test
+    position, which training never sees), ranked among the snapshot's whole catalog with the user's history items
+    left out, scored as validation is (`top_n` > 0: the full ranker on the next-item score's top `top_n`). A checkpoint
+    trained on a smaller catalog (the current version) meets the items it does not know with a zero ID embedding,
+    as serving does: content only. Returns {name: metrics}."""
+    import torch
+
+    from training.metrics import rank_metrics
+    from training.models import HSTURanker
+    from training.train import (
+        content_table,
+        load_checkpoint,
+        ranker_scores_full,
+        ranker_scores_reranked,
+        scorer_ranks,
+        warm_start,
+    )
+
+    users = [u for u in users if len(ds.seqs[u]) >= 2]
+    if len(users) > HOLDOUT_USERS:
+        users = sorted(np.random.default_rng(seed).choice(users, HOLDOUT_USERS, replace=False).tolist())
+    table = content_table(emb16)
+    out = {}
+    for name, path in ckpts.items():
+        model = load_checkpoint(path, HSTURanker)
+        if model.items.ids.num_embeddings < table.shape[0]:  # the catalog grew since: unknown ids are zeros
+            kwargs = {**json.loads(path.with_suffix(".json").read_text())["kwargs"], "num_items": ds.num_items}
+            grown = HSTURanker(**kwargs)
+            with torch.no_grad():
+                warm_start(grown, model.state_dict())
+                grown.items.ids.weight[model.items.ids.num_embeddings :].zero_()
+            model = grown.eval()
+        if top_n > 0:
+            score = lambda h, m=model: ranker_scores_reranked(m, h, table, top_n)  # noqa: E731
+        else:
+            score = lambda h, m=model: ranker_scores_full(m, h, table)  # noqa: E731
+        ranks = scorer_ranks(ds, users, "test", model.max_len, table, score)[True]
+        out[name] = {k: v for k, v in rank_metrics(ranks).items() if k in ("hr@10", "ndcg@10", "users")}
+    return out
