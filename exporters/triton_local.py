@@ -80,7 +80,9 @@ def start_tritonserver(
     timeout_s: float = 60.0,
     http_port: int | None = None,
     grpc_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> TritonProcess:
+    """`extra_args`: more tritonserver flags, e.g. ("--model-control-mode=explicit", "--load-model=*")."""
     pyver, libdir, site = _venv_python_info(venv)
     root = site / "pytriton" / "tritonserver"
     stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
@@ -111,6 +113,7 @@ def start_tritonserver(
             "--log-verbose=0",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            *extra_args,
         ],
         env=env,
         stdout=log,

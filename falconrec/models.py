@@ -23,7 +23,7 @@ from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY, ArtifactPaths, config_name
 from service.contract import MANIFEST, Manifest
 from service.pipeline.retrieval import INDEX_FILE
-from service.versions import VersionError, VersionInfo, VersionStore, gate
+from service.versions import VersionError, VersionInfo, VersionStore, gate, triton_number
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 VersionsOpt = Annotated[
@@ -54,13 +54,29 @@ def add(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     versions: VersionsOpt = DEFAULT_VERSIONS,
     note: Annotated[str, typer.Option(help="a line to remember it by")] = "",
+    triton_repo: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FALCONREC_TRITON_REPOSITORY",
+            help="also publish it into this Triton model repository as Triton version <n> of v<n>",
+        ),
+    ] = None,
 ) -> str:
     """Copy a build (--artifacts, --repo) into the versions directory as a new version; prints its id."""
-    return add_build(config, artifacts, repo, versions, note)
+    return add_build(config, artifacts, repo, versions, note, triton_repo=triton_repo)
 
 
-def add_build(config: str, artifacts: Path, repo: Path, versions: Path, note: str, holdout: dict | None = None) -> str:
-    """`models add`; a retrain passes its holdout comparison, which the gate reads (service/versions.py)."""
+def add_build(
+    config: str,
+    artifacts: Path,
+    repo: Path,
+    versions: Path,
+    note: str,
+    holdout: dict | None = None,
+    triton_repo: Path | None = None,
+) -> str:
+    """`models add`; a retrain passes its holdout comparison, which the gate reads (service/versions.py). With a
+    Triton repository (--triton-repo, else FALCONREC_TRITON_REPOSITORY) the version is published there too."""
     src = ArtifactPaths.for_config(config, artifacts)
     if not (repo / MANIFEST).is_file() or not (src.index_dir / INDEX_FILE).is_file():
         raise typer.BadParameter(f"no complete build of {config!r} in {artifacts} and {repo} (`falconrec build`)")
@@ -77,6 +93,17 @@ def add_build(config: str, artifacts: Path, repo: Path, versions: Path, note: st
         vid, manifest.config, manifest.model_version, manifest.embedding_version, time.time(),
         validation_metrics(src), note, holdout or {},
     )  # fmt: skip
+    triton_repo = triton_repo or (
+        Path(os.environ["FALCONREC_TRITON_REPOSITORY"]) if os.environ.get("FALCONREC_TRITON_REPOSITORY") else None
+    )
+    if triton_repo is not None:  # before the info: a version Triton cannot serve is never listed
+        from exporters.triton_versions import publish
+
+        try:
+            publish(repo, triton_repo, triton_number(vid))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        console.print(f"published as Triton version {triton_number(vid)} in {triton_repo}")
     vs.write_info(info)  # last: a version without it is incomplete and never listed
     console.print(f"added version {vid} (model {manifest.model_version}) in {dest}: {info.metrics}")
     print(vid)

@@ -82,7 +82,7 @@ def served_paths(settings: Settings) -> tuple[Path, Path, str | None]:
 async def build_components(settings: Settings) -> Components:
     keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading
     repo, artifacts_dir, version = served_paths(settings)
-    m = load_model(settings, repo, artifacts_dir)
+    m = load_model(settings, repo, artifacts_dir, version)
     metrics = Metrics()
     store: FeatureStore
     if settings.redis_url:

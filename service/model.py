@@ -16,6 +16,7 @@ from service.contract import Manifest
 from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.retrieval import Retriever
 from service.settings import Settings
+from service.versions import triton_number
 
 log = logging.getLogger("falconrec.model")
 
@@ -33,8 +34,9 @@ class Model:
     content_emb: Path
 
 
-def load_model(settings: Settings, repo: Path, artifacts_dir: Path) -> Model:
-    """Read one built version (its repository and artifacts) and check that its parts belong together."""
+def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str | None = None) -> Model:
+    """Read one built version (its repository and artifacts) and check that its parts belong together. `version`:
+    its id in a versions directory; with Triton every request then names that version's Triton number."""
     manifest = Manifest.read(repo)
     if manifest.config != config_name(settings.config):
         log.warning(
@@ -56,7 +58,8 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path) -> Model:
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
-        backend = TritonBackend.from_settings(settings, manifest.dims)
+        number = str(triton_number(version)) if version is not None else ""
+        backend = TritonBackend.from_settings(settings, manifest.dims, number)
         fallback = onnx if settings.triton_fallback else None
     retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)
     if retriever.meta.get("model_version") != manifest.model_version:

@@ -8,8 +8,10 @@ version. A request runs entirely on the version it started on (it holds its Reco
 and the answer's `model_version` all come from one), so in-flight requests finish on the old one, which is closed
 once the longest budget has passed; its memory goes with its last reference.
 
-Only the in-process ONNX Runtime backend swaps: with Triton the new version's graphs must be loaded into Triton
-(not done here), so a swap is refused and said so.
+With Triton, each version is published into Triton's repository as Triton version <n> of v<n>
+(`falconrec models add --triton-repo`, exporters/triton_versions.py) and every request names its version's number; a
+swap first makes sure Triton has that version ready (asks it to load it in explicit model-control mode, waits for
+its poll otherwise), and tries again later when it has not.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from service.versions import VersionStore
 
 log = logging.getLogger("falconrec.swap")
 RETIRE_MARGIN_S = 1.0  # after the longest budget, before the old version is closed (once no request uses it)
+LOAD_TIMEOUT_S = 30.0  # how long a swap waits for Triton to have the new version's models ready
 RETRY_S = 10.0  # a swap that failed for a passing cause (a file not copied yet, a timeout) is tried again
 
 
@@ -99,7 +102,7 @@ class VersionWatcher:
 
     def _load(self, vid: str) -> tuple[Model, np.ndarray | None]:
         """Off the event loop: the version's models, and its content rows when the store is in-process."""
-        model = load_model(self.c.settings, self.versions.repository(vid), self.versions.artifacts(vid))
+        model = load_model(self.c.settings, self.versions.repository(vid), self.versions.artifacts(vid), vid)
         rows = np.load(model.content_emb).astype(np.float32) if isinstance(self.c.store, InProcessStore) else None
         return model, rows
 
@@ -111,6 +114,7 @@ class VersionWatcher:
                      self.c.metrics, model.tokens, model.fallback)  # fmt: skip
         rec = Recommender(sv)
         try:
+            await model.backend.ensure_loaded(LOAD_TIMEOUT_S)  # Triton: this version's models ready (a passing failure)
             await rec.warmup()
         except BaseException:
             await _close(rec)
@@ -119,8 +123,6 @@ class VersionWatcher:
         return rec
 
     def _check(self, model: Model) -> None:
-        if self.c.settings.backend != "onnx":
-            raise SwapRefused("only the in-process ONNX backend swaps versions; restart to serve it with Triton")
         cur = self.c.recommender.sv
         # The store holds content embeddings from the served version's text model (and the live items' rows): a
         # version over another text model (or width) needs the store reloaded. More items (a retrain) are fine.

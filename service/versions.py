@@ -145,6 +145,15 @@ class VersionStore:
         return target
 
 
+def triton_number(version_id: str) -> int:
+    """'v3' -> 3: the Triton version a falconrec version is published as (exporters/triton_versions.py) and that
+    every request to Triton names while it is served."""
+    digits = version_id.removeprefix("v")
+    if not digits.isdigit() or int(digits) < 1:
+        raise VersionError(f"version id {version_id!r} has no Triton number (expected v1, v2, ...)")
+    return int(digits)
+
+
 def gate(candidate: VersionInfo, current: VersionInfo | None, tolerance: float) -> str | None:
     """Why `candidate` may not replace `current` (a validation metric worse by more than `tolerance`), or None."""
     if current is None:

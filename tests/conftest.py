@@ -99,6 +99,28 @@ def server_settings(tiny_build, **overrides):
 
 
 @pytest.fixture(scope="session")
+def second_build(tiny_build, tmp_path_factory) -> TinyBuild:
+    """Another version of the tiny config: another training seed and fewer epochs, so other weights (the version
+    swaps' second version: tests/test_versions.py, tests/test_triton.py)."""
+    import dataclasses
+
+    from falconrec.build import Builder
+    from training.config import load_config
+
+    cfg = load_config("tiny")
+    cfg = dataclasses.replace(
+        cfg,
+        seed=cfg.seed + 1,
+        ranker=dataclasses.replace(cfg.ranker, epochs=3),
+        towers=dataclasses.replace(cfg.towers, epochs=3),
+        sasrec=dataclasses.replace(cfg.sasrec, epochs=1),
+    )
+    tb = TinyBuild(tmp_path_factory.mktemp("v2"))
+    Builder(cfg, tb.artifacts, tb.repo, log=lambda m: None).build()
+    return tb
+
+
+@pytest.fixture(scope="session")
 def server(tiny_build):
     s = RunningServer(server_settings(tiny_build))
     yield s

@@ -133,3 +133,55 @@ def test_a_request_out_of_budget_does_not_mark_triton_down(tiny_build, triton, c
             assert not body["degraded"], body["degraded_reasons"]
     finally:
         srv.stop()
+
+
+def test_versions_swap_in_triton_and_each_request_names_its_version(tiny_build, second_build, catalog, tmp_path):
+    """Issue 25 with Triton: versions published into one Triton repository as Triton versions 1 and 2 (v2 published
+    after Triton started, in explicit model-control mode). A promote makes the server ask Triton to load version 2,
+    warm it and switch; its answers then come from version 2's graphs in Triton (no fallback configured), equal to
+    what v2 gives served in process."""
+    from typer.testing import CliRunner
+
+    from exporters.triton_config import TritonOptions
+    from exporters.triton_versions import publish
+    from falconrec.models import app as models_app
+
+    root, repo = tmp_path / "versions", tmp_path / "triton"
+    opts = TritonOptions(instance_kind="KIND_CPU")
+    for b in (tiny_build, second_build):
+        args = ["add", "--config", "tiny", "--artifacts", str(b.artifacts), "--repo", str(b.repo)]
+        assert CliRunner().invoke(models_app, [*args, "--versions", str(root)]).exit_code == 0
+    assert CliRunner().invoke(models_app, ["promote", "v1", "--versions", str(root)]).exit_code == 0
+    publish(tiny_build.repo, repo, 1, opts, twin=True)
+    t = start_tritonserver(repo, VENV, extra_args=("--model-control-mode=explicit", "--load-model=*"))
+    s = server_settings(tiny_build, backend="triton", triton_url=t.grpc_url, grpc_port=0, triton_timeout_ms=5000,
+                        triton_fallback=False, versions_dir=root, version_poll_s=0.1)  # fmt: skip
+    srv = RunningServer(s)
+    alone = RunningServer(server_settings(second_build, grpc_port=0))  # v2 in process: the reference
+    users, _ = _requests(catalog)
+    try:
+        with httpx.Client(timeout=30) as c:
+            first = c.post(f"{srv.url}/v1/recommend", json={"user_id": users[0], "k": 10}).json()
+            assert not first["degraded"], first["degraded_reasons"]
+            assert c.get(f"{srv.url}/readyz").json()["backend"]["model_version"] == "1"
+            publish(second_build.repo, repo, 2, opts, twin=True)
+            promote = ["promote", "v2", "--force", "--versions", str(root)]  # fewer epochs: the gate would refuse it
+            assert CliRunner().invoke(models_app, promote).exit_code == 0
+            end = time.time() + 120
+            while srv.components.watcher.serving != "v2":
+                assert time.time() < end, srv.components.watcher.describe()
+                time.sleep(0.1)
+            assert c.get(f"http://{t.http_url}/v2/models/ranker_candidates/versions/2/ready").status_code == 200
+            assert c.get(f"{srv.url}/readyz").json()["backend"]["model_version"] == "2"
+            for u in users:
+                a = c.post(f"{srv.url}/v1/recommend", json={"user_id": u, "k": 10}).json()
+                b = c.post(f"{alone.url}/v1/recommend", json={"user_id": u, "k": 10}).json()
+                assert not a["degraded"], a["degraded_reasons"]
+                assert a["model_version"] == b["model_version"] != first["model_version"]
+                assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+                diff = np.abs(np.array([i["score"] for i in a["items"]]) - [i["score"] for i in b["items"]])
+                assert diff.max() <= 1e-5
+    finally:
+        srv.stop()
+        alone.stop()
+        kill_triton(t)

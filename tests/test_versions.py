@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from falconrec.models import app as models_app
 from service.versions import VersionInfo, VersionStore, gate
-from tests.conftest import RunningServer, TinyBuild, server_settings
+from tests.conftest import RunningServer, server_settings
 
 WAIT_S = 120.0
 
@@ -33,25 +33,6 @@ def test_gate_refuses_a_worse_version_within_tolerance_only():
     retrained = dataclasses.replace(close, holdout=holdout)
     assert "holdout (40 users) hr@10 0.2000 < 0.2500" in gate(retrained, cur, tolerance=0.005)
     assert gate(retrained, dataclasses.replace(cur, id="v0"), tolerance=0.005) is None
-
-
-@pytest.fixture(scope="module")
-def second_build(tiny_build, tmp_path_factory) -> TinyBuild:
-    """Another version of the tiny config: another training seed and fewer epochs, so other weights."""
-    from falconrec.build import Builder
-    from training.config import load_config
-
-    cfg = load_config("tiny")
-    cfg = dataclasses.replace(
-        cfg,
-        seed=cfg.seed + 1,
-        ranker=dataclasses.replace(cfg.ranker, epochs=3),
-        towers=dataclasses.replace(cfg.towers, epochs=3),
-        sasrec=dataclasses.replace(cfg.sasrec, epochs=1),
-    )
-    tb = TinyBuild(tmp_path_factory.mktemp("v2"))
-    Builder(cfg, tb.artifacts, tb.repo, log=lambda m: None).build()
-    return tb
 
 
 @pytest.fixture(scope="module")

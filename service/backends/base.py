@@ -30,5 +30,8 @@ class InferenceBackend(ABC):
     async def ready(self) -> bool:
         return True
 
+    async def ensure_loaded(self, timeout_s: float) -> None:  # noqa: B027 - optional hook
+        """Before a version swap: make sure the backend can run this version's models (Triton loads them)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass

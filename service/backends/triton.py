@@ -23,7 +23,17 @@ log = logging.getLogger("falconrec.triton")
 class TritonBackend(InferenceBackend):
     name = "triton"
 
-    def __init__(self, url: str, dims: ModelDims, protocol: str = "grpc", timeout_s: float = 1.0, retry_s: float = 2.0):
+    def __init__(
+        self,
+        url: str,
+        dims: ModelDims,
+        protocol: str = "grpc",
+        timeout_s: float = 1.0,
+        retry_s: float = 2.0,
+        model_version: str = "",
+    ):
+        """`model_version`: the Triton version every call names ("" lets Triton choose: a single-version
+        repository); a versions directory serves v<n> as Triton version <n> (exporters/triton_versions.py)."""
         if protocol == "grpc":
             import tritonclient.grpc.aio as tc
         elif protocol == "http":
@@ -32,22 +42,58 @@ class TritonBackend(InferenceBackend):
             raise ValueError(f"triton protocol must be grpc or http, not {protocol!r}")
         self.tc = tc
         self.url, self.protocol = url, protocol
-        self.client = tc.InferenceServerClient(url=url)
+        self._client = None  # made on first use, in the event loop: a swap loads a version in a worker thread
         self.specs = model_specs(dims)
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.model_version = model_version
         self.down_until = 0.0
         self.last_error: str | None = None
 
     @classmethod
-    def from_settings(cls, settings, dims: ModelDims) -> TritonBackend:
+    def from_settings(cls, settings, dims: ModelDims, model_version: str = "") -> TritonBackend:
         return cls(
             settings.triton_url,
             dims,
             settings.triton_protocol,
             settings.triton_timeout_ms / 1000,
             settings.triton_retry_s,
+            model_version,
         )
+
+    @property
+    def client(self):  # noqa: ANN201 - tritonclient's grpc.aio or http.aio InferenceServerClient
+        if self._client is None:
+            self._client = self.tc.InferenceServerClient(url=self.url)
+        return self._client
+
+    async def ensure_loaded(self, timeout_s: float) -> None:
+        """Every model at this backend's version ready in Triton. Triton in explicit model-control mode is asked to
+        load each model again (it then picks up the new version directory); in poll mode it finds the directory
+        itself and this waits. Raises BackendUnavailable naming the models still not ready after `timeout_s`."""
+        missing = list(self.specs)
+        asked: set[str] = set()
+        end = time.monotonic() + timeout_s
+        while True:
+            missing = [m for m in missing if not await self._ready(m)]
+            if not missing or time.monotonic() >= end:
+                break
+            for m in missing:
+                if m not in asked:
+                    asked.add(m)
+                    try:
+                        await asyncio.wait_for(self.client.load_model(m), max(0.1, end - time.monotonic()))
+                    except Exception as e:  # noqa: BLE001 - poll mode refuses explicit loads: wait for the poll
+                        log.info("triton load_model(%s) at version %s: %s", m, self.model_version, for_log(e))
+            await asyncio.sleep(0.2)
+        if missing:
+            raise BackendUnavailable(f"triton has no ready version {self.model_version} of {', '.join(missing)}")
+
+    async def _ready(self, model: str) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self.client.is_model_ready(model, self.model_version), 2.0))
+        except Exception:  # noqa: BLE001 - not there yet, or Triton away: the caller's deadline decides
+            return False
 
     def _down(self, e: BaseException) -> None:
         if time.monotonic() >= self.down_until:
@@ -69,7 +115,8 @@ class TritonBackend(InferenceBackend):
         request_limited = timeout_s is not None and timeout_s < self.timeout_s
         try:
             res = await asyncio.wait_for(
-                self.client.infer(model, ins, outputs=outs), timeout_s if request_limited else self.timeout_s
+                self.client.infer(model, ins, model_version=self.model_version, outputs=outs),
+                timeout_s if request_limited else self.timeout_s,
             )
         except TimeoutError:
             if request_limited:
@@ -97,9 +144,11 @@ class TritonBackend(InferenceBackend):
             "backend": self.name,
             "url": self.url,
             "protocol": self.protocol,
+            "model_version": self.model_version or None,
             "down": time.monotonic() < self.down_until,
             "error": self.last_error,
         }
 
     async def close(self) -> None:
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
