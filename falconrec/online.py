@@ -106,6 +106,9 @@ def ingest(
     reclaim_from: Annotated[
         str | None, typer.Option(help="a dead worker's consumer name: take its jobs at once")
     ] = None,
+    nice: Annotated[
+        int, typer.Option(min=0, max=19, help="lower this process's CPU priority (the API's child: 10)")
+    ] = 0,
 ) -> None:
     """Ingestion worker: POST /v1/items texts from Redis -> the build's text model -> content embeddings into the
     live version and the item log every replica tails. Run one or more beside the API (needs the train extra); the
@@ -118,6 +121,8 @@ def ingest(
 
     if redis_url:
         os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
+    if nice:  # first: loading the text model is CPU work too
+        os.nice(nice)
     run(repo, batch, stdio, text_model, parent_pid, claim_after_s, reclaim_from)
 
 

@@ -129,3 +129,6 @@ class Settings(BaseSettings):
     # (needs Redis) takes the jobs.
     ingest_worker: Literal["lazy", "start", "off"] = "lazy"
     ingest_batch: int = Field(32, ge=1, description="texts the worker embeds per model call")
+    # The spawned worker's niceness: embedding a burst of new items is background work; on a 2-core box at the same
+    # priority it took CPU time from the event loop and the inference threads of the requests being served.
+    ingest_nice: int = Field(10, ge=0, le=19, description="CPU niceness of the spawned ingestion worker")

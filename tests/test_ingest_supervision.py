@@ -54,9 +54,12 @@ def test_killed_worker_is_restarted_and_its_items_become_servable(tiny_build, st
             while not _servable(c, first["item_id"]):
                 assert time.time() < end, "the worker did not start"
                 time.sleep(0.1)
+            pid = srv.components.live.feed.proc.pid
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, base + 10)  # ingest_nice: serving wins the CPU
             r = c.post("/v1/items", json={"items": items}, headers=AUTH)
             assert r.status_code == 202, r.text
-            os.kill(srv.components.live.feed.proc.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
             seen_degraded = False
             waiting, end = set(ids), time.time() + WAIT_S
             while waiting:

@@ -44,6 +44,7 @@ class QueueStats:
 def worker_command(settings: Settings, stdio: bool, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, *WORKER_COMMAND, "--repo", str(Path(settings.model_repository).resolve())]
     cmd += ["--batch", str(settings.ingest_batch), "--parent-pid", str(os.getpid()), *extra]
+    cmd += ["--nice", str(settings.ingest_nice)]
     return cmd + ["--stdio"] if stdio else cmd
 
 
