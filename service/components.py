@@ -18,6 +18,7 @@ from service.catalog import Catalog
 from service.contract import Manifest
 from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
 from service.ingest.live import LiveData
+from service.loop_lag import LoopLag
 from service.metrics import Metrics
 from service.model import load_model
 from service.pipeline.recommender import Recommender
@@ -46,6 +47,7 @@ class Components:
     live: LiveData
     grpc_server: object | None = None
     watcher: object | None = None  # service.swap.VersionWatcher when serving from a versions directory
+    loop_lag: LoopLag | None = None
 
     @property
     def catalog(self) -> Catalog:
@@ -109,6 +111,8 @@ async def build_components(settings: Settings) -> Components:
     live.feed = feed
     await feed.start()  # replays the items added live so far (Redis), before the first request
     c = Components(settings, store, rec, metrics, keys, live)
+    c.loop_lag = LoopLag(metrics)
+    c.loop_lag.start()
     if version is not None:
         c.watcher = VersionWatcher(c, VersionStore(settings.versions_dir, settings.redis_url), version)
         c.watcher.start()
@@ -116,6 +120,8 @@ async def build_components(settings: Settings) -> Components:
 
 
 async def close_components(c: Components) -> None:
+    if c.loop_lag is not None:
+        await c.loop_lag.close()
     if c.watcher is not None:
         await c.watcher.close()
     if c.grpc_server is not None:

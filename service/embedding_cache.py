@@ -11,6 +11,8 @@ OS (`np.zeros`): at most capacity x E x 4 bytes (100,000 x 576 -> 230 MB).
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 
@@ -20,7 +22,9 @@ class EmbeddingCache:
         self.dim = dim
         self.version: str | None = None
         self._tags = np.full(max(capacity, 0), -1, np.int64)
-        self._rows = np.zeros((max(capacity, 0), dim), np.float32)
+        n = max(capacity, 0)
+        self._buf = mmap.mmap(-1, max(n * dim * 4, 1))  # zero-filled, 4 KiB pages, no huge-page advice
+        self._rows = np.frombuffer(self._buf, np.float32, count=n * dim).reshape(n, dim)
         self.hits = 0
         self.misses = 0
 

@@ -57,6 +57,17 @@ class Metrics:
             "falconrec_score_batch_workers", "ScoreBatch workers scoring users now", registry=self.registry
         )
 
+        # The event loop's lateness (service/loop_lag.py): how long a synchronous step held every request back.
+        self.loop_lag = Histogram(
+            "falconrec_event_loop_lag_seconds",
+            "how much later than due the event loop ran a timer",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.loop_lag_max = Gauge(
+            "falconrec_event_loop_lag_max_seconds", "the longest event-loop lag since start", registry=self.registry
+        )
+
     def cache(self, name: str, hit: bool) -> None:
         self.cache_lookups.labels(name, "hit" if hit else "miss").inc()
 

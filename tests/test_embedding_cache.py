@@ -42,3 +42,21 @@ def test_capacity_zero_caches_nothing():
     c.put("v1", np.array([1]), _rows([1]))
     out, found = c.get("v1", np.array([1, 2]))
     assert not found.any() and out.shape == (2, 4) and len(c) == 0
+
+
+def test_memory_grows_with_the_rows_written_not_in_huge_pages():
+    """Issue 22: the table is reserved lazily; a few rows written at scattered slots must not commit 2 MiB each (numpy's
+    huge-page advice did, and the kernel's compaction stalled the event loop for up to ~270 ms in a burst of adds)."""
+    import os
+
+    def rss_mib() -> float:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    cache = EmbeddingCache(100_000, 576)  # 230 MB reserved
+    before = rss_mib()
+    ids = np.arange(100, dtype=np.int64) * 997  # scattered over the table: 100 different 2 MiB regions
+    cache.put("v", ids, np.ones((100, 576), np.float32))
+    assert rss_mib() - before < 20  # 4 KiB pages: ~1 MB; huge pages: ~200 MB
+    rows, found = cache.get("v", ids)
+    assert found.all() and (rows == 1).all()

@@ -82,6 +82,27 @@ def burst_ids(s: Stack) -> list[int]:
     return sorted({int(x) for x in rng.integers(2**32, 2**63 - 1, s.opts.huge_burst, dtype=np.int64)})
 
 
+async def loop_lag(c: httpx.AsyncClient) -> dict[str, float]:
+    """The server's own event-loop lag so far (service/loop_lag.py): timers run late by > 10 ms and > 50 ms, and the
+    longest lag since start. Unlike the probe, no other process's CPU share is in it except through this one's."""
+    text = (await c.get("/metrics")).text
+    got: dict[str, float] = {}
+    for line in text.splitlines():
+        for key, name in (
+            ("le10", 'falconrec_event_loop_lag_seconds_bucket{le="0.01"}'),
+            ("le50", 'falconrec_event_loop_lag_seconds_bucket{le="0.05"}'),
+            ("count", "falconrec_event_loop_lag_seconds_count"),
+            ("max", "falconrec_event_loop_lag_max_seconds"),
+        ):
+            if line.startswith(name + " "):
+                got[key] = float(line.rsplit(" ", 1)[1])
+    return {"over10": got["count"] - got["le10"], "over50": got["count"] - got["le50"], "max_ms": 1000 * got["max"]}
+
+
+def _lag_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {"over10": b["over10"] - a["over10"], "over50": b["over50"] - a["over50"], "max_ms_since_start": b["max_ms"]}
+
+
 async def measure(s: Stack) -> tuple[str, dict]:
     a = s.opts
     climb_ids = [2**k - 1 for k in range(a.huge_from, a.huge_to + 1)]
@@ -94,14 +115,14 @@ async def measure(s: Stack) -> tuple[str, dict]:
         probing = asyncio.create_task(probe.run(s.http_url, stop))
         try:
             await asyncio.sleep(2.0)  # the probe's baseline, nothing posted
-            rss0 = rss_bytes(s.server.pid)
+            rss0, lag0 = rss_bytes(s.server.pid), await loop_lag(c)
             probe.label = "climb"
             steps = await _climb(c, s, climb_ids, codes)
-            rss_climb = rss_bytes(s.server.pid)
+            rss_climb, lag1 = rss_bytes(s.server.pid), await loop_lag(c)
             probe.label = "burst"
             ids = burst_ids(s)
             burst_left = await _burst(c, s, ids, codes)
-            rss1 = rss_bytes(s.server.pid)
+            rss1, lag2 = rss_bytes(s.server.pid), await loop_lag(c)
         finally:
             stop.set()
             await probing
@@ -118,6 +139,7 @@ async def measure(s: Stack) -> tuple[str, dict]:
             k: {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99), "max": max(v)} for k, v in probe.samples.items()
         },
         "longest_stall_ms": max((max(v) for k, v in probe.samples.items() if k != "idle"), default=None),
+        "loop_lag": {"climb": _lag_delta(lag0, lag1), "burst": _lag_delta(lag1, lag2)},
     }
     return _section(s, probe, raw), raw
 
@@ -138,6 +160,14 @@ def _section(s: Stack, probe: Probe, raw: dict) -> str:
         ("POST /v1/items answers", counts(raw["post_statuses"])),
         ("longest stall (probe max while posting)", f"{fmt(raw['longest_stall_ms'])} ms"),
         *((f"probe `GET {a.probe_path}`: {label}", probe.row(label)) for label in ("idle", "climb", "burst")),
+        *(
+            (
+                f"server's event-loop lag: {phase}",
+                f"{lag['over10']:.0f} timers late > 10 ms, {lag['over50']:.0f} > 50 ms "
+                f"(longest since start {lag['max_ms_since_start']:.1f} ms)",
+            )
+            for phase, lag in raw["loop_lag"].items()
+        ),
     ]
     return (
         f"## Huge item ids: one-item POST /v1/items with ids 2^{a.huge_from} - 1 … 2^{a.huge_to} - 1, then a burst "
