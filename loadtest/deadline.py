@@ -13,36 +13,19 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from loadtest.bench import gemm_peak_gflops
 from loadtest.openloop import Sample, build_requests, run
-from loadtest.procs import free_port, pct, stop_group
+from loadtest.procs import pct, start_serve, stop_group
 from service.artifacts import ArtifactPaths
 
 
 def start(config: str, artifacts: Path, repo: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--config", config, "--port", str(port), "--grpc-port", "0"]
-    cmd += ["--artifacts", str(artifacts), "--repo", str(repo)]
-    env = {k: v for k, v in os.environ.items() if k != "FALCONREC_VERSIONS_DIR"}
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 300
-    while time.time() < end and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_group(proc)
-    raise RuntimeError(f"the server did not become ready (see {log})")
+    env = {k: v for k, v in os.environ.items() if k != "FALCONREC_VERSIONS_DIR"}  # serve exactly this build
+    return start_serve(["--config", config, "--artifacts", str(artifacts), "--repo", str(repo)], env, log)
 
 
 def row(rate: float, seconds: float, samples: list[Sample]) -> str:

@@ -32,6 +32,32 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 # --- process groups ---------------------------------------------------------------------------------------------
+def start_serve(
+    args: list[str], env: dict[str, str], log: Path, timeout_s: float = 300.0
+) -> tuple[subprocess.Popen, str]:
+    """A real `falconrec serve` (HTTP on a free loopback port, no gRPC) in its own process group, waited for until
+    /readyz says 200: (process, base URL). Raises with the log's name when it exits or is not ready in time."""
+    import sys
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--port", str(port), "--grpc-port", "0", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://{LOOPBACK}:{port}"
+    end = time.time() + timeout_s
+    while time.time() < end and proc.poll() is None:
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(f"{url}/readyz", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return proc, url
+        time.sleep(0.2)
+    stop_group(proc)
+    raise RuntimeError(f"the server did not become ready (see {log})")
+
+
 def stop_group(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
     """SIGTERM a process group started with start_new_session=True, SIGKILL it after `grace_s`: the polite stop (a
     server flushes its log and stops its own children on SIGTERM)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtest.procs import free_port, pct, stop_group
+from loadtest.procs import pct, start_serve, stop_group
 from service.versions import VersionStore
 
 PLAN = ("v2", "v3", "v1", "rollback")  # three promotions, then back to the one before the last
@@ -57,22 +57,9 @@ def ensure_versions(root: Path, work: Path, n: int = 3) -> VersionStore:
 
 
 def start_server(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "FALCONREC_REDIS_URL"}  # the driver writes the file pointer
     env |= {"FALCONREC_VERSIONS_DIR": str(root), "FALCONREC_VERSION_POLL_S": "0.2"}
-    cmd = [sys.executable, "-m", "falconrec.cli", "serve", "--config", "tiny", "--port", str(port), "--grpc-port", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 120
-    while time.time() < end:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_group(proc)
-    raise RuntimeError(f"server did not become ready (see {log})")
+    return start_serve(["--config", "tiny"], env, log, timeout_s=120)
 
 
 async def stream(url: str, users: list[int], rate: float, seconds: float) -> list[Answer]:
