@@ -398,3 +398,45 @@ def test_expected_wait_counts_requests_not_yet_queued():
     assert slow == (10 - 2 + 0.5) * adm.hold_s / 2
     assert adm.overloaded(slow / 2, not_yet_queued=10) is not None
     assert adm.overloaded(slow * 2, not_yet_queued=10) is None
+
+
+def test_a_recommendation_that_cannot_answer_in_its_budget_is_not_started():
+    """Issue 26: admission leaves room for the shortest useful answer (learned): a request that would get its slot
+    with less than that left of its budget is refused, not started and answered late; a request that can wait for
+    the same slot without that need (a score) still gets it."""
+    import asyncio
+
+    from service.errors import Overloaded
+    from service.pipeline.admission import Admission
+    from service.pipeline.deadline import Deadline
+
+    adm = Admission(max_active=1)
+    for _ in range(100):
+        adm.note_base(0.008)  # the served requests' history + tower + recall + top k took 8 ms
+    assert 0.0119 < adm.base_s < 0.0121  # with its margin
+
+    async def main() -> tuple[str, bool]:
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with adm.admitted(Deadline(5.0)):
+                await release.wait()
+
+        task = asyncio.create_task(holder())
+        await asyncio.sleep(0)  # the holder has the only slot
+        asyncio.get_running_loop().call_later(0.010, release.set)  # frees it 10 ms on: 10 of 20 ms left, < 12
+        try:
+            async with adm.admitted(Deadline.ms(20), answer=True):
+                refused = ""
+        except Overloaded as e:
+            refused = str(e)
+        release.set()
+        await task
+        async with adm.admitted(Deadline.ms(20)):  # no answer to leave room for: runs with what is left
+            served = True
+        return refused, served
+
+    refused, served = asyncio.run(main())
+    assert refused.startswith("overloaded:") and served
+    adm.reset_base()
+    assert adm.base_s < 0.004  # warm-up's cold runs forgotten

@@ -1,6 +1,11 @@
 """Admission to the pipeline: at most `max_active` requests run it at once, the others wait in arrival order.
 
 Letting all of them in shares the cores among every request, so a burst makes all of them late instead of a few.
+
+A request is let in only when it can still be answered within its budget (issue 26): the queue ahead of it must
+drain, and then the shortest useful answer (history, user tower, recall, top k; ranking is cut to what is left) must
+fit. That shortest answer's cost is learned from the requests served (`note_base`). What cannot finish is refused
+at once instead of being started and answered late.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from contextlib import asynccontextmanager
 from service.errors import Overloaded
 from service.pipeline.deadline import Deadline
 
+BASE_MARGIN = 1.5  # the learned base cost is a mean: leave room for a slower one
+BASE_DEFAULT_S = 2e-3
+
 
 class Admission:
     def __init__(self, max_active: int):
@@ -21,11 +29,25 @@ class Admission:
         self.active = 0  # holding a slot
         self.waiting = 0  # queued for one
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
+        self._base_s = BASE_DEFAULT_S  # EWMA: the shortest useful answer's time in the pipeline (recall order)
 
     @property
     def hold_s(self) -> float:
         """How long a request holds a slot (moving average): what one place in the queue costs."""
         return self._hold_s
+
+    @property
+    def base_s(self) -> float:
+        """What the shortest useful answer needs once admitted, with a margin (see BASE_MARGIN)."""
+        return BASE_MARGIN * self._base_s
+
+    def reset_base(self) -> None:
+        """Forget what warm-up taught: cold first runs (~40 ms) say nothing about the served ones."""
+        self._base_s = BASE_DEFAULT_S
+
+    def note_base(self, seconds: float) -> None:
+        """A served request's time in the stages every answer needs (history, user tower, recall, top k)."""
+        self._base_s = 0.9 * self._base_s + 0.1 * seconds
 
     def expected_wait(self, not_yet_queued: int = 0) -> float:
         """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time.
@@ -41,21 +63,25 @@ class Admission:
     def overloaded(self, remaining_s: float, not_yet_queued: int = 0) -> str | None:
         """Why a newcomer with `remaining_s` of budget cannot get a slot in time, or None when it may."""
         ahead = self.waiting + not_yet_queued
-        if ahead == 0 or self.expected_wait(not_yet_queued) <= remaining_s:
+        if ahead == 0 or self.expected_wait(not_yet_queued) + self.base_s <= remaining_s:
             return None
         return f"overloaded: {ahead} requests queued ahead cannot finish within the budget"
 
     @asynccontextmanager
-    async def admitted(self, deadline: Deadline, patient: bool = False) -> AsyncIterator[None]:
+    async def admitted(self, deadline: Deadline, patient: bool = False, answer: bool = False) -> AsyncIterator[None]:
         """A pipeline slot, in arrival order.
 
         An interactive request waits at most its budget, and is refused at once when the queue ahead of it
         cannot drain within that budget: waiting it out only to answer 503 (p50 28 ms at 2x load) helped nobody.
         A `patient` one (a batch user over gRPC) waits as long as its caller does, and its budget counts from
         admission: batch work queues behind and among interactive requests instead of failing.
+        `answer`: the request can degrade to the shortest useful answer (a recommendation); it is refused when not
+        even that fits in what is left of its budget, before waiting and again once it has a slot.
         """
-        if self._slots.locked():
-            if not patient and self.expected_wait() > deadline.remaining():
+        base = self.base_s if answer else 0.0
+        waited = self._slots.locked()
+        if waited:
+            if not patient and self.expected_wait() + base > deadline.remaining():
                 raise Overloaded(
                     f"overloaded: {self.waiting} requests queued ahead cannot finish within the "
                     f"{deadline.budget_s * 1000:g} ms budget"
@@ -65,7 +91,8 @@ class Admission:
                 if patient:
                     await self._slots.acquire()
                 else:
-                    await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining(), 0.0))
+                    # No longer than leaves room for the shortest answer: a slot later than that is useless.
+                    await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining() - base, 0.0))
             except TimeoutError as e:
                 raise Overloaded(
                     f"overloaded: no pipeline slot within the {deadline.budget_s * 1000:g} ms budget "
@@ -75,6 +102,13 @@ class Admission:
                 self.waiting -= 1
         else:
             await self._slots.acquire()
+        if waited and answer and not patient and deadline.remaining() < base:
+            # The wait ran longer than expected: starting now would only answer late. (Only after a wait: a request
+            # that found a free slot always runs, so the base cost keeps being learned from served requests.)
+            self._slots.release()
+            raise Overloaded(
+                f"overloaded: too little of the {deadline.budget_s * 1000:g} ms budget left after the queue to answer"
+            )
         admitted_at = time.perf_counter()
         if patient:
             deadline.start = admitted_at

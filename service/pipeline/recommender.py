@@ -37,6 +37,10 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+# The stages every answer runs, ranked or not: what admission must leave room for (service/pipeline/admission.py).
+BASE_STAGES = ("history", "embeddings", "user_tower", "retrieval", "topk")
+
+
 def query_time(query_ts: int | None, deadline: Deadline) -> int:
     """The time candidates are scored at: the request's, else its arrival (unix seconds). Not the newest
     history time: that put every candidate at dt = 0 from the last event, a time the model never trains on."""
@@ -122,6 +126,7 @@ class Recommender:
             await self.users.warm_tower_extension(history)
         except Exception as e:  # noqa: BLE001
             log.warning("warm-up of %s failed: %r", USER_TOWER_EXTEND, e)
+        self.admission.reset_base()
 
     def _learn_rank_cost(self, seconds: float, m: int) -> None:
         # Charged as at least one full microbatch: a call over a few candidates costs about as much as one
@@ -195,7 +200,7 @@ class Recommender:
     ) -> Result:
         res = Result(items=[], timings=StageTimer(start=deadline.start))
         deg, tm = res.degraded, res.timings
-        async with self.admission.admitted(deadline):
+        async with self.admission.admitted(deadline, answer=True):
             tm.mark("queue")  # arrival -> pipeline: parsing, validation, the event loop, a free slot
             h = await self.users.resolve_history(user_id, history, deadline, deg)
             self.users.note_store(deg)
@@ -246,6 +251,7 @@ class Recommender:
             tm.mark("ranking")
         res.items = self._top_k(cand_idx, scores, k)
         tm.mark("topk")
+        self.admission.note_base(sum(tm.stages.get(s, 0.0) for s in BASE_STAGES) / 1000.0)
         return res
 
     def _recall(
