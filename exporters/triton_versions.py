@@ -1,10 +1,12 @@
 """Publish a model version into a shared Triton repository (issue 25): each falconrec version `v<n>` becomes Triton
 version `<n>` of every model (`<triton_repo>/<model>/<n>/model.onnx`), with `version_policy: all`, so Triton serves
-the versions side by side and each request names the one it runs on (service/backends/triton.py).
+the versions side by side and each request names the one it runs on (service/backends/triton.py, with
+FALCONREC_TRITON_VERSIONED=true).
 
-A version directory is written under a hidden name and renamed into place, so a Triton polling the repository never
-loads half a file; config.pbtxt is rewritten only when it changes. Removing old version directories (Triton then
-unloads them) is the operator's call: a rollback needs its version loaded.
+The model's config.pbtxt is written first (the build's own, so its accelerator and batching settings carry over, with
+the version policy added), then the version directory, written under a hidden name and renamed into place: a Triton
+polling the repository never loads half a file, nor a new version under the old single-version policy. Removing old
+version directories (Triton then unloads them) is the operator's call: a rollback needs its version loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,23 @@ from service.contract import ONNX_FILE, Manifest, model_specs, onnx_path
 from service.versions import triton_number  # noqa: F401 - the numbering belongs to the versions
 
 MARK = "falconrec_model_version"  # which build a version directory holds (Triton ignores other files)
+POLICY = "version_policy: { all { } }"
+
+
+def _config(repo: Path, name: str, spec, twin: bool, opts: TritonOptions) -> str:  # noqa: ANN001 - a ModelSpec
+    if twin:  # the Python-backend twin's own config (local tests)
+        return render(spec, TritonOptions(**{**opts.__dict__, "all_versions": True}), backend="python")
+    built = repo / name / "config.pbtxt"
+    text = built.read_text() if built.is_file() else render(spec, opts)
+    return text if POLICY in text else text.rstrip("\n") + "\n" + POLICY + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def publish(
@@ -27,7 +46,6 @@ def publish(
     """Copy one build's graphs (`repo`, a build's model_repository) into `triton_repo` as version `number`.
     `twin`: the Python-backend twin that runs the same ONNX files (exporters/triton_twin.py; local tests)."""
     manifest = Manifest.read(repo)
-    opts = TritonOptions(**{**opts.__dict__, "all_versions": True})
     for name, spec in model_specs(manifest.dims).items():
         model_dir = triton_repo / name
         final = model_dir / str(number)
@@ -37,18 +55,15 @@ def publish(
             if held != manifest.model_version:  # a reused number (a versions directory started afresh)
                 raise ValueError(f"{final} holds model {held}, not {manifest.model_version}: remove it, or publish "
                                  "into a fresh Triton repository")  # fmt: skip
-        else:
-            tmp = model_dir / f".{number}.{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            shutil.copy(onnx_path(repo, name), tmp / ONNX_FILE)
-            if twin:
-                (tmp / "model.py").write_text(MODEL_PY)
-            (tmp / MARK).write_text(manifest.model_version + "\n")
-            tmp.rename(final)
-        config = render(spec, opts, backend="python" if twin else None)
-        path = model_dir / "config.pbtxt"
-        if not path.is_file() or path.read_text() != config:
-            tmp_cfg = model_dir / f".config.pbtxt.{os.getpid()}"
-            tmp_cfg.write_text(config)
-            tmp_cfg.replace(path)
+            continue
+        model_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(model_dir / "config.pbtxt", _config(repo, name, spec, twin, opts))
+        for left in model_dir.glob(f".{number}.*"):  # an earlier publish that died midway
+            shutil.rmtree(left, ignore_errors=True)
+        tmp = model_dir / f".{number}.{os.getpid()}"
+        tmp.mkdir()
+        shutil.copy(onnx_path(repo, name), tmp / ONNX_FILE)
+        if twin:
+            (tmp / "model.py").write_text(MODEL_PY)
+        (tmp / MARK).write_text(manifest.model_version + "\n")
+        tmp.rename(final)

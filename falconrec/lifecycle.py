@@ -10,6 +10,7 @@ through the gate; the serving processes swap to it without a restart (service/sw
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -124,10 +125,11 @@ def retrain(
         start = time.monotonic()
         try:
             _retrain_once(config, versions, epochs, tolerance, force, redis_url)
-        except typer.Exit as e:  # the gate said no: the next run starts from the same current version
+        except (typer.Exit, Exception) as e:  # the gate said no, or Redis was away: the schedule goes on
             if period is None:
                 raise
-            console.print(f"retrain: exit {e.exit_code}; next run in {every}")
+            why = f"exit {e.exit_code}" if isinstance(e, typer.Exit) else f"{type(e).__name__}: {e}"
+            console.print(f"retrain: {why}; the current version stays; next run in {every}")
         if period is None:
             return
         time.sleep(max(0.0, period - (time.monotonic() - start)))
@@ -140,8 +142,8 @@ def parse_period(text: str) -> float:
         value = float(text[:-1]) * units[text[-1]]
     except (KeyError, ValueError, IndexError):
         raise typer.BadParameter(f"--every {text!r}: a number and one of s, m, h, d (e.g. 6h)") from None
-    if value <= 0:
-        raise typer.BadParameter(f"--every {text!r}: must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise typer.BadParameter(f"--every {text!r}: must be a positive, finite period")
     return value
 
 
@@ -155,9 +157,12 @@ def _retrain_once(config: str, versions: Path, epochs: int, tolerance: float, fo
         raise typer.BadParameter(f"no current version in {versions}: nothing to start from")
     work = WORK / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     artifacts, repo = work / "artifacts", work / "model_repository"
-    holdout = _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
-    note = f"retrain of {current}, {epochs} epochs"
-    _add_and_promote(config, artifacts, repo, versions, note, force, tolerance, holdout)
+    try:
+        holdout = _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
+        note = f"retrain of {current}, {epochs} epochs"
+        _add_and_promote(config, artifacts, repo, versions, note, force, tolerance, holdout)
+    finally:  # the version holds its own copy (models add): a schedule must not fill the disk with builds
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, epochs: int, redis_url: str) -> dict:  # noqa: ANN001
@@ -192,6 +197,7 @@ def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, e
 def _holdout(cfg, ds, snap, current: str, ckpts: dict[str, Path]) -> dict:  # noqa: ANN001
     """Both rankers on each updated user's newest event (never trained on): what the gate compares besides
     validation."""
+    from service.versions import HOLDOUT_MIN_USERS
     from training.retrain import holdout_metrics
 
     if not snap.updated:
@@ -201,4 +207,6 @@ def _holdout(cfg, ds, snap, current: str, ckpts: dict[str, Path]) -> dict:  # no
     n = got["candidate"]["users"]
     for name, m in got.items():
         console.print(f"holdout ({n} users' newest event) {name}: HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}")
+    if n < HOLDOUT_MIN_USERS:
+        console.print(f"holdout: {n} users, fewer than {HOLDOUT_MIN_USERS}: kept for the record, not gated on")
     return {"against": current, "users": n, **got}

@@ -116,13 +116,13 @@ def ingest(
     if not redis_url and not stdio:
         console.print("[red]set FALCONREC_REDIS_URL (without Redis the API runs its own worker)[/red]")
         raise typer.Exit(2)
+    if nice:  # before any import starts a thread: niceness is per thread on Linux, and new threads inherit it
+        os.nice(nice)
     require_offline()
     from training.ingest_worker import run
 
     if redis_url:
         os.environ["FALCONREC_REDIS_URL"] = redis_url  # the worker reads it from the environment, never argv
-    if nice:  # first: loading the text model is CPU work too
-        os.nice(nice)
     run(repo, batch, stdio, text_model, parent_pid, claim_after_s, reclaim_from)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from service.auth import KeyRing
-from service.backends.base import InferenceBackend
+from service.backends.base import BackendUnavailable, InferenceBackend
 from service.catalog import Catalog
 from service.contract import Manifest
 from service.ingest.feed import ItemFeed, PipeFeed, RedisFeed
@@ -85,6 +85,11 @@ async def build_components(settings: Settings) -> Components:
     keys = KeyRing.from_settings(settings)  # first: a malformed key entry stops startup before any loading
     repo, artifacts_dir, version = served_paths(settings)
     m = load_model(settings, repo, artifacts_dir, version)
+    if settings.backend == "triton" and settings.triton_versioned and version is not None:
+        try:  # the served version's number in Triton: say so at once if Triton lacks it (requests fall back)
+            await m.backend.ensure_loaded(30.0)
+        except BackendUnavailable as e:
+            log.warning("%s: publish it with `falconrec models add --triton-repo`", e)
     metrics = Metrics()
     store: FeatureStore
     if settings.redis_url:

@@ -6,7 +6,12 @@ direct-mapped (an id lives only in slot `id % capacity`) so a lookup is a few nu
 whole batch (~30 us). Ids that share a slot evict each other; with capacity >= the catalog none do.
 Rows are kept as float32, converted once on insert: numpy's float16 -> float32 conversion costs ~0.8 ms per
 request-sized read (1,000 x 576) and would otherwise run on every request. Memory is reserved lazily by the
-OS (`np.zeros`): at most capacity x E x 4 bytes (100,000 x 576 -> 230 MB).
+OS: at most capacity x E x 4 bytes (100,000 x 576 -> 230 MB), in 4 KiB pages as rows are first written.
+
+The rows live in a private anonymous mmap advised against huge pages, not in `np.zeros`: numpy asks the kernel for
+transparent huge pages on large arrays, so the first write into each 2 MiB region of this sparsely filled table
+committed 2 MiB, and the kernel's compaction to find a free huge page held the event loop in `put` for up to
+~270 ms during a burst of item adds (py-spy; issue 22). With 4 KiB pages RSS grows with the rows written.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ class EmbeddingCache:
         self.version: str | None = None
         self._tags = np.full(max(capacity, 0), -1, np.int64)
         n = max(capacity, 0)
-        self._buf = mmap.mmap(-1, max(n * dim * 4, 1))  # zero-filled, 4 KiB pages, no huge-page advice
+        # Private anonymous memory, zero-filled, told not to use huge pages (see the module's docstring).
+        self._buf = mmap.mmap(-1, max(n * dim * 4, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._buf.madvise(mmap.MADV_NOHUGEPAGE)
         self._rows = np.frombuffer(self._buf, np.float32, count=n * dim).reshape(n, dim)
         self.hits = 0
         self.misses = 0

@@ -58,7 +58,7 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
-        number = str(triton_number(version)) if version is not None else ""
+        number = str(triton_number(version)) if version is not None and settings.triton_versioned else ""
         backend = TritonBackend.from_settings(settings, manifest.dims, number)
         fallback = onnx if settings.triton_fallback else None
     retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     triton_timeout_ms: float = Field(50.0, gt=0, description="per call, also capped by the request budget")
     triton_retry_s: float = Field(2.0, gt=0, description="after a failure, skip Triton this long")
     triton_fallback: bool = Field(True, description="fall back to in-process ONNX Runtime when Triton fails")
+    # With a versions directory: each version was published into Triton's repository as Triton version <n> of v<n>
+    # (`falconrec models add --triton-repo`), and every request names the served one; swaps need it.
+    triton_versioned: bool = Field(False, description="requests name the served version's Triton number")
     onnx_providers: list[str] | None = None  # default: TensorRT -> CUDA -> CPU, whichever exist
     # TF32 for the CUDA provider's float32 matrix products: faster on Ampere and later, but its rounding exceeds the
     # 1e-3 parity bar with the CPU graphs (loadtest/gpu/measure.py measures both).

@@ -8,10 +8,11 @@ version. A request runs entirely on the version it started on (it holds its Reco
 and the answer's `model_version` all come from one), so in-flight requests finish on the old one, which is closed
 once the longest budget has passed; its memory goes with its last reference.
 
-With Triton, each version is published into Triton's repository as Triton version <n> of v<n>
-(`falconrec models add --triton-repo`, exporters/triton_versions.py) and every request names its version's number; a
-swap first makes sure Triton has that version ready (asks it to load it in explicit model-control mode, waits for
-its poll otherwise), and tries again later when it has not.
+With Triton and FALCONREC_TRITON_VERSIONED=true, each version is published into Triton's repository as Triton
+version <n> of v<n> (`falconrec models add --triton-repo`, exporters/triton_versions.py) and every request names its
+version's number; a swap first makes sure Triton has that version ready (asks it to load it in explicit model-control
+mode, waits for its poll otherwise), and tries again later when it has not. Without that setting a swap is refused
+with Triton (it would serve whatever version Triton chose).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from service.pipeline.recommender import Recommender
 from service.pipeline.serving import Serving
 from service.redact import for_log
 from service.stores.memory import InProcessStore
-from service.versions import VersionStore
+from service.versions import VersionError, VersionStore
 
 log = logging.getLogger("falconrec.swap")
 RETIRE_MARGIN_S = 1.0  # after the longest budget, before the old version is closed (once no request uses it)
@@ -82,7 +83,7 @@ class VersionWatcher:
             except BaseException:
                 await _close(rec)
                 raise
-        except SwapRefused as e:
+        except (SwapRefused, VersionError) as e:  # VersionError: an id with no Triton number, never servable
             self.refused[vid] = str(e)
             log.error("not swapping to version %s: %s", vid, e)
             return False
@@ -123,6 +124,12 @@ class VersionWatcher:
         return rec
 
     def _check(self, model: Model) -> None:
+        s = self.c.settings
+        if s.backend == "triton" and not s.triton_versioned:
+            raise SwapRefused(
+                "with Triton a version is served only where Triton has it: publish versions with `falconrec models "
+                "add --triton-repo` and set FALCONREC_TRITON_VERSIONED=true, or restart to serve this one"
+            )
         cur = self.c.recommender.sv
         # The store holds content embeddings from the served version's text model (and the live items' rows): a
         # version over another text model (or width) needs the store reloaded. More items (a retrain) are fine.

@@ -401,10 +401,11 @@ def test_expected_wait_counts_requests_not_yet_queued():
 
 
 def test_a_recommendation_that_cannot_answer_in_its_budget_is_not_started():
-    """Issue 26: admission leaves room for the shortest useful answer (learned): a request that would get its slot
-    with less than that left of its budget is refused, not started and answered late; a request that can wait for
-    the same slot without that need (a score) still gets it."""
+    """Issue 26: admission leaves room for the shortest useful answer (learned from served requests): a recommendation
+    whose queue ahead plus that cannot fit what is left of its budget is refused at once, not made to wait and then
+    answered late; a score (no shorter answer to fall back on) is judged on the queue alone."""
     import asyncio
+    import time
 
     from service.errors import Overloaded
     from service.pipeline.admission import Admission
@@ -415,7 +416,7 @@ def test_a_recommendation_that_cannot_answer_in_its_budget_is_not_started():
         adm.note_base(0.008)  # the served requests' history + tower + recall + top k took 8 ms
     assert 0.0119 < adm.base_s < 0.0121  # with its margin
 
-    async def main() -> tuple[str, bool]:
+    async def main() -> str:
         release = asyncio.Event()
 
         async def holder() -> None:
@@ -423,20 +424,22 @@ def test_a_recommendation_that_cannot_answer_in_its_budget_is_not_started():
                 await release.wait()
 
         task = asyncio.create_task(holder())
-        await asyncio.sleep(0)  # the holder has the only slot
-        asyncio.get_running_loop().call_later(0.010, release.set)  # frees it 10 ms on: 10 of 20 ms left, < 12
+        await asyncio.sleep(0)  # the holder has the only slot until the refusal below
+        late = Deadline(0.020, start=time.perf_counter() - 0.012)  # 8 ms left: < 2.5 ms of queue + 12 ms
         try:
-            async with adm.admitted(Deadline.ms(20), answer=True):
+            async with adm.admitted(late, answer=True):
                 refused = ""
         except Overloaded as e:
             refused = str(e)
+        assert adm.active == 1 and adm.waiting == 0  # refused before waiting: the holder still holds its slot
+        # With the slot busy and one request ahead, 8 ms is enough to wait for a slot, not to also answer.
+        assert adm.overloaded(0.008, not_yet_queued=1, answer=False) is None
+        assert "an answer needs" in (adm.overloaded(0.008, not_yet_queued=1, answer=True) or "")
         release.set()
         await task
-        async with adm.admitted(Deadline.ms(20)):  # no answer to leave room for: runs with what is left
-            served = True
-        return refused, served
+        return refused
 
-    refused, served = asyncio.run(main())
-    assert refused.startswith("overloaded:") and served
+    refused = asyncio.run(main())
+    assert "cannot finish within the 20 ms budget and leave the 12.0 ms an answer needs" in refused
     adm.reset_base()
     assert adm.base_s < 0.004  # warm-up's cold runs forgotten

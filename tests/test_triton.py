@@ -155,7 +155,8 @@ def test_versions_swap_in_triton_and_each_request_names_its_version(tiny_build, 
     publish(tiny_build.repo, repo, 1, opts, twin=True)
     t = start_tritonserver(repo, VENV, extra_args=("--model-control-mode=explicit", "--load-model=*"))
     s = server_settings(tiny_build, backend="triton", triton_url=t.grpc_url, grpc_port=0, triton_timeout_ms=5000,
-                        triton_fallback=False, versions_dir=root, version_poll_s=0.1)  # fmt: skip
+                        triton_fallback=False, triton_versioned=True, versions_dir=root,
+                        version_poll_s=0.1)  # fmt: skip
     srv = RunningServer(s)
     alone = RunningServer(server_settings(second_build, grpc_port=0))  # v2 in process: the reference
     users, _ = _requests(catalog)

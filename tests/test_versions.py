@@ -26,13 +26,15 @@ def test_gate_refuses_a_worse_version_within_tolerance_only():
     close = VersionInfo("v2", "tiny", "b", "e", 1.0, {"hr@10": 0.298, "ndcg@10": 0.171})
     worse = VersionInfo("v3", "tiny", "c", "e", 2.0, {"hr@10": 0.28, "ndcg@10": 0.171})
     assert gate(close, cur, tolerance=0.005) is None
-    assert "hr@10 0.2800 < 0.3000" in gate(worse, cur, tolerance=0.005)
+    assert "validation hr@10 0.2800 < 0.3000" in gate(worse, cur, tolerance=0.005)
     assert gate(worse, None, tolerance=0.0) is None  # the first version has nothing to be worse than
     # A retrain's holdout: both versions on the same newest events, compared only against the version it names.
-    holdout = {"against": "v1", "users": 40, "candidate": {"hr@10": 0.20}, "current": {"hr@10": 0.25}}
+    holdout = {"against": "v1", "users": 400, "candidate": {"hr@10": 0.20}, "current": {"hr@10": 0.25}}
     retrained = dataclasses.replace(close, holdout=holdout)
-    assert "holdout (40 users) hr@10 0.2000 < 0.2500" in gate(retrained, cur, tolerance=0.005)
+    assert "holdout (400 users) hr@10 0.2000 < 0.2500" in gate(retrained, cur, tolerance=0.005)
     assert gate(retrained, dataclasses.replace(cur, id="v0"), tolerance=0.005) is None
+    few = dataclasses.replace(close, holdout={**holdout, "users": 40})  # too few users to gate on: noise
+    assert gate(few, cur, tolerance=0.005) is None
 
 
 @pytest.fixture(scope="module")

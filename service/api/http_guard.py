@@ -35,7 +35,8 @@ ARRIVAL = "falconrec.arrival"  # ASGI scope key: perf_counter() when the request
 # The path of each /v1 endpoint -> its name in metrics and handlers (the same name over gRPC).
 ENDPOINTS = {"/v1/recommend": "recommend", "/v1/score": "score", "/v1/events": "events", "/v1/items": "items"}
 API_PATHS = tuple(ENDPOINTS)
-PIPELINE_PATHS = frozenset({"/v1/recommend", "/v1/score"})  # they queue for a pipeline slot (admission)
+RECOMMEND_PATH = "/v1/recommend"  # can degrade to the shortest useful answer, which admission leaves room for
+PIPELINE_PATHS = frozenset({RECOMMEND_PATH, "/v1/score"})  # they queue for a pipeline slot (admission)
 KNOWN_PATHS = frozenset({*API_PATHS, "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 
 
@@ -116,7 +117,7 @@ class GuardMiddleware:
         pipeline = endpoint in PIPELINE_PATHS
         why = "overloaded: too many requests in flight" if self.inflight >= self.s.max_concurrency else None
         if why is None and pipeline:
-            why = self._queue_too_long(scope[ARRIVAL], body)
+            why = self._queue_too_long(scope[ARRIVAL], body, answer=endpoint == RECOMMEND_PATH)
         if why is not None:
             m = self.metrics()
             if m is not None:  # counted as the handlers count theirs (by endpoint name, both transports)
@@ -143,7 +144,7 @@ class GuardMiddleware:
             self.inflight -= 1
             self.pipeline_inflight -= pipeline
 
-    def _queue_too_long(self, arrival: float, body: bytes) -> str | None:
+    def _queue_too_long(self, arrival: float, body: bytes, answer: bool) -> str | None:
         """Why the pipeline cannot take this request within its budget, counting the requests that arrived
         before it and are still being parsed (admission sees them only once they reach it), or None."""
         adm = self.admission()
@@ -151,7 +152,7 @@ class GuardMiddleware:
             return None
         not_yet_queued = max(0, self.pipeline_inflight - adm.active - adm.waiting)
         remaining = _budget_s(body, self.s.budget_ms) - (time.perf_counter() - arrival)
-        return adm.overloaded(remaining, not_yet_queued)
+        return adm.overloaded(remaining, not_yet_queued, answer)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes:
         cap = self.s.max_body_bytes

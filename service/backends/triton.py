@@ -68,24 +68,26 @@ class TritonBackend(InferenceBackend):
         return self._client
 
     async def ensure_loaded(self, timeout_s: float) -> None:
-        """Every model at this backend's version ready in Triton. Triton in explicit model-control mode is asked to
-        load each model again (it then picks up the new version directory); in poll mode it finds the directory
-        itself and this waits. Raises BackendUnavailable naming the models still not ready after `timeout_s`."""
+        """Every model at this backend's version ready in Triton, within `timeout_s` in all. Triton in explicit
+        model-control mode is asked to load each model again (it then picks up the new version directory); in poll
+        mode it finds the directory itself and this waits. Raises BackendUnavailable naming what is not ready."""
         missing = list(self.specs)
         asked: set[str] = set()
-        end = time.monotonic() + timeout_s
-        while True:
-            missing = [m for m in missing if not await self._ready(m)]
-            if not missing or time.monotonic() >= end:
-                break
-            for m in missing:
-                if m not in asked:
-                    asked.add(m)
-                    try:
-                        await asyncio.wait_for(self.client.load_model(m), max(0.1, end - time.monotonic()))
-                    except Exception as e:  # noqa: BLE001 - poll mode refuses explicit loads: wait for the poll
-                        log.info("triton load_model(%s) at version %s: %s", m, self.model_version, for_log(e))
-            await asyncio.sleep(0.2)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while missing:
+                    ready = await asyncio.gather(*(self._ready(m) for m in missing))
+                    missing = [m for m, ok in zip(missing, ready, strict=True) if not ok]
+                    for m in (m for m in missing if m not in asked):
+                        asked.add(m)
+                        try:
+                            await self.client.load_model(m)
+                        except Exception as e:  # noqa: BLE001 - poll mode refuses explicit loads: wait for the poll
+                            log.info("triton load_model(%s) for version %s: %s", m, self.model_version, for_log(e))
+                    if missing:
+                        await asyncio.sleep(0.2)
+        except TimeoutError:
+            pass
         if missing:
             raise BackendUnavailable(f"triton has no ready version {self.model_version} of {', '.join(missing)}")
 

@@ -60,12 +60,17 @@ class Admission:
             return 0.0
         return (ahead - self.max_active + 0.5) * self._hold_s / self.max_active
 
-    def overloaded(self, remaining_s: float, not_yet_queued: int = 0) -> str | None:
-        """Why a newcomer with `remaining_s` of budget cannot get a slot in time, or None when it may."""
+    def overloaded(self, remaining_s: float, not_yet_queued: int = 0, answer: bool = True) -> str | None:
+        """Why a newcomer with `remaining_s` of budget cannot get a slot in time (`answer`: with room for the shortest
+        useful answer, as `admitted` leaves for a recommendation), or None when it may."""
         ahead = self.waiting + not_yet_queued
-        if ahead == 0 or self.expected_wait(not_yet_queued) + self.base_s <= remaining_s:
+        base = self.base_s if answer else 0.0
+        if ahead == 0 or self.expected_wait(not_yet_queued) + base <= remaining_s:
             return None
-        return f"overloaded: {ahead} requests queued ahead cannot finish within the budget"
+        return f"overloaded: {ahead} requests queued ahead cannot finish within the budget{self._room(base)}"
+
+    def _room(self, base: float) -> str:
+        return f" and leave the {base * 1000:.1f} ms an answer needs" if base else ""
 
     @asynccontextmanager
     async def admitted(self, deadline: Deadline, patient: bool = False, answer: bool = False) -> AsyncIterator[None]:
@@ -84,7 +89,7 @@ class Admission:
             if not patient and self.expected_wait() + base > deadline.remaining():
                 raise Overloaded(
                     f"overloaded: {self.waiting} requests queued ahead cannot finish within the "
-                    f"{deadline.budget_s * 1000:g} ms budget"
+                    f"{deadline.budget_s * 1000:g} ms budget{self._room(base)}"
                 )
             self.waiting += 1
             try:
@@ -107,7 +112,8 @@ class Admission:
             # that found a free slot always runs, so the base cost keeps being learned from served requests.)
             self._slots.release()
             raise Overloaded(
-                f"overloaded: too little of the {deadline.budget_s * 1000:g} ms budget left after the queue to answer"
+                f"overloaded: less than the {base * 1000:.1f} ms an answer needs left of the "
+                f"{deadline.budget_s * 1000:g} ms budget after the queue"
             )
         admitted_at = time.perf_counter()
         if patient:
