@@ -18,10 +18,6 @@ class TritonOptions:
     instance_kind: str = "KIND_AUTO"  # KIND_GPU in the GPU compose profile
     tensorrt: bool = False  # ORT's TensorRT execution accelerator, FP16
     trt_workspace_bytes: int = 1 << 30
-    # Which version directories Triton serves. A build's own repository has one ("1"); a shared repository that
-    # `falconrec models add --triton-repo` publishes every version into serves them all, so a request can name the
-    # one it runs on and a rollback finds its version loaded (exporters/triton_versions.py).
-    all_versions: bool = False
 
 
 def _tensor(t: TensorSpec) -> str:
@@ -40,8 +36,6 @@ def render(spec: ModelSpec, opts: TritonOptions = TritonOptions(), backend: str 
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {opts.max_queue_delay_us}\n}}",
         f"instance_group [\n  {{\n    count: {opts.instance_count}\n    kind: {opts.instance_kind}\n  }}\n]",
     ]
-    if opts.all_versions:
-        parts.append("version_policy: { all { } }")
     if opts.tensorrt:
         parts.append(
             "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"

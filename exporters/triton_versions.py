@@ -18,17 +18,17 @@ from pathlib import Path
 from exporters.triton_config import TritonOptions, render
 from exporters.triton_twin import MODEL_PY
 from service.contract import ONNX_FILE, Manifest, model_specs, onnx_path
-from service.versions import triton_number  # noqa: F401 - the numbering belongs to the versions
 
 MARK = "falconrec_model_version"  # which build a version directory holds (Triton ignores other files)
 POLICY = "version_policy: { all { } }"
 
 
 def _config(repo: Path, name: str, spec, twin: bool, opts: TritonOptions) -> str:  # noqa: ANN001 - a ModelSpec
-    if twin:  # the Python-backend twin's own config (local tests)
-        return render(spec, TritonOptions(**{**opts.__dict__, "all_versions": True}), backend="python")
     built = repo / name / "config.pbtxt"
-    text = built.read_text() if built.is_file() else render(spec, opts)
+    if twin:  # the Python-backend twin's own config (local tests)
+        text = render(spec, opts, backend="python")
+    else:
+        text = built.read_text() if built.is_file() else render(spec, opts)
     return text if POLICY in text else text.rstrip("\n") + "\n" + POLICY + "\n"
 
 
