@@ -29,7 +29,7 @@ from training.models import HSTURanker, TwoTower
 OPSET = 18
 # Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
 # build` re-exports instead of keeping a repository written by older code.
-GRAPH_REVISION = 5
+GRAPH_REVISION = 7
 
 
 class ItemTowerGraph(nn.Module):
@@ -72,16 +72,19 @@ class RankerHistoryGraph(nn.Module):
 class RankerCandidatesGraph(nn.Module):
     """Every candidate sits at the serving position L (after the whole history), at the query time."""
 
-    def __init__(self, ranker: HSTURanker):
+    def __init__(self, ranker: HSTURanker, as_trained: bool = False):
         super().__init__()
         self.m = ranker
+        self.as_trained = as_trained  # the trained candidates() path: the export's parity reference
 
     def forward(self, hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_token):
-        # Position and time are shared by all candidates: [B,1], broadcast inside (bias computed once per user).
-        pos = torch.ones_like(query_ts) * hist_ts.shape[1]
-        return self.m.candidates(
-            hist_k, hist_v, hist_q.unsqueeze(1), hist_ts, hist_valid, None, None, pos, query_ts, cand_token=cand_token
-        )
+        hist_q = hist_q.unsqueeze(1)
+        if self.as_trained:
+            pos = torch.ones_like(query_ts) * hist_ts.shape[1]
+            return self.m.candidates(hist_k, hist_v, hist_q, hist_ts, hist_valid, None, None, pos, query_ts, cand_token)
+        # Position and time are shared by all candidates (bias computed once per user), and the attention weights
+        # take one pass instead of five (candidates_at_end).
+        return self.m.candidates_at_end(hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_token)
 
 
 class RankerItemGraph(nn.Module):
@@ -199,14 +202,14 @@ def check_onnx_against_spec(path: Path, spec: ModelSpec) -> None:
         raise RuntimeError(f"{path}: graph I/O {got} does not match the contract for {spec.name}: {want}")
 
 
-def served_graphs(towers: TwoTower, ranker: HSTURanker) -> dict[str, nn.Module]:
-    """The exported wrappers, by model name."""
+def served_graphs(towers: TwoTower, ranker: HSTURanker, as_trained: bool = False) -> dict[str, nn.Module]:
+    """The exported wrappers, by model name; as_trained: the forms training used (export's parity reference)."""
     return {
         ITEM_TOWER: ItemTowerGraph(towers),
         USER_TOWER: UserTowerGraph(towers),
         USER_TOWER_EXTEND: UserTowerExtendGraph(towers),
         RANKER_HISTORY: RankerHistoryGraph(ranker),
-        RANKER_CANDIDATES: RankerCandidatesGraph(ranker),
+        RANKER_CANDIDATES: RankerCandidatesGraph(ranker, as_trained),
         RANKER_ITEM: RankerItemGraph(ranker),
     }
 
@@ -242,7 +245,7 @@ def check_parity(reference: nn.Module, path: Path, spec: ModelSpec, dims: ModelD
 
 def export_all(towers: TwoTower, ranker: HSTURanker, dims: ModelDims, repo: Path) -> dict[str, Path]:
     specs = model_specs(dims)
-    reference = served_graphs(towers.eval(), ranker.eval())
+    reference = served_graphs(towers.eval(), ranker.eval(), as_trained=True)
     served = served_graphs(*_for_serving(towers, ranker))
     out = {}
     for name, graph in served.items():

@@ -17,8 +17,7 @@ from typing import Annotated
 
 import typer
 
-from falconrec.models import VersionsOpt, add_build
-from falconrec.models import promote as promote_version
+from falconrec.models import VersionsOpt, add_and_promote
 from falconrec.options import ConfigOpt, console, default_config
 
 DEFAULT_VERSIONS = Path("versions")
@@ -46,25 +45,6 @@ def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[
     b.index(ds, emb, manifest)
 
 
-def _add_and_promote(
-    config: str,
-    artifacts: Path,
-    repo: Path,
-    versions: Path,
-    note: str,
-    force: bool,
-    tolerance: float = 0.005,
-    holdout: dict | None = None,
-) -> None:
-    newest = add_build(config, artifacts, repo, versions, note, holdout)
-    try:
-        promote_version(newest, force=force, tolerance=tolerance, versions=versions)
-    except typer.Exit as e:
-        if e.exit_code:  # the gate said no: the version stays listed, unserved
-            console.print(f"{newest} kept but not served (see above)")
-        raise
-
-
 def quick(
     config: ConfigOpt = default_config(),
     versions: VersionsOpt = DEFAULT_VERSIONS,
@@ -80,7 +60,7 @@ def quick(
     if (artifacts / "cache").is_dir() and not shared.exists():
         shutil.copytree(artifacts / "cache", shared)
     epochs = ", ".join(f"{k} {v}" for k, v in QUICK_EPOCHS.items())
-    _add_and_promote(config, artifacts, repo, versions, f"quick: {epochs} epochs", force=True)
+    add_and_promote(config, artifacts, repo, versions, f"quick: {epochs} epochs", force=True)
 
 
 def full(
@@ -94,7 +74,7 @@ def full(
 
     artifacts, repo = Path("artifacts"), Path("model_repository")
     _build(load_config(config), artifacts, repo, data_dir, {"towers", "ranker"})
-    _add_and_promote(config, artifacts, repo, versions, "full build", force=False)
+    add_and_promote(config, artifacts, repo, versions, "full build", force=False)
 
 
 def retrain(
@@ -160,7 +140,7 @@ def _retrain_once(config: str, versions: Path, epochs: int, tolerance: float, fo
     try:
         holdout = _retrain_build(config, _store(versions), current, artifacts, repo, epochs, redis_url)
         note = f"retrain of {current}, {epochs} epochs"
-        _add_and_promote(config, artifacts, repo, versions, note, force, tolerance, holdout)
+        add_and_promote(config, artifacts, repo, versions, note, force, tolerance, holdout)
     finally:  # the version holds its own copy (models add): a schedule must not fill the disk with builds
         shutil.rmtree(work, ignore_errors=True)
 

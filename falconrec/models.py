@@ -157,6 +157,26 @@ def promote(
     console.print(f"current version: {version} (was {before}){' [forced]' if force else ''}")
 
 
+def add_and_promote(
+    config: str,
+    artifacts: Path,
+    repo: Path,
+    versions: Path,
+    note: str,
+    force: bool,
+    tolerance: float = 0.005,
+    holdout: dict | None = None,
+) -> None:
+    """Add a build as a new version, then promote it: through the gate, or --force; a refusal keeps it listed."""
+    newest = add_build(config, artifacts, repo, versions, note, holdout)
+    try:
+        promote(newest, force=force, tolerance=tolerance, versions=versions)
+    except typer.Exit as e:
+        if e.exit_code:  # the gate said no: the version stays listed, unserved
+            console.print(f"{newest} kept but not served (see above)")
+        raise
+
+
 @app.command()
 def rollback(versions: VersionsOpt = DEFAULT_VERSIONS) -> None:
     """Back to the version that was current before this one."""

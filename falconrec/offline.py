@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from falconrec.models import DEFAULT_VERSIONS, VersionsOpt, add_and_promote, add_build
 from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
 
@@ -110,9 +111,25 @@ def build(
         Path | None, typer.Option(help='interactions file or directory: [data] source = "files" (docs/data.md)')
     ] = None,
     items: Annotated[Path | None, typer.Option(help="items file or directory, with --interactions")] = None,
+    add_version: Annotated[
+        bool, typer.Option("--add-version", help="then add the build to --versions as a new model version")
+    ] = False,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="then add it as a version and promote it through the gate")
+    ] = False,
+    versions: VersionsOpt = DEFAULT_VERSIONS,
 ) -> None:
-    """Data -> LLM embeddings -> train towers, HSTU, SASRec -> ONNX + config.pbtxt -> FAISS index."""
+    """Data -> LLM embeddings -> train towers, HSTU, SASRec -> ONNX + config.pbtxt -> FAISS index; with
+    --add-version / --promote also a model version the service can swap to (`falconrec models`)."""
     run_steps(builder(config, artifacts, repo, data_dir, download, force, tensorrt, interactions, items), "index")
+    if add_version or promote:
+        # A version is named by its config: a one-off --interactions/--items build is still `config`'s data
+        # source only by name, so the note says where its data came from.
+        note = f"build of {interactions} + {items}" if interactions else "falconrec build"
+        if promote:
+            add_and_promote(config, artifacts, repo, versions, note, force=False)
+        else:
+            add_build(config, artifacts, repo, versions, note)
 
 
 def embed(

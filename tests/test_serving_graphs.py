@@ -120,6 +120,27 @@ def test_shared_candidate_position_broadcast_equals_per_candidate():
     assert torch.allclose(shared, each, atol=1e-6)
 
 
+@torch.no_grad()
+def test_candidates_at_end_equal_the_trained_candidate_path():
+    """The serving rearrangement (bias as a key column, mask and scale on the values) gives the trained scores,
+    left padding included."""
+    m = _ranker()
+    B, L, M = 3, 25, 40
+    hist_emb, item = torch.randn(B, L, 24), torch.randint(1, 301, (B, L))
+    ts = torch.sort(torch.randint(10**9, 10**9 + 10**7, (B, L)), 1)[0]
+    valid = torch.ones(B, L)
+    valid[0, :7] = 0
+    valid[2, :20] = 0
+    qts = ts[:, -1:] + 3600
+    hidden, k, v = m.history(hist_emb, item, ts, valid, qts)
+    q = m.next_item_query(hidden[:, -1]).unsqueeze(1)
+    token = m.item_token(torch.randn(B, M, 24), torch.randint(1, 301, (B, M)))
+    trained = m.candidates(k, v, q, ts, valid, None, None, torch.full((B, 1), L), qts, cand_token=token)
+    served = m.candidates_at_end(k, v, q, ts, valid, qts, token)
+    assert torch.allclose(trained, served, atol=1e-5)
+    assert trained.std() > 0.1  # the scores differ per candidate, so equality says something
+
+
 def test_export_parity_check_fails_on_a_graph_that_differs(tmp_path):
     spec = model_specs(DIMS)[RANKER_CANDIDATES]
     ranker = _ranker()

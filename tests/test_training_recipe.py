@@ -94,6 +94,35 @@ def test_negatives_are_drawn_per_position():
     assert small_pool.tolist() == list(range(1, 301))  # a small catalog is sampled from in full
 
 
+def test_shared_negatives_score_every_position_against_the_whole_pool():
+    """negatives >= negative_pool: one pool of uniform draws is every position's negatives (a single matmul); the
+    positive, wherever it sits in the pool, is masked there and counted once."""
+    N, K, temp = 50, 8, 0.1
+    q = _unit(torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1)))
+    vec = _unit(torch.randn(N + 1, 8, generator=torch.Generator().manual_seed(2)))
+    tgt = torch.randint(1, N + 1, (2, 3), generator=torch.Generator().manual_seed(3))
+    got = T.sampled_softmax(
+        q, tgt, torch.ones(2, 3), lambda ids: vec[ids], N, K, temp, torch.Generator().manual_seed(7), K
+    )
+    pool, pick = T.sample_negatives(6, N, K, torch.Generator().manual_seed(7), K, q.device)
+    assert pick is None and len(pool) == K
+    qv, t = q.flatten(0, 1), tgt.flatten()
+    losses = []
+    for p in range(6):
+        negs = [int(n) for n in pool if int(n) != int(t[p])]
+        logits = torch.stack([qv[p] @ vec[int(t[p])]] + [qv[p] @ vec[n] for n in negs]) / temp
+        losses.append(-torch.log_softmax(logits, 0)[0])
+    assert torch.allclose(got, torch.stack(losses).mean(), atol=1e-5)
+
+
+def test_ranker_precision_is_checked():
+    from training.config import RankerCfg
+
+    assert RankerCfg(precision="bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        RankerCfg(precision="fp16")
+
+
 def test_packed_windows_equal_left_pad_of_the_same_slice():
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 50, size=n) for n in (1, 3, 7, 12, 30)]

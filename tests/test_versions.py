@@ -351,3 +351,23 @@ def test_retrain_every_takes_a_period_and_refuses_nonsense():
     for bad in ("6", "h", "6x", "-1h", "0s"):
         with pytest.raises(typer.BadParameter):
             parse_period(bad)
+
+
+def test_build_adds_a_version_and_promotes_it_through_the_gate(tiny_build, tmp_path):
+    """`falconrec build --promote` ends in a served version (no separate `models add`); `--add-version` only lists
+    it. The build's steps are cached here (a copy of the session's tiny build), so this checks the wiring."""
+    import shutil
+
+    from falconrec.cli import app as cli
+
+    art, repo, versions = tmp_path / "artifacts", tmp_path / "model_repository", tmp_path / "versions"
+    shutil.copytree(tiny_build.artifacts, art)
+    shutil.copytree(tiny_build.repo, repo)
+    common = ["build", "--config", "tiny", "--artifacts", str(art), "--repo", str(repo), "--versions", str(versions)]
+    first = CliRunner().invoke(cli, [*common, "--promote"])
+    assert first.exit_code == 0, first.output
+    vs = VersionStore(versions)
+    assert vs.current() == "v1" and vs.info("v1").metrics.keys() == {"hr@10", "ndcg@10"}
+    second = CliRunner().invoke(cli, [*common, "--add-version"])
+    assert second.exit_code == 0, second.output
+    assert vs.ids() == ["v1", "v2"] and vs.current() == "v1"  # listed, not served until promoted

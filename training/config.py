@@ -111,7 +111,8 @@ class RankerCfg:
     batch_size: int = 128
     lr: float = 1e-3
     negatives: int = 128  # sampled-softmax negatives of the next-item loss, drawn per position; 0 = full catalog
-    negative_pool: int = 1024  # ... from a pool of this many uniformly drawn items (whole catalog if smaller)
+    negative_pool: int = 1024  # ... from a pool of this many uniform draws (whole catalog if smaller); negatives >=
+    # negative_pool shares the pool: every position of a batch scored against all of it (one matmul)
     target_positions: int = 4  # positions per sequence trained through the candidate path
     cand_negatives: int = 32  # negatives per such position (each one is a candidate token: costly)
     temperature: float = 0.05
@@ -119,6 +120,13 @@ class RankerCfg:
     eval_every: int = 1  # validate the ranker every N epochs (its full-catalog validation is the costly one)
     valid_rerank: int = 0  # > 0: validate on the full score of the next-item score's top N only (cheaper)
     lr_decay: float = 0.0  # > 0: end with a linear decay of lr to zero over this share of the budget (schedule.py)
+    precision: str = "fp32"  # "bf16": training steps under autocast (the exported graphs stay fp32)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f'[ranker] precision must be "fp32" or "bf16", got {self.precision!r}')
+        if self.negatives < 0 or self.negative_pool < 1:
+            raise ValueError("[ranker] negatives must be >= 0 (0 = full catalog) and negative_pool >= 1")
 
 
 @dataclass(frozen=True)

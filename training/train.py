@@ -272,7 +272,9 @@ def sampled_softmax(
     item_vecs: ids -> L2-normalised item vectors; catalog: the items negatives come from (N: ids 1..N, or
     an explicit id list). Negatives are drawn uniformly, per position, from a pool of `pool_size` uniformly
     drawn items (the whole catalog when it is smaller): one matmul against the pool then a gather, instead
-    of materialising [positions, K, d] negative vectors (~8x the work here).
+    of materialising [positions, K, d] negative vectors (~8x the work here). With `num_negatives` >= `pool_size`,
+    the pool is shared: every position of the batch is scored against all of it (uniform draws, so the logQ
+    correction is a constant and drops out of the softmax).
     """
     sel = mask.flatten() > 0
     qv = q.flatten(0, 1)[sel]  # [P,d]
@@ -283,8 +285,11 @@ def sampled_softmax(
     pool_vec = item_vecs(pool)
     in_order = isinstance(catalog, int) and len(pool) == catalog  # the whole catalog: row i = item i+1
     pos_vec = pool_vec[t - 1] if in_order else item_vecs(t)
-    neg = (qv @ pool_vec.T).gather(1, pick)  # [P,K]
-    neg = neg.masked_fill(pool[pick] == t.unsqueeze(1), MASKED_LOGIT * temperature)
+    if pick is None:  # shared: every position's negatives are the whole pool, one matmul and no gather
+        neg = (qv @ pool_vec.T).masked_fill(pool.unsqueeze(0) == t.unsqueeze(1), MASKED_LOGIT * temperature)
+    else:
+        neg = (qv @ pool_vec.T).gather(1, pick)  # [P,K]
+        neg = neg.masked_fill(pool[pick] == t.unsqueeze(1), MASKED_LOGIT * temperature)
     logits = torch.cat([(qv * pos_vec).sum(-1, keepdim=True), neg], 1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long, device=q.device))
 
@@ -319,16 +324,18 @@ def draw_items(catalog: int | torch.Tensor, shape: tuple[int, ...], gen: torch.G
 
 def sample_negatives(
     positions: int, catalog: int | torch.Tensor, k: int, gen: torch.Generator, pool_size: int, dev: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pool [Q] item ids, pick [positions, k] indices into the pool): position p's negatives are
     pool[pick[p]], drawn uniformly and independently for every position. The pool is the whole catalog
     (ids 1..N in order, or the given id list) when it has at most `pool_size` items, else `pool_size`
-    uniform draws from it."""
+    uniform draws from it. pick is None when k >= pool_size: the pool is every position's negatives (shared)."""
     size = catalog if isinstance(catalog, int) else len(catalog)
     if size <= pool_size:
         pool = torch.arange(1, size + 1, device=dev) if isinstance(catalog, int) else catalog.to(dev)
     else:
         pool = draw_items(catalog, (pool_size,), gen, dev)
+    if k >= pool_size:  # as configured, so a small catalog keeps per-position draws
+        return pool, None
     return pool, torch.randint(0, len(pool), (positions, k), generator=gen, device=dev)
 
 
@@ -346,6 +353,11 @@ class FitPlan:
     lr: float
     eval_every: int = 1
     lr_decay: float = 0.0  # see training/schedule.py: share of max_epochs spent decaying the rate to zero
+    precision: str = "fp32"  # "bf16": the training step under CPU autocast (AMX where the CPU has it)
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    return next(model.parameters()).device.type
 
 
 def _train_epoch(
@@ -370,7 +382,8 @@ def _train_epoch(
         lr = sched.rate(epoch - 1 + i / len(epoch_batches))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = step(users[batch], rng)
+        with torch.autocast(_device_type(model), dtype=torch.bfloat16, enabled=plan.precision == "bf16"):
+            loss = step(users[batch], rng)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -611,7 +624,7 @@ def train_ranker(
             score = lambda h: ranker_scores_full(model, h, table)  # noqa: E731
         return evaluate_scorer(ds, vusers, "valid", L, table, score)
 
-    plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every, r.lr_decay)
+    plan = FitPlan(r.epochs, r.patience, r.train_budget_s, r.batch_size, r.lr, r.eval_every, r.lr_decay, r.precision)
     model, info = _fit("ranker", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
@@ -631,6 +644,7 @@ SASREC_FROM_RANKER = (
     "batch_size",
     "negatives",
     "negative_pool",
+    "precision",
 )
 
 
@@ -685,7 +699,9 @@ def train_sasrec(
     def validate():
         return evaluate_scorer(ds, vusers, "valid", L, table, lambda h: sasrec_scores_full(model, h, table))
 
-    plan = FitPlan(c.epochs, c.patience, c.train_budget_s, r.batch_size, c.lr, lr_decay=c.lr_decay)
+    plan = FitPlan(
+        c.epochs, c.patience, c.train_budget_s, r.batch_size, c.lr, lr_decay=c.lr_decay, precision=r.precision
+    )
     model, info = _fit("sasrec", model, plan, ds, step, validate, cfg.seed, log, table)
     return model, kwargs, info
 
