@@ -86,7 +86,7 @@ def test_idle_request_splits_over_free_workers_and_failures_reach_every_request(
     sizes: list[int] = []
 
     async def run(inputs):
-        sizes.append(inputs["cand_token"].shape[0])
+        sizes.append(inputs["cand_token"].shape[:2])
         return await backend.infer(RANKER_CANDIDATES, inputs), None
 
     async def fail(inputs):
@@ -105,7 +105,8 @@ def test_idle_request_splits_over_free_workers_and_failures_reach_every_request(
             await bad.close()
 
     scores = asyncio.run(go())
-    assert sorted(sizes) == [2, 2]  # 4 rows of 256 over the 2 free workers, not one call on one core
+    # 4 rows of 256 over the 2 free workers, not one call on one core; one user's rows side by side (B = 1)
+    assert sorted(sizes) == [(1, 488), (1, 512)]  # 256 + 256, 256 + 232
     np.testing.assert_allclose(scores, _alone(backend, user, tokens), atol=1e-5, rtol=0)
 
 

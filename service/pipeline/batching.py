@@ -35,24 +35,45 @@ class _Row:
     future: asyncio.Future
 
 
-def stack_rows(rows: list[_Row]) -> dict[str, np.ndarray]:
-    """One ranker_candidates input batch from rows of different users: histories left-padded (invalid,
-    zero K/V) to the longest, candidates right-padded with zero tokens (their scores are dropped)."""
-    B = len(rows)
-    L = max(r.user["hist_k"].shape[2] for r in rows)
-    M = max(len(r.cand_token) for r in rows)
-    k0, v0, t0 = rows[0].user["hist_k"], rows[0].user["hist_v"], rows[0].cand_token
+def stack_rows(rows: list[_Row]) -> tuple[dict[str, np.ndarray], list[tuple[int, int]]]:
+    """One ranker_candidates input batch from rows, and where each row's scores are: (batch index, offset).
+
+    Rows of one user (one request's microbatches) share a batch row, their candidates side by side along M:
+    a candidate sees the history and itself only, so this changes no score, and one user's call runs on its
+    own arrays without a copy of the history. Rows of different users go along the batch axis, histories
+    left-padded (invalid, zero K/V) to the longest, candidates right-padded with zero tokens (dropped)."""
+    groups: dict[int, list[_Row]] = {}
+    for r in rows:
+        groups.setdefault(id(r.user), []).append(r)
+    where, tokens = [], []
+    for b, group in enumerate(groups.values()):
+        offset = 0
+        for r in group:
+            where.append((b, offset))
+            offset += len(r.cand_token)
+        tokens.append(group[0].cand_token if len(group) == 1 else np.concatenate([r.cand_token for r in group]))
+    users = [g[0].user for g in groups.values()]
+    if len(users) == 1:
+        return {**{k: users[0][k] for k in USER_INPUTS}, "cand_token": tokens[0][None]}, where
+    return _pad_users(users, tokens), where
+
+
+def _pad_users(users: list[dict[str, np.ndarray]], tokens: list[np.ndarray]) -> dict[str, np.ndarray]:
+    B = len(users)
+    L = max(u["hist_k"].shape[2] for u in users)
+    M = max(len(t) for t in tokens)
+    k0, v0 = users[0]["hist_k"], users[0]["hist_v"]
     out = {
         "hist_k": np.zeros((B, k0.shape[1], L, k0.shape[3]), np.float32),
         "hist_v": np.zeros((B, v0.shape[1], L, v0.shape[3]), np.float32),
-        "hist_q": np.empty((B, rows[0].user["hist_q"].shape[1]), np.float32),
+        "hist_q": np.empty((B, users[0]["hist_q"].shape[1]), np.float32),
         "hist_ts": np.zeros((B, L), np.int64),
         "hist_valid": np.zeros((B, L), np.float32),
         "query_ts": np.empty((B, 1), np.int64),
-        "cand_token": np.zeros((B, M, t0.shape[1]), np.float32),
+        "cand_token": np.zeros((B, M, tokens[0].shape[1]), np.float32),
     }
-    for b, r in enumerate(rows):
-        u, n, m = r.user, r.user["hist_k"].shape[2], len(r.cand_token)
+    for b, (u, t) in enumerate(zip(users, tokens, strict=True)):
+        n = u["hist_k"].shape[2]
         out["hist_k"][b, :, L - n :] = u["hist_k"][0]
         out["hist_v"][b, :, L - n :] = u["hist_v"][0]
         out["hist_q"][b] = u["hist_q"][0]
@@ -60,7 +81,7 @@ def stack_rows(rows: list[_Row]) -> dict[str, np.ndarray]:
         out["hist_ts"][b, : L - n] = u["hist_ts"][0, 0]  # masked; a real time keeps the bias lookups in range
         out["hist_valid"][b, L - n :] = u["hist_valid"][0]
         out["query_ts"][b] = u["query_ts"][0]
-        out["cand_token"][b, :m] = r.cand_token
+        out["cand_token"][b, : len(t)] = t
     return out
 
 
@@ -133,13 +154,14 @@ class CandidateBatcher:
 
     async def _call(self, batch: list[_Row]) -> None:
         try:
-            outs, reason = await self._run(stack_rows(batch))
+            inputs, where = stack_rows(batch)
+            outs, reason = await self._run(inputs)
             scores = outs["scores"]
             self.calls += 1
             self.rows += len(batch)
-            for b, r in enumerate(batch):
+            for (b, at), r in zip(where, batch, strict=True):
                 if not r.future.done():
-                    r.future.set_result((scores[b, : len(r.cand_token)], reason))
+                    r.future.set_result((scores[b, at : at + len(r.cand_token)], reason))
         except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, none hangs
             for r in batch:
                 if not r.future.done():
