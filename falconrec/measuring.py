@@ -219,13 +219,15 @@ def swaps(
     rate: Annotated[float, typer.Option(help="requests per second, open loop")] = 100.0,
     phase_s: Annotated[float, typer.Option(help="seconds between swaps (three promotions, one rollback)")] = 15.0,
     versions: Annotated[
-        Path | None, typer.Option(help="a versions directory of the tiny config (built when it has fewer than 3)")
+        Path | None,
+        typer.Option(help="a versions directory with three versions of --config (tiny: built when missing)"),
     ] = None,
+    config: Annotated[str, typer.Option("--config", "-c", help="the config the versions serve")] = "tiny",
 ) -> None:
     """Version swaps under steady load: non-200s, latency outside the swap seconds, answers per model_version."""
     from loadtest.swaps import main
 
-    raise typer.Exit(main(rate, phase_s, versions))
+    raise typer.Exit(main(rate, phase_s, versions, config))
 
 
 def deadline(

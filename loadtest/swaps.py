@@ -2,10 +2,12 @@
 open-loop stream of POST /v1/recommend runs at a fixed rate; three promotions and one rollback happen during it.
 
 Prints, per phase between swaps and overall: answers, non-200s, client p50/p99, the p99 outside the second after
-each swap (the warm-up second), and which model_version answered. Builds the versions it needs (the tiny config
-with other training seeds) when --versions has fewer than three.
+each swap (the warm-up second), and which model_version answered. For the tiny config it builds the versions it
+needs (other training seeds) when --versions has fewer than three; for another config --versions must hold three
+of that config (e.g. `falconrec build --config C --add-version` three times, with other seeds or epochs).
 
     falconrec swaps --rate 100 --phase-s 15
+    falconrec swaps --config ml1m --versions versions --rate 100 --phase-s 20
 """
 
 from __future__ import annotations
@@ -56,10 +58,22 @@ def ensure_versions(root: Path, work: Path, n: int = 3) -> VersionStore:
     return vs
 
 
-def start_server(root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, log: Path, config: str = "tiny") -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "FALCONREC_REDIS_URL"}  # the driver writes the file pointer
     env |= {"FALCONREC_VERSIONS_DIR": str(root), "FALCONREC_VERSION_POLL_S": "0.2"}
-    return start_serve(["--config", "tiny"], env, log, timeout_s=120)
+    return start_serve(["--config", config], env, log, timeout_s=300)
+
+
+def existing_versions(root: Path, config: str, n: int = 3) -> VersionStore:
+    """A versions directory made elsewhere: its first `n` versions must be of `config`; the first becomes current."""
+    vs = VersionStore(root)
+    ids = vs.ids()
+    if len(ids) < n or any(vs.info(v).config != config for v in ids[:n]):
+        have = ", ".join(f"{v} ({vs.info(v).config})" for v in ids) or "none"
+        raise SystemExit(f"{root}: needs {n} versions of {config!r} (has {have}); add builds with `falconrec build "
+                         f"--config {config} --add-version --versions {root}`")  # fmt: skip
+    vs.set_current(ids[0])
+    return vs
 
 
 async def stream(url: str, users: list[int], rate: float, seconds: float) -> list[Answer]:
@@ -121,13 +135,16 @@ def report(answers: list[Answer], swaps: list[tuple[float, str]], rate: float) -
     return "\n".join(lines)
 
 
-def main(rate: float = 100.0, phase_s: float = 15.0, versions: Path | None = None) -> int:
+def main(rate: float = 100.0, phase_s: float = 15.0, versions: Path | None = None, config: str = "tiny") -> int:
+    from service.artifacts import config_name
+
     work = Path(tempfile.mkdtemp(prefix="falconrec-swaps-"))
     root = versions or work / "versions"
-    vs = ensure_versions(root, work)
-    proc, url = start_server(root, work / "server.log")
+    name = config_name(config)
+    vs = ensure_versions(root, work) if name == "tiny" else existing_versions(root, name)
+    proc, url = start_server(root, work / "server.log", config)
     try:
-        users = [int(u) for u in np.load(vs.artifacts(vs.ids()[0]) / "tiny" / "data.npz")["user_raw_ids"][:50]]
+        users = [int(u) for u in np.load(vs.artifacts(vs.ids()[0]) / name / "data.npz")["user_raw_ids"][:50]]
         answers, swaps = asyncio.run(run(vs, url, users, rate, phase_s))
     finally:
         stop_group(proc)

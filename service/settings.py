@@ -10,6 +10,11 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, e.g. a container's cpuset), else the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FALCONREC_", extra="ignore")
 
@@ -96,10 +101,15 @@ class Settings(BaseSettings):
     max_incomplete_per_client: int = Field(
         32, ge=1, description="connections part-way through a request per client address; more push out the oldest"
     )
-    # 8, not 2, since candidate scoring batches across requests: at 100 req/s on 2 cores (ml1m, 30 s runs) 2 gave
-    # p99 33 ms with 31 % degraded, 8 gave 27-30 ms with 7-18 % (ranking waits on the same two workers either way).
+    # One per core plus one: more requests in the pipeline than cores make every one of them late (they share the
+    # cores), fewer leave a core idle while a request is in Python. ml1m on 2 cores, a warm server, 20 s per rate
+    # (docs/performance.md): 3 instead of 8 kept the service's p99 at 19-23 ms instead of 21-33 ms from 150 to 300
+    # req/s, degraded 16-45 % instead of 21-62 % at 250-300, at the price of 1-5 % shed there instead of 0.1-1.5 %.
     max_active: int = Field(
-        8, ge=1, description="requests running the pipeline at once; the others wait (FIFO) within their budget"
+        default_factory=lambda: usable_cores() + 1,
+        ge=1,
+        description="requests running the pipeline at once (default: cores + 1); the others wait (FIFO) within their "
+        "budget",
     )
 
     # Per-user cache of the ranker's history K/V.

@@ -371,3 +371,18 @@ def test_build_adds_a_version_and_promotes_it_through_the_gate(tiny_build, tmp_p
     second = CliRunner().invoke(cli, [*common, "--add-version"])
     assert second.exit_code == 0, second.output
     assert vs.ids() == ["v1", "v2"] and vs.current() == "v1"  # listed, not served until promoted
+
+
+def test_swaps_on_another_config_needs_three_of_its_versions(versions, tmp_path):
+    """`falconrec swaps --config ml1m` builds nothing: a directory without three ml1m versions is refused, saying
+    what it has and how to add one (the tiny versions here are not ml1m's)."""
+    import shutil
+
+    from loadtest.swaps import existing_versions
+
+    root = tmp_path / "versions"
+    shutil.copytree(versions[0], root)
+    with pytest.raises(SystemExit, match=r"needs 3 versions of 'ml1m' \(has v1 \(tiny\), v2 \(tiny\)\).*--add-version"):
+        existing_versions(root, "ml1m")
+    with pytest.raises(SystemExit, match="needs 3 versions of 'tiny'"):  # two are not enough either
+        existing_versions(root, "tiny")
