@@ -29,7 +29,7 @@ from training.models import HSTURanker, TwoTower
 OPSET = 18
 # Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
 # build` re-exports instead of keeping a repository written by older code.
-GRAPH_REVISION = 7
+GRAPH_REVISION = 8
 
 
 class ItemTowerGraph(nn.Module):
@@ -65,7 +65,7 @@ class RankerHistoryGraph(nn.Module):
         self.m = ranker
 
     def forward(self, hist_emb, hist_item, hist_ts, hist_valid, query_ts):
-        hidden, k, v = self.m.history(hist_emb, hist_item, hist_ts, hist_valid, query_ts)
+        hidden, k, v = self.m.history(hist_emb, hist_item, hist_ts, hist_valid, query_ts, serving=True)
         return k, v, self.m.next_item_query(hidden[:, -1])
 
 

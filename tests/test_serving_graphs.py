@@ -141,6 +141,32 @@ def test_candidates_at_end_equal_the_trained_candidate_path():
     assert trained.std() > 0.1  # the scores differ per candidate, so equality says something
 
 
+def test_the_served_history_bias_equals_the_trained_one():
+    """history(serving=True) (a constant position table, |dt| in float32, one GatherElements) gives the trained
+    K, V and hidden states: left padding, equal times (dt = 0), gaps past the last bucket and a query time
+    before the newest event included."""
+    m = _ranker()
+    with torch.no_grad():  # zero-initialised biases would make any arrangement look equal
+        m.rab.pos_w.normal_()
+        m.rab.ts_w.normal_()
+    B, L = 3, 25
+    hist_emb, item = torch.randn(B, L, 24), torch.randint(1, 301, (B, L))
+    ts = torch.sort(torch.randint(10**9, 10**9 + 10**7, (B, L)), 1)[0]
+    ts[1, 5:9] = ts[1, 5]  # ties
+    ts[1, 0] = 0  # a gap of ~30 years: the last bucket
+    valid = torch.ones(B, L)
+    valid[0, :7] = 0
+    qts = ts[:, -1:] + torch.tensor([[3600], [0], [-60]])
+    trained = m.history(hist_emb, item, ts, valid, qts)
+    served = m.history(hist_emb, item, ts, valid, qts, serving=True)
+    for a, b in zip(trained, served, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    dist = torch.arange(L).unsqueeze(1) - torch.arange(L).unsqueeze(0)
+    dt = torch.cat([ts[:, 1:], qts], 1).unsqueeze(2) - ts.unsqueeze(1)
+    assert torch.equal(m.rab.grid(L, dt), m.rab(dist.unsqueeze(0), dt))
+    assert m.rab(dist.unsqueeze(0), dt).std() > 0.5
+
+
 def test_export_parity_check_fails_on_a_graph_that_differs(tmp_path):
     spec = model_specs(DIMS)[RANKER_CANDIDATES]
     ranker = _ranker()

@@ -148,6 +148,18 @@ class RelativeBias(nn.Module):
         # F.embedding exports as ONNX Gather; `w[idx]` becomes GatherND, ~6x slower in ONNX Runtime on CPU.
         return _lookup(self.pos_w, dist.clamp(0, self.max_len)) + _lookup(self.ts_w, self.bucket(dt))
 
+    def grid(self, length: int, dt: torch.Tensor) -> torch.Tensor:
+        """forward() over a history's [L, L] grid (dist = i - j), arranged for ONNX Runtime on CPU (the served
+        history graph; same values): the position term is a slice of a [max_len, max_len] table of weights
+        only (folded when the graph loads), |dt| is taken in float32 (exact: the cast is monotonic and odd;
+        int64 Abs/Clip are ~3x slower), and the time term is one GatherElements (a Gather of one-element rows
+        costs ~7 ns an index: ~300 us of a 200-event history's ~2 ms)."""
+        p = torch.arange(self.max_len, device=dt.device)
+        table = self.pos_w[(p.unsqueeze(1) - p.unsqueeze(0)).clamp(0, self.max_len)]
+        dt = dt.to(torch.float32).abs().clamp(min=1)
+        buckets = (torch.log(dt) / LOG_BUCKET).floor().clamp(0, self.num_buckets).to(torch.int64)
+        return table[:length, :length] + self.ts_w.gather(0, buckets.reshape(-1)).view(buckets.shape)
+
 
 # Attention as batched MatMul: ONNX Runtime's CPU Einsum is ~2x slower on these shapes.
 def _qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -260,8 +272,10 @@ class HSTURanker(nn.Module):
         hist_ts: torch.Tensor,
         hist_valid: torch.Tensor,
         query_ts: torch.Tensor,
+        serving: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the history stack. Returns (final hidden [B,L,d], K [B,NL,L,H*dqk], V [B,NL,L,H*dv]).
+        `serving` builds the bias and the causal mask the way the exported graph runs them fastest (same values).
 
         Time bias as in the reference: position i attends to j with dt = (time of the event i predicts, i.e.
         the next one; `query_ts` [B,1] for the newest) - ts[j]. So the newest position's output, and with more
@@ -273,8 +287,14 @@ class HSTURanker(nn.Module):
         pos = torch.arange(L, device=x.device)
         dist = pos.unsqueeze(1) - pos.unsqueeze(0)  # i - j
         next_ts = torch.cat([hist_ts[:, 1:], query_ts], 1)
-        rab = self.rab(dist.unsqueeze(0), next_ts.unsqueeze(2) - hist_ts.unsqueeze(1))  # [B,L,L]
-        mask = (dist >= 0).unsqueeze(0).to(x.dtype) * hist_valid.unsqueeze(1)  # causal, valid keys
+        dt = next_ts.unsqueeze(2) - hist_ts.unsqueeze(1)
+        if serving:
+            rab = self.rab.grid(L, dt)  # [B,L,L]
+            causal = torch.ones(self.max_len, self.max_len, device=x.device).tril()[:L, :L]
+        else:
+            rab = self.rab(dist.unsqueeze(0), dt)
+            causal = (dist >= 0).to(x.dtype)
+        mask = causal.unsqueeze(0) * hist_valid.unsqueeze(1)  # causal, valid keys
         ks, vs = [], []
         for layer in self.layers:
             u, v, q, k = layer.project(x)
