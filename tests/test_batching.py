@@ -31,7 +31,8 @@ def backend(tiny_build):
 
 
 def _user(backend, dims, rng, n: int, qts: int) -> dict[str, np.ndarray]:
-    """A user's ranker_candidates inputs (K/V from the real history pass) for a random history of length n."""
+    """A user's ranker_candidates inputs (K/V from the real history pass) for a random history of length n
+    (n <= max_len: the service keeps the last max_len events, and the history graph's tables are that long)."""
     hist = {
         "hist_emb": rng.standard_normal((1, n, dims.content_dim)).astype(np.float32),
         "hist_item": rng.integers(1, dims.num_items + 1, size=(1, n)).astype(np.int64),
@@ -51,7 +52,7 @@ def test_batched_scores_equal_each_request_alone(backend, tiny_build):
     dims = Manifest.read(tiny_build.repo).dims
     rng = np.random.default_rng(0)
     # Different history lengths (left padding), candidate counts (right padding, a partial last row) and times.
-    specs = [(3, 5), (40, 97), (17, 256), (dims.max_len, 300), (8, 1)]
+    specs = [(3, 5), (dims.max_len - 3, 97), (17, 256), (dims.max_len, 300), (8, 1)]
     users = [_user(backend, dims, rng, n, 10**9 + 2 * 10**7 + 3600 * i) for i, (n, _) in enumerate(specs)]
     cands = [rng.standard_normal((m, dims.d_model)).astype(np.float32) for _, m in specs]
     alone = [_alone(backend, u, t) for u, t in zip(users, cands, strict=True)]
@@ -211,7 +212,7 @@ def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, 
     dims = Manifest.read(tiny_build.repo).dims
     inline = OnnxBackend(tiny_build.repo, dims, workers=0)
     rng = np.random.default_rng(2)
-    users = [_user(backend, dims, rng, n, 10**9 + 2 * 10**7 + 60 * n) for n in (5, 33, dims.max_len)]
+    users = [_user(backend, dims, rng, n, 10**9 + 2 * 10**7 + 60 * n) for n in (5, dims.max_len - 1, dims.max_len)]
     cands = [rng.standard_normal((m, dims.d_model)).astype(np.float32) for m in (70, 129, 3)]
     alone = [_alone(backend, u, t) for u, t in zip(users, cands, strict=True)]
     threads: set[int] = set()
