@@ -190,3 +190,36 @@ def test_rank_cost_estimate_is_not_inflated_by_small_rankings():
     for _ in range(50):
         r._learn_rank_cost(seconds=40e-3, m=1000)  # and it does follow a slow machine up
     assert r._rank_cost_s == pytest.approx(40e-6, rel=1e-3)
+
+
+def test_no_route_dependency_runs_in_the_thread_pool():
+    """FastAPI runs a plain `def` dependency (or endpoint) in its thread pool: a thread hand-off per call, which under
+    load waited for a core behind the inference threads (issue 26's profile: two per /v1/recommend). Every one of
+    ours is a coroutine, for every route of the app, the read routes behind keys included."""
+    import inspect
+
+    from fastapi.routing import APIRoute
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    def is_async(call) -> bool:
+        method = None if inspect.isfunction(call) else type(call).__call__  # HTTPBearer() and the like
+        return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(method)
+
+    def sync_calls(dependant) -> list[str]:
+        out = [] if dependant.call is None or is_async(dependant.call) else [repr(dependant.call)]
+        for d in dependant.dependencies:
+            out += sync_calls(d)
+        return out
+
+    def api_routes(routes) -> list[APIRoute]:  # through included routers (FastAPI keeps them wrapped)
+        out = []
+        for r in routes:
+            inner = getattr(r, "original_router", None)
+            out += api_routes(inner.routes) if inner is not None else [r] if isinstance(r, APIRoute) else []
+        return out
+
+    routes = api_routes(create_app(Settings(require_read_key=True)).routes)
+    assert any(r.path == "/v1/recommend" for r in routes)
+    assert [(r.path, c) for r in routes for c in sync_calls(r.dependant)] == []

@@ -18,21 +18,23 @@ from service.components import Components
 __all__ = ["ENDPOINTS"]  # the routes' names, defined beside the guard that counts them first
 
 
-def get_components(request: Request) -> Components:
+# The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in its thread
+# pool, two thread hand-offs per request that under load waited for a core behind the inference threads (issue 26).
+async def get_components(request: Request) -> Components:
     c = getattr(request.app.state, "components", None)
     if c is None:
         raise HTTPException(503, "service is starting", headers={"Retry-After": "1"})
     return c
 
 
-def get_handlers(request: Request) -> Handlers:
+async def get_handlers(request: Request) -> Handlers:
     h = getattr(request.app.state, "handlers", None)
     if h is None:
         raise HTTPException(503, "service is starting", headers={"Retry-After": "1"})
     return h
 
 
-def get_arrival(request: Request) -> float:
+async def get_arrival(request: Request) -> float:
     return request.scope.get(ARRIVAL) or time.perf_counter()
 
 
