@@ -6,6 +6,7 @@ tests build their own.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,11 @@ async def build_components(settings: Settings) -> Components:
         feed = PipeFeed(settings, m.manifest.dims.content_dim, live.apply, live.metrics)
     live.feed = feed
     await feed.start()  # replays the items added live so far (Redis), before the first request
+    # Everything built so far (catalog, id maps, models, warm-up's garbage collected) lives as long as the process:
+    # out of the collector's view, a full collection no longer walks it. Measured under load at 200 req/s: a gen-2
+    # collection held the event loop 48-64 ms, every request waiting behind it (issue 26).
+    gc.collect()
+    gc.freeze()
     c = Components(settings, store, rec, metrics, keys, live)
     c.loop_lag = LoopLag(metrics)
     c.loop_lag.start()

@@ -223,3 +223,15 @@ def test_no_route_dependency_runs_in_the_thread_pool():
     routes = api_routes(create_app(Settings(require_read_key=True)).routes)
     assert any(r.path == "/v1/recommend" for r in routes)
     assert [(r.path, c) for r in routes for c in sync_calls(r.dependant)] == []
+
+
+def test_the_started_server_is_out_of_the_garbage_collectors_view(server):
+    """What a server builds at start lives as long as it does: frozen (gc.freeze) after the warm-up, a full
+    collection walks only what requests create since. Unfrozen, a gen-2 collection over the ml1m server's ~110,000
+    tracked objects held the event loop 48-64 ms under load (issue 26)."""
+    import gc
+
+    catalog = server.components.recommender.catalog
+    assert gc.is_tracked(catalog) and gc.get_freeze_count() > 0
+    # gc.get_objects() lists generations 0-2, not the frozen ones: the catalog is in none of them.
+    assert all(o is not catalog for o in gc.get_objects())
