@@ -55,7 +55,7 @@ def row(rate: float, seconds: float, samples: list[Sample]) -> str:
 
 
 def late_stages(rate: float, samples: list[Sample], budget_ms: float) -> str:
-    """Where the answers over budget + 2 ms spent their time: each stage's median among them beside its median
+    """Where the answers over budget + LATE_MS spent their time: each stage's median among them beside its median
     among all answers, so the stage that overshoots stands out (issue 26: is it the queue, the ranking wait, or
     what runs after the ranking's deadline?)."""
     ok = [s for s in samples if s.status == 200 and s.server_ms == s.server_ms]
@@ -63,7 +63,8 @@ def late_stages(rate: float, samples: list[Sample], budget_ms: float) -> str:
     names = list(dict.fromkeys(k for s in ok for k in s.stages))
 
     def med(group: list[Sample], k: str) -> str:
-        return f"{np.median([s.stages.get(k, 0.0) for s in group]):.2f}" if group else "-"
+        v = pct([s.stages.get(k, 0.0) for s in group], 50)
+        return "-" if v is None else f"{v:.2f}"
 
     cells = ", ".join(f"{k} {med(late, k)} ({med(ok, k)})" for k in names)
     return f"| {rate:g} | {len(late)} of {len(ok)} | {cells} |"

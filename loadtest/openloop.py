@@ -30,7 +30,7 @@ from loadtest.procs import pct
 
 MAX_CONNECTIONS = 512  # per process; a request finding none idle waits (and its latency shows it)
 # A connection idle this long is closed, not reused: uvicorn closes keep-alive connections idle for 5 s, and a
-# request written just as it does is lost (counted as "other", status 0: 4-22 a minute at 100-200 req/s).
+# request written just as it does is lost (counted as "other", status 0: 4-27 a minute at 100-300 req/s).
 IDLE_REUSE_S = 4.0
 
 
