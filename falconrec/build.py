@@ -263,12 +263,38 @@ class Builder:
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
         self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path], run)
 
+    def quantize(self, manifest: Manifest) -> Manifest:
+        """The config's `[serve] int8` graphs in int8, kept only when the served cascade passes the quality check
+        against fp32 (exporters/quantize.py); the fp32 graphs stay beside them. TensorRT builds stay fp32 (its
+        engines choose their own precision)."""
+        from exporters.quantize import QUANTIZE_REVISION, REPORT, apply_int8, restore_fp32
+
+        wanted = () if self.tensorrt else self.cfg.serve.int8
+        if not wanted:
+            restore_fp32(self.repo)  # a repository an earlier config quantized
+            return Manifest.read(self.repo)
+
+        def run() -> dict:
+            check = apply_int8(self.cfg.name, self.paths.root.parent, self.repo, wanted)
+            assert check is not None
+            verdict = "kept" if check.passed else "failed its check: serving fp32"
+            self.log(
+                f"[int8] {', '.join(wanted)} {verdict} (cascade HR@10 {check.hr10_int8:.4f} vs fp32 "
+                f"{check.hr10_fp32:.4f}, top-10 overlap {check.top10_overlap:.4f})"
+            )
+            return {"int8": list(wanted) if check.passed else [], "top10_overlap": round(check.top10_overlap, 4)}
+
+        inputs = _h(self.state.get("export", {}).get("inputs"), wanted, QUANTIZE_REVISION)
+        self._step("int8", inputs, [self.repo / REPORT], run)
+        return Manifest.read(self.repo)
+
     def build(self) -> list[StepResult]:
         ds = self.data()
         emb, meta = self.embed(ds)
         self.train(ds, emb)
         manifest = self.export(ds, emb, meta)
         self.index(ds, emb, manifest)
+        self.quantize(manifest)
         return self.results
 
 
@@ -293,6 +319,9 @@ def summary_rows(results: list[StepResult]) -> list[tuple[str, str, str, str, st
             metric = f"{r.info['kind']} over {r.info['count']} items"
         elif "model_version" in r.info:
             metric = f"version {r.info['model_version']}"
+        elif "top10_overlap" in r.info:
+            kept = ", ".join(r.info["int8"]) or "none (check failed)"
+            metric = f"int8: {kept}; top-10 overlap {r.info['top10_overlap']:.4f}"
         rows.append((r.name, "ran" if r.ran else "cached", f"{r.seconds:.1f}s", f"{size / 1e6:.2f} MB", metric))
     return rows
 

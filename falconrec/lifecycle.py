@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from falconrec.models import VersionsOpt, add_and_promote
-from falconrec.options import ConfigOpt, console, default_config
+from falconrec.options import ConfigOpt, console, default_config, log_line
 
 DEFAULT_VERSIONS = Path("versions")
 QUICK_EPOCHS = {"towers": 2, "ranker": 5}  # ~4-6 minutes of training for ml1m on two cores, embedding apart
@@ -37,12 +37,13 @@ def quick_config(cfg, epochs: dict[str, int]):  # noqa: ANN001, ANN201 - trainin
 def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[str] | None) -> None:  # noqa: ANN001
     from falconrec.build import Builder
 
-    b = Builder(cfg, artifacts, repo, data_dir=data_dir, download=True, log=lambda m: console.print(m))
+    b = Builder(cfg, artifacts, repo, data_dir=data_dir, download=True, log=log_line)
     ds = b.data()
     emb, meta = b.embed(ds)
     b.train(ds, emb, only=models)
     manifest = b.export(ds, emb, meta)
     b.index(ds, emb, manifest)
+    b.quantize(manifest)
 
 
 def quick(
@@ -161,7 +162,7 @@ def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, e
         f"retrain from {current}: {snap.new_items} live items, {snap.new_events} new events, {snap.new_users} new users"
     )
     cfg = quick_config(load_config(config), {"towers": epochs, "ranker": epochs})
-    b = Builder(cfg, artifacts, repo, log=lambda m: console.print(m, markup=False))
+    b = Builder(cfg, artifacts, repo, log=log_line)
     snap.dataset.save(b.paths.data)
     meta = {**meta, "texts_hash": texts_hash(snap.dataset.item_texts)}
     save_embeddings(b.paths.content_emb, snap.emb, meta)

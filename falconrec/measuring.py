@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from falconrec.offline import require_offline
-from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
+from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config, log_line
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
 
 
@@ -177,8 +177,7 @@ def bench_data(
     require_offline()
     from loadtest.bench_data import bench_data as run
 
-    log = lambda m: console.print(m, markup=False)  # noqa: E731 - "[case]" prefixes are not markup
-    rows = run(interactions, users, items, catalog, catalog_interactions, string_ids, log=log)
+    rows = run(interactions, users, items, catalog, catalog_interactions, string_ids, log=log_line)
     t = Table(title="dataset loader: Parquet -> Dataset (fresh process each; peak RSS = ru_maxrss)")
     cols = ["case", "ids", "interactions", "users", "items", "Parquet MB", "load s", "RSS after imports MB"]
     for col in [*cols, "peak RSS MB", "save npz s", "npz MB", "npz load s"]:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from falconrec.models import DEFAULT_VERSIONS, VersionsOpt, add_and_promote, add_build
-from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
+from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config, log_line
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY
 
 
@@ -50,7 +50,7 @@ def builder(
         download=download,
         force=force,
         # markup off: log lines hold "[data]"-style step names and the load report's values as read from the files
-        log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+        log=log_line,
         tensorrt=tensorrt,
     )
 
@@ -176,7 +176,7 @@ def eval_(
     require_offline()
     from training.evaluate import evaluate
 
-    out = evaluate(config, artifacts, repo, max_users, log=lambda m: console.print(m))
+    out = evaluate(config, artifacts, repo, max_users, log=log_line)
     for proto, rows in out["results"].items():
         t = Table(
             title=f"{out['dataset']} leave-one-out test, {out['users']} users, {out['items']} items — "
@@ -190,6 +190,50 @@ def eval_(
             t.add_row(name, *(f"{m[k]:.4f}" if k in m else "-" for k in ("hr@10", "ndcg@10", "hr@50", "hr@200")))
         Console().print(t)
     console.print(f"wrote {artifacts / 'eval.json'}")
+
+
+def quantize(
+    out: Annotated[Path, typer.Option(help="where the int8 copy of --repo is written (replaced if present)")],
+    config: ConfigOpt = default_config(),
+    artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
+    repo: RepoOpt = DEFAULT_REPOSITORY,
+    models: Annotated[str, typer.Option(help="comma-separated graphs to quantize")] = "ranker_candidates",
+    overlap_users: Annotated[int, typer.Option(help="users whose top 10 are compared")] = 1000,
+) -> None:
+    """A copy of the repository with int8 weight matmuls (CPU), checked against fp32 on the served cascade: HR@10
+    within 0.003 and top-10 overlap >= 0.98 (exit 1 when not). Serve it with --repo OUT."""
+    require_offline()
+    import shutil
+
+    from exporters.quantize import fp32_copy, quality_check, write_quantized_repository, write_report
+    from service.contract import Manifest
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    manifest = write_quantized_repository(repo, out, names)
+    console.print(f"wrote {out} (int8: {', '.join(manifest.int8)}); scoring it and fp32 on the test split ...")
+    reference = repo
+    if Manifest.read(repo).int8:  # a build that kept int8 graphs: compare with the fp32 ones beside them
+        reference = out.parent / f".{out.name}.fp32"
+        fp32_copy(repo, reference)
+    try:
+        check = quality_check(config, artifacts, reference, out, overlap_users)
+    finally:
+        if reference != repo:
+            shutil.rmtree(reference, ignore_errors=True)
+    write_report(out, check, names)
+    t = Table(title=f"int8 ({', '.join(names)}) vs fp32: served cascade, paper protocol, {check.users} users")
+    for col in ("", "HR@10", "NDCG@10"):
+        t.add_column(col)
+    t.add_row("fp32", f"{check.hr10_fp32:.4f}", f"{check.ndcg10_fp32:.4f}")
+    t.add_row("int8", f"{check.hr10_int8:.4f}", f"{check.ndcg10_int8:.4f}")
+    Console().print(t)
+    verdict = "[green]passed[/green]" if check.passed else "[red]failed[/red]"
+    console.print(
+        f"top-10 overlap over {check.overlap_users} users: {check.top10_overlap:.4f}; quality check {verdict} "
+        f"(report: {out / 'quantization.json'})"
+    )
+    if not check.passed:
+        raise typer.Exit(1)
 
 
 def cold_start(
@@ -208,7 +252,7 @@ def cold_start(
     except DatasetError as e:
         console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from e
-    out = run(b.cfg, ds, emb, b.paths.root, log=lambda m: console.print(m))
+    out = run(b.cfg, ds, emb, b.paths.root, log=log_line)
     t = Table(
         title=f"cold items: {out['held_out_items']} of {out['items']} held out of training; "
         f"{out['cold_test_events']} test events with a cold target (paper protocol; chance HR@10 "

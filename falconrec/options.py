@@ -11,6 +11,12 @@ from rich.console import Console
 
 console = Console(stderr=True)
 
+
+def log_line(message: str) -> None:
+    """A progress line as written: "[data]"-style step names and values read from files are not rich markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="build config: tiny, ml1m, ml1m-large or a .toml path")]
 # The same environment variables the service's settings read: `serve` in a container configured by them (compose)
 # must not fall back to the CLI's defaults.

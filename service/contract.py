@@ -10,7 +10,7 @@ Shapes are given with the batch dimension first. `-1` is dynamic; other dims are
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +180,9 @@ class Manifest:
     embedding_version: str  # keys in Redis carry it; changes when the content embeddings change
     num_candidates: int
     microbatch: int
+    # Graphs whose weight matmuls are int8 (`falconrec quantize`); the model_version stays the fp32 build's: the
+    # towers, the index and the history K/V are the same, only these graphs' scores differ (within its check).
+    int8: list[str] = field(default_factory=list)
 
     def write(self, repo: Path) -> None:
         (repo / MANIFEST).write_text(json.dumps(asdict(self), indent=2))

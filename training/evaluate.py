@@ -82,8 +82,10 @@ def cascade_ranks(
     exclude_history: bool,
     batch: int = 64,
     newest_query: bool = False,
+    tops: list[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Rank of the target in the served cascade's ordering; misses of recall rank after all recalled items."""
+    """Rank of the target in the served cascade's ordering; misses of recall rank after all recalled items.
+    `tops`: each user's top 10 item indices are appended to it (the int8 check compares them across repositories)."""
     manifest = Manifest.read(repo)
     be = OnnxBackend(repo, manifest.dims, providers=["CPUExecutionProvider"], intra_op_threads=0)
     index = faiss.read_index(str(index_dir / INDEX_FILE))
@@ -121,6 +123,8 @@ def cascade_ranks(
             },
         )["scores"]
         scores = np.where(cand > 0, scores, -np.inf)
+        if tops is not None:
+            tops.extend(np.take_along_axis(cand, np.argsort(-scores, axis=1, kind="stable")[:, :10], axis=1))
         for i, e in enumerate(ex):
             hit = np.flatnonzero(cand[i] == e[2])
             ranks.append(int((scores[i] > scores[i, hit[0]]).sum()) if len(hit) else 10**9)

@@ -38,11 +38,12 @@ def create_app(settings: Settings | None = None, components: Components | None =
 
             c.grpc_server = await start_grpc(c, handlers, settings.host, settings.grpc_port)
         log.info(
-            "serving %s model %s (%s, %s store)",
+            "serving %s model %s (%s, %s store%s)",
             c.manifest.config,
             c.manifest.model_version,
             c.backend.name,
             c.store.name,
+            f"; int8: {', '.join(c.manifest.int8)}" if c.manifest.int8 else "",
         )
         try:
             yield

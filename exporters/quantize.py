@@ -1,0 +1,226 @@
+"""int8 weights for the served graphs on CPU (issue 26's precision lever), and the check that decides whether to keep
+them: the same cascade scored by the fp32 and the int8 repository, HR@10 and each user's top 10 side by side.
+
+What gets quantized, and why only that (ONNX Runtime 1.32's profile of `ranker_candidates`, 1,000 candidates after
+200 events, one thread, AMD EPYC with VNNI): the weight matmuls (each layer's u/v/q/k and output projections, the
+candidate head) ran at ~72 GFLOP/s as fp32 Gemms (766 us) and as int8 MatMulIntegerToFloat with the activation
+quantized once per layer input in ~425 us. The attention matmuls against the history's K/V (activations on both
+sides) were slower in int8 (dynamic quantization of a [1000, 200] tensor per call) and stay fp32, as does
+everything else. Weights are quantized per output channel (half the score error of one scale per matrix, same speed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from service.contract import RANKER_CANDIDATES, Manifest, onnx_path
+
+REPORT = "quantization.json"
+FP32_ONNX_FILE = "model.fp32.onnx"  # beside an int8 model.onnx: what it was made from (a rebuild starts there)
+QUANTIZE_REVISION = 1  # bumped when what quantize_graph writes changes: builds redo their int8 step
+# The issue's acceptance rule for a precision change: HR@10 within this of fp32's, top-10 overlap at least this.
+MAX_HR_DROP = 0.003
+MIN_TOP10_OVERLAP = 0.98
+
+
+def _constant_folded(src: Path, dst: Path) -> None:
+    """ONNX Runtime's basic (standard-op) optimizations written out: the weight slices the exporter leaves as Slice
+    nodes over one fused matrix become initializers, which the quantizer needs to see as constant weights."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3  # its notes on initializers the folding left unused
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+
+def gemms_as_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite each Gemm with a constant weight as MatMul (+ Add of its bias): ONNX Runtime's dynamic quantizer
+    turns MatMul into the int8 kernel and leaves Gemm in fp32. Returns how many were rewritten."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes, rewritten = [], 0
+    for n in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
+        w_name = f"{n.input[1]}__kn"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, np.float32), w_name))
+        out = n.output[0]
+        if len(n.input) > 2 and n.input[2]:
+            mid = f"{out}__mm"
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mid], name=f"{n.name}__mm"))
+            bias = n.input[2]
+            if attrs.get("beta", 1.0) != 1.0:
+                b = numpy_helper.to_array(inits[bias]) * np.float32(attrs["beta"])
+                bias = f"{bias}__beta"
+                g.initializer.append(numpy_helper.from_array(b.astype(np.float32), bias))
+            nodes.append(helper.make_node("Add", [mid, bias], [out], name=f"{n.name}__bias"))
+        else:
+            nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [out], name=f"{n.name}__mm"))
+        rewritten += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return rewritten
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_graph(src: Path, dst: Path) -> int:
+    """`src` with its constant-weight matmuls in int8 (dynamic activations, per-channel weights) written to `dst`.
+    Returns the number of matmuls quantized."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folded, plain = Path(tmp) / "folded.onnx", Path(tmp) / "plain.onnx"
+        _constant_folded(src, folded)
+        model = onnx.load(str(folded))
+        gemms_as_matmuls(model)
+        inits = {i.name for i in model.graph.initializer}
+        weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        onnx.save(model, str(plain))
+        with _quiet_root_logger():  # its advice to pre-process first is for conv nets' shape inference
+            quantize_dynamic(
+                str(plain),
+                str(dst),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                nodes_to_quantize=weights,
+                op_types_to_quantize=["MatMul"],
+                extra_options={"MatMulConstBOnly": True},
+            )
+    return len(weights)
+
+
+@dataclass
+class QualityCheck:
+    users: int
+    hr10_fp32: float
+    hr10_int8: float
+    ndcg10_fp32: float
+    ndcg10_int8: float
+    overlap_users: int
+    top10_overlap: float  # mean |top10(fp32) & top10(int8)| / 10 over the first overlap_users users
+
+    @property
+    def passed(self) -> bool:
+        return self.hr10_fp32 - self.hr10_int8 <= MAX_HR_DROP and self.top10_overlap >= MIN_TOP10_OVERLAP
+
+
+def write_quantized_repository(repo: Path, out: Path, models: tuple[str, ...] = (RANKER_CANDIDATES,)) -> Manifest:
+    """A copy of `repo` at `out` whose `models` are int8 (made from its fp32 graphs), listed in its manifest."""
+    fp32_copy(repo, out)
+    for name in models:
+        quantize_graph(onnx_path(out, name), onnx_path(out, name))
+    manifest = Manifest.read(out)
+    quantized = replace(manifest, int8=sorted(set(manifest.int8) | set(models)))
+    quantized.write(out)
+    return quantized
+
+
+def write_report(out: Path, check: QualityCheck, models: tuple[str, ...]) -> None:
+    report = {**asdict(check), "passed": check.passed, "models": list(models), "rule": _rule()}
+    (out / REPORT).write_text(json.dumps(report, indent=2))
+
+
+def _rule() -> str:
+    return f"HR@10 within {MAX_HR_DROP} of fp32 and mean top-10 overlap >= {MIN_TOP10_OVERLAP}"
+
+
+def quality_check(config: str, artifacts: Path, repo: Path, out: Path, overlap_users: int = 1000) -> QualityCheck:
+    """The served cascade (towers -> FAISS -> ranker over the manifest's number of candidates, the paper's
+    protocol: the user's history items left out) scored from `repo` (fp32) and from `out` (int8), all test users."""
+    from service.artifacts import ArtifactPaths
+    from training.data import Dataset
+    from training.embed import load_embeddings
+    from training.evaluate import cascade_ranks
+    from training.metrics import rank_metrics
+
+    paths = ArtifactPaths.for_config(config, artifacts)
+    ds = Dataset.load(paths.data)
+    emb16, _ = load_embeddings(paths.content_emb, ds.item_texts)
+    users = [u for u in range(ds.num_users) if len(ds.seqs[u]) >= 3]
+    n = min(Manifest.read(repo).num_candidates, ds.num_items)
+    metrics, tops = [], []
+    for r in (repo, out):
+        top: list[np.ndarray] = []
+        ranks = cascade_ranks(ds, users, emb16, r, paths.index_dir, n, exclude_history=True, tops=top)
+        metrics.append(rank_metrics(ranks))
+        tops.append(top)
+    k = min(overlap_users, len(users))
+    overlap = float(np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(tops[0][:k], tops[1][:k], strict=True)]))
+    return QualityCheck(
+        users=len(users),
+        hr10_fp32=metrics[0]["hr@10"],
+        hr10_int8=metrics[1]["hr@10"],
+        ndcg10_fp32=metrics[0]["ndcg@10"],
+        ndcg10_int8=metrics[1]["ndcg@10"],
+        overlap_users=k,
+        top10_overlap=overlap,
+    )
+
+
+def fp32_path(repo: Path, model: str) -> Path:
+    return onnx_path(repo, model).with_name(FP32_ONNX_FILE)
+
+
+def fp32_copy(repo: Path, out: Path) -> None:
+    """A copy of `repo` at `out` (replaced if present) with every graph in fp32."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(repo, out)
+    restore_fp32(out)
+
+
+def restore_fp32(repo: Path) -> None:
+    """Every int8 graph of `repo` back to the fp32 one it was made from; the manifest says none is int8."""
+    manifest = Manifest.read(repo)
+    for model in manifest.int8:
+        if fp32_path(repo, model).is_file():
+            fp32_path(repo, model).replace(onnx_path(repo, model))
+    if manifest.int8:
+        replace(manifest, int8=[]).write(repo)
+
+
+def apply_int8(config: str, artifacts: Path, repo: Path, models: tuple[str, ...]) -> QualityCheck | None:
+    """`models` of the built repository in int8, in place, when the quality check passes; fp32 otherwise. The fp32
+    graphs stay beside the int8 ones (FP32_ONNX_FILE). Returns the check (None: nothing to quantize)."""
+    restore_fp32(repo)
+    if not models:
+        return None
+    work = repo.parent / f".{repo.name}.int8"
+    try:
+        write_quantized_repository(repo, work, models)
+        check = quality_check(config, artifacts, repo, work)
+        if check.passed:
+            for model in models:
+                onnx_path(repo, model).replace(fp32_path(repo, model))
+                shutil.copy2(onnx_path(work, model), onnx_path(repo, model))
+            Manifest.read(work).write(repo)  # last: a repository whose manifest lists int8 has its graphs
+        write_report(repo, check, models)
+        return check
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
