@@ -25,10 +25,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from service.contract import RANKER_CANDIDATES, Manifest, onnx_path
+from exporters.triton_config import set_model_filename
+from service.contract import FP32_ONNX_FILE, RANKER_CANDIDATES, Manifest, fp32_onnx_path, onnx_path
 
 REPORT = "quantization.json"
-FP32_ONNX_FILE = "model.fp32.onnx"  # beside an int8 model.onnx: what it was made from (a rebuild starts there)
 QUANTIZE_REVISION = 1  # bumped when what quantize_graph writes changes: builds redo their int8 step
 # The issue's acceptance rule for a precision change: HR@10 within this of fp32's, top-10 overlap at least this.
 MAX_HR_DROP = 0.003
@@ -183,10 +183,6 @@ def quality_check(config: str, artifacts: Path, repo: Path, out: Path, overlap_u
     )
 
 
-def fp32_path(repo: Path, model: str) -> Path:
-    return onnx_path(repo, model).with_name(FP32_ONNX_FILE)
-
-
 def fp32_copy(repo: Path, out: Path) -> None:
     """A copy of `repo` at `out` (replaced if present) with every graph in fp32."""
     if out.exists():
@@ -199,8 +195,9 @@ def restore_fp32(repo: Path) -> None:
     """Every int8 graph of `repo` back to the fp32 one it was made from; the manifest says none is int8."""
     manifest = Manifest.read(repo)
     for model in manifest.int8:
-        if fp32_path(repo, model).is_file():
-            fp32_path(repo, model).replace(onnx_path(repo, model))
+        if fp32_onnx_path(repo, model).is_file():
+            fp32_onnx_path(repo, model).replace(onnx_path(repo, model))
+        set_model_filename(repo, model, None)
     if manifest.int8:
         replace(manifest, int8=[]).write(repo)
 
@@ -217,8 +214,9 @@ def apply_int8(config: str, artifacts: Path, repo: Path, models: tuple[str, ...]
         check = quality_check(config, artifacts, repo, work)
         if check.passed:
             for model in models:
-                onnx_path(repo, model).replace(fp32_path(repo, model))
+                onnx_path(repo, model).replace(fp32_onnx_path(repo, model))
                 shutil.copy2(onnx_path(work, model), onnx_path(repo, model))
+                set_model_filename(repo, model, FP32_ONNX_FILE)  # Triton may run it on a GPU: see there
             Manifest.read(work).write(repo)  # last: a repository whose manifest lists int8 has its graphs
         write_report(repo, check, models)
         return check

@@ -64,3 +64,14 @@ def write_configs(repo: Path, dims: ModelDims, opts: TritonOptions = TritonOptio
         path.write_text(render(spec, opts))
         out.append(path)
     return out
+
+
+def set_model_filename(repo: Path, model: str, filename: str | None) -> None:
+    """Point Triton's ONNX Runtime backend at `filename` in the model's version directory (None: its default,
+    model.onnx). Used for int8 repositories: Triton may place a KIND_AUTO instance on a GPU, where ONNX Runtime runs
+    the int8 kernels on the CPU with copies both ways (onnxruntime#7745), so Triton serves their fp32 origin."""
+    path = repo / model / "config.pbtxt"
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("default_model_filename:")]
+    if filename is not None:
+        lines.insert(1, f'default_model_filename: "{filename}"')
+    path.write_text("\n".join(lines) + "\n")

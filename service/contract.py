@@ -31,6 +31,9 @@ ITEM_TOKENS_FILE = "ranker_item_tokens.npy"
 
 MANIFEST = "falconrec.json"  # written at the repository root by the exporter
 ONNX_FILE = "model.onnx"
+# Beside an int8 model.onnx (`[serve] int8`, exporters/quantize.py): the fp32 graph it was made from. A GPU session
+# loads this one (the int8 graphs are CPU kernels), and a rebuild quantizes from it.
+FP32_ONNX_FILE = "model.fp32.onnx"
 MODEL_VERSION_DIR = "1"
 
 # Triton's names for numpy dtypes (config.pbtxt `data_type`).
@@ -201,3 +204,7 @@ class Manifest:
 
 def onnx_path(repo: Path, model: str) -> Path:
     return repo / model / MODEL_VERSION_DIR / ONNX_FILE
+
+
+def fp32_onnx_path(repo: Path, model: str) -> Path:
+    return repo / model / MODEL_VERSION_DIR / FP32_ONNX_FILE

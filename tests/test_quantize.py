@@ -14,7 +14,16 @@ import onnxruntime as ort
 import pytest
 
 from exporters import quantize as Q
-from service.contract import MANIFEST, RANKER_CANDIDATES, RANKER_HISTORY, Manifest, onnx_path
+from exporters.triton_config import parse
+from service.contract import (
+    FP32_ONNX_FILE,
+    MANIFEST,
+    RANKER_CANDIDATES,
+    RANKER_HISTORY,
+    Manifest,
+    fp32_onnx_path,
+    onnx_path,
+)
 from tests.conftest import RunningServer, server_settings
 
 
@@ -85,8 +94,11 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     check = Q.apply_int8("tiny", tiny_build.artifacts, repo, (RANKER_CANDIDATES,))
     assert check is not None and check.passed, check
     assert Manifest.read(repo).int8 == [RANKER_CANDIDATES]
-    assert Q.fp32_path(repo, RANKER_CANDIDATES).read_bytes() == original
+    assert fp32_onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
     assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() != original
+    # Triton may place the model on a GPU, where the int8 kernels fall back to the CPU: it serves the fp32 graph.
+    config = parse((repo / RANKER_CANDIDATES / "config.pbtxt").read_text())
+    assert config.default_model_filename == FP32_ONNX_FILE
     report = json.loads((repo / Q.REPORT).read_text())
     assert report["passed"] and report["users"] == check.users and report["models"] == [RANKER_CANDIDATES]
 
@@ -101,6 +113,7 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     assert check is not None and not check.passed
     assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
     assert Manifest.read(repo).int8 == []
+    assert parse((repo / RANKER_CANDIDATES / "config.pbtxt").read_text()).default_model_filename == ""
     assert json.loads((repo / Q.REPORT).read_text())["passed"] is False
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import InferenceBackend
-from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, model_specs, onnx_path
+from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, fp32_onnx_path, model_specs, onnx_path
 
 log = logging.getLogger("falconrec.onnx")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -74,10 +74,14 @@ class OnnxBackend(InferenceBackend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         chosen = choose_providers(providers, trt_cache, tf32)
         self.sessions: dict[str, ort.InferenceSession] = {}
+        on_cpu = (chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]) == "CPUExecutionProvider"
         for m in MODEL_NAMES:
             path = onnx_path(self.repo, m)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} missing: build the repository first (`falconrec build`)")
+            if not on_cpu and fp32_onnx_path(self.repo, m).is_file():
+                path = fp32_onnx_path(self.repo, m)  # int8 graphs are CPU kernels: a GPU runs their fp32 origin
+                log.info("%s: the fp32 graph on %s", m, chosen[0])
             self.sessions[m] = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         self.providers = self.sessions[MODEL_NAMES[0]].get_providers()
         log.info("onnxruntime %s providers %s", ort.__version__, self.providers)
