@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,15 @@ def late_stages(rate: float, samples: list[Sample], budget_ms: float) -> str:
     return f"| {rate:g} | {len(late)} of {len(ok)} | {cells} |"
 
 
+def reason_kinds(rate: float, samples: list[Sample], top: int = 3) -> str:
+    """The commonest kinds of degradation among the answers (numbers masked: "budget: ranked N of N candidates"),
+    each as a share of all answers: which lever the degraded share asks for (issue 26)."""
+    ok = [s for s in samples if s.status == 200]
+    kinds = Counter(re.sub(r"\d+(\.\d+)?", "N", r) for s in ok for r in s.reasons)
+    cells = "; ".join(f"{k}: {100 * n / max(len(ok), 1):.1f} %" for k, n in kinds.most_common(top)) or "-"
+    return f"| {rate:g} | {cells} |"
+
+
 def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     peak = gemm_peak_gflops()
@@ -89,11 +100,12 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         # Warm: every user once at a rate the server holds, so the rates below measure the steady state (each user's
         # history K/V and vector cached, as for returning users), not the first seconds' cold caches.
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
-        late = []
+        late, kinds = [], []
         for rate in rates:
             samples, _ = asyncio.run(run(url, rate, seconds, reqs))
             lines.append(row(rate, seconds, samples))
             late.append(late_stages(rate, samples, budget_ms))
+            kinds.append(reason_kinds(rate, samples))
             print(lines[-1], flush=True)
     finally:
         stop_group(proc)
@@ -105,6 +117,12 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         "| rate | late | stages, ms |",
         "|---|---|---|",
         *late,
+        "",
+        "Why answers were degraded (the commonest reasons, each as a share of all answers)",
+        "",
+        "| rate | reasons |",
+        "|---|---|",
+        *kinds,
     ]
     text = "\n".join(lines)
     (out / "deadline.md").write_text(text + "\n")

@@ -41,6 +41,7 @@ class Sample:
     server_ms: float  # the sum of the answer's Server-Timing stages (NaN when absent)
     degraded: bool
     stages: dict[str, float] = field(default_factory=dict)  # Server-Timing, per stage
+    reasons: tuple[str, ...] = ()  # a degraded answer's degraded_reasons
 
 
 @dataclass
@@ -132,7 +133,15 @@ async def one(pool: Pool, req: bytes, due: float, timeout_s: float, out: list[Sa
     latency = (time.perf_counter() - due) * 1000
     stages = server_timing(headers)
     total = sum(stages.values()) if stages else float("nan")
-    out.append(Sample(status, latency, total, b'"degraded":true' in body, stages))
+    degraded = b'"degraded":true' in body
+    out.append(Sample(status, latency, total, degraded, stages, degraded_reasons(body) if degraded else ()))
+
+
+def degraded_reasons(body: bytes) -> tuple[str, ...]:
+    try:
+        return tuple(json.loads(body).get("degraded_reasons", ()))
+    except (ValueError, AttributeError):
+        return ()
 
 
 async def run(

@@ -27,6 +27,22 @@ def test_openloop_measures_every_request_against_the_real_server(server, tiny_bu
     assert s["p50_ms"] > 0
 
 
+def test_openloop_keeps_why_an_answer_was_degraded(server, tiny_build):
+    """A budget too small to rank: the answer comes back degraded, and the sample carries its reasons, which
+    `falconrec deadline` tallies per rate."""
+    from loadtest.deadline import reason_kinds
+
+    user = int(np.load(tiny_build.paths.data)["user_raw_ids"][0])
+    host = server.url.split("//")[1]
+    reqs = [openloop.request_bytes(host, "/v1/recommend", {"user_id": user, "k": 5, "budget_ms": 0.3})]
+    samples, _ = asyncio.run(openloop.run(server.url, rate=20, duration_s=0.5, requests=reqs, timeout_s=10))
+    answered = [x for x in samples if x.status == 200]
+    assert answered and all(x.degraded and x.reasons for x in answered)
+    assert all(not x.reasons for x in samples if not x.degraded)
+    table = reason_kinds(20, samples)
+    assert table.startswith("| 20 | budget: ") and table.endswith(" % |"), table
+
+
 def test_openloop_counts_a_closed_port_as_failures_not_a_crash():
     from tests.conftest import free_port
 
