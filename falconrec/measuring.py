@@ -101,9 +101,11 @@ def bench(
     from loadtest.bench import efficiency_table, ranking_table, stage_breakdown
     from service.contract import Manifest
 
+    manifest = Manifest.read(repo)
+    precision = f"int8: {', '.join(manifest.int8)}" if manifest.int8 else "fp32"  # the numbers depend on it
     cold = stage_breakdown(config, artifacts, repo, requests)
     warm = stage_breakdown(config, artifacts, repo, requests, cached=True)
-    t = Table(title=f"one /v1/recommend, in-process ({config}), median of {requests} users")
+    t = Table(title=f"one /v1/recommend, in-process ({config}, {precision}), median of {requests} users")
     t.add_column("stage")
     t.add_column("ms, caches off", justify="right")
     t.add_column("ms, history unchanged (cached)", justify="right")
@@ -111,11 +113,11 @@ def bench(
         fmt = (lambda v: f"{v:.0f}") if "candidates" in k else (lambda v: f"{v:.2f}")
         t.add_row(k, *(fmt(d[k]) if k in d else "-" for d in (cold, warm)))
     Console().print(t)
-    mb = Manifest.read(repo).microbatch
+    mb = manifest.microbatch
     eff = efficiency_table(config, artifacts, repo, mb)
     t = Table(
-        title=f"served graphs on 1 thread vs this machine's GEMM peak ({eff['gemm_peak_gflops']:.1f} GFLOP/s, "
-        "torch float32 512^3, 1 thread, same run)"
+        title=f"served graphs ({precision}) on 1 thread vs this machine's GEMM peak ({eff['gemm_peak_gflops']:.1f} "
+        "GFLOP/s, torch float32 512^3, 1 thread, same run)"
     )
     for col in ("graph", "MFLOP", "ms", "GFLOP/s", "of peak"):
         t.add_column(col, justify="right")
