@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,9 +27,18 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from exporters.triton_config import set_model_filename
-from service.contract import FP32_ONNX_FILE, RANKER_CANDIDATES, Manifest, fp32_onnx_path, onnx_path
+from service.contract import (
+    FP32_ONNX_FILE,
+    MODEL_NAMES,
+    QUANTIZATION_REPORT,
+    RANKER_CANDIDATES,
+    Manifest,
+    check_int8,
+    fp32_onnx_path,
+    onnx_path,
+)
 
-REPORT = "quantization.json"
+REPORT = QUANTIZATION_REPORT
 QUANTIZE_REVISION = 1  # bumped when what quantize_graph writes changes: builds redo their int8 step
 # The issue's acceptance rule for a precision change: HR@10 within this of fp32's, top-10 overlap at least this.
 MAX_HR_DROP = 0.003
@@ -50,16 +60,20 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> int:
     turns MatMul into the int8 kernel and leaves Gemm in fp32. Returns how many were rewritten."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    nodes, rewritten = [], 0
+    nodes, rewritten, made = [], 0, set()
     for n in g.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0):
+        scaled_bias = attrs.get("beta", 1.0) != 1.0 and len(n.input) > 2 and n.input[2] not in inits
+        if n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0) or scaled_bias:
             nodes.append(n)
             continue
-        w = numpy_helper.to_array(inits[n.input[1]])
-        w = (w.T if attrs.get("transB", 0) else w) * np.float32(attrs.get("alpha", 1.0))
-        w_name = f"{n.input[1]}__kn"
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, np.float32), w_name))
+        trans, alpha = attrs.get("transB", 0), attrs.get("alpha", 1.0)
+        w_name = f"{n.input[1]}__kn{'t' if trans else ''}{alpha:g}"
+        if w_name not in made:  # one rewritten weight per (weight, form), however many Gemms share it
+            w = numpy_helper.to_array(inits[n.input[1]])
+            w = (w.T if trans else w) * np.float32(alpha)
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w, np.float32), w_name))
+            made.add(w_name)
         out = n.output[0]
         if len(n.input) > 2 and n.input[2]:
             mid = f"{out}__mm"
@@ -101,6 +115,8 @@ def quantize_graph(src: Path, dst: Path) -> int:
         gemms_as_matmuls(model)
         inits = {i.name for i in model.graph.initializer}
         weights = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        if not weights:  # an empty nodes_to_quantize would mean "every node" to the quantizer
+            raise ValueError(f"{src}: no matmul with a constant weight to quantize")
         onnx.save(model, str(plain))
         with _quiet_root_logger():  # its advice to pre-process first is for conv nets' shape inference
             quantize_dynamic(
@@ -131,22 +147,27 @@ class QualityCheck:
 
 
 def write_quantized_repository(repo: Path, out: Path, models: tuple[str, ...] = (RANKER_CANDIDATES,)) -> Manifest:
-    """A copy of `repo` at `out` whose `models` are int8 (made from its fp32 graphs), listed in its manifest."""
+    """A copy of `repo` at `out` whose `models` are int8, made from their fp32 graphs, which stay beside them
+    (FP32_ONNX_FILE, what Triton's config names: see set_model_filename); the manifest lists the int8 ones."""
+    models = check_int8(models)
+    if out.resolve() == repo.resolve() or repo.resolve() in out.resolve().parents:
+        raise ValueError(f"{out} is {repo} or inside it: write the int8 copy elsewhere")
     fp32_copy(repo, out)
     for name in models:
-        quantize_graph(onnx_path(out, name), onnx_path(out, name))
-    manifest = Manifest.read(out)
-    quantized = replace(manifest, int8=sorted(set(manifest.int8) | set(models)))
+        shutil.copy2(onnx_path(out, name), fp32_onnx_path(out, name))
+        quantize_graph(fp32_onnx_path(out, name), onnx_path(out, name))
+        set_model_filename(out, name, FP32_ONNX_FILE)
+    quantized = replace(Manifest.read(out), int8=sorted(models))
     quantized.write(out)
     return quantized
 
 
 def write_report(out: Path, check: QualityCheck, models: tuple[str, ...]) -> None:
-    report = {**asdict(check), "passed": check.passed, "models": list(models), "rule": _rule()}
+    report = {**asdict(check), "passed": check.passed, "models": list(models), "rule": rule()}
     (out / REPORT).write_text(json.dumps(report, indent=2))
 
 
-def _rule() -> str:
+def rule() -> str:
     return f"HR@10 within {MAX_HR_DROP} of fp32 and mean top-10 overlap >= {MIN_TOP10_OVERLAP}"
 
 
@@ -192,14 +213,23 @@ def fp32_copy(repo: Path, out: Path) -> None:
 
 
 def restore_fp32(repo: Path) -> None:
-    """Every int8 graph of `repo` back to the fp32 one it was made from; the manifest says none is int8."""
+    """Every graph of `repo` back to fp32: each fp32 file found beside a model.onnx replaces it (the files, not the
+    manifest, say which graphs are int8: a swap cut short leaves them ahead of it). The manifest then lists none, and
+    the old check's report goes. Raises when the manifest lists an int8 graph whose fp32 origin is gone."""
     manifest = Manifest.read(repo)
-    for model in manifest.int8:
+    restored = set()
+    for model in MODEL_NAMES:
         if fp32_onnx_path(repo, model).is_file():
             fp32_onnx_path(repo, model).replace(onnx_path(repo, model))
-        set_model_filename(repo, model, None)
+            restored.add(model)
+        if (repo / model / "config.pbtxt").is_file():
+            set_model_filename(repo, model, None)
+    lost = set(manifest.int8) - restored
+    if lost:
+        raise RuntimeError(f"{repo}: int8 graphs {sorted(lost)} without their fp32 origin: export again")
     if manifest.int8:
         replace(manifest, int8=[]).write(repo)
+    (repo / REPORT).unlink(missing_ok=True)
 
 
 def apply_int8(config: str, artifacts: Path, repo: Path, models: tuple[str, ...]) -> QualityCheck | None:
@@ -213,11 +243,16 @@ def apply_int8(config: str, artifacts: Path, repo: Path, models: tuple[str, ...]
         write_quantized_repository(repo, work, models)
         check = quality_check(config, artifacts, repo, work)
         if check.passed:
+            # fp32 copies first, then each int8 graph by rename, the manifest last: a run cut short anywhere leaves
+            # files that restore_fp32 turns back into the fp32 repository.
             for model in models:
-                onnx_path(repo, model).replace(fp32_onnx_path(repo, model))
-                shutil.copy2(onnx_path(work, model), onnx_path(repo, model))
+                shutil.copy2(fp32_onnx_path(work, model), fp32_onnx_path(repo, model))
+            for model in models:
+                tmp = onnx_path(repo, model).with_name(".int8.onnx")
+                shutil.copy2(onnx_path(work, model), tmp)
+                os.replace(tmp, onnx_path(repo, model))
                 set_model_filename(repo, model, FP32_ONNX_FILE)  # Triton may run it on a GPU: see there
-            Manifest.read(work).write(repo)  # last: a repository whose manifest lists int8 has its graphs
+            Manifest.read(work).write(repo)
         write_report(repo, check, models)
         return check
     finally:

@@ -71,7 +71,9 @@ def set_model_filename(repo: Path, model: str, filename: str | None) -> None:
     model.onnx). Used for int8 repositories: Triton may place a KIND_AUTO instance on a GPU, where ONNX Runtime runs
     the int8 kernels on the CPU with copies both ways (onnxruntime#7745), so Triton serves their fp32 origin."""
     path = repo / model / "config.pbtxt"
-    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("default_model_filename:")]
+    text = path.read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("default_model_filename:")]
     if filename is not None:
         lines.insert(1, f'default_model_filename: "{filename}"')
-    path.write_text("\n".join(lines) + "\n")
+    if "\n".join(lines) + "\n" != text:
+        path.write_text("\n".join(lines) + "\n")

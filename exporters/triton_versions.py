@@ -17,7 +17,7 @@ from pathlib import Path
 
 from exporters.triton_config import TritonOptions, render
 from exporters.triton_twin import MODEL_PY
-from service.contract import ONNX_FILE, Manifest, model_specs, onnx_path
+from service.contract import FP32_ONNX_FILE, ONNX_FILE, Manifest, fp32_onnx_path, model_specs, onnx_path
 
 MARK = "falconrec_model_version"  # which build a version directory holds (Triton ignores other files)
 POLICY = "version_policy: { all { } }"
@@ -63,6 +63,8 @@ def publish(
         tmp = model_dir / f".{number}.{os.getpid()}"
         tmp.mkdir()
         shutil.copy(onnx_path(repo, name), tmp / ONNX_FILE)
+        if fp32_onnx_path(repo, name).is_file():  # an int8 graph's fp32 origin, which its config names (GPU)
+            shutil.copy(fp32_onnx_path(repo, name), tmp / FP32_ONNX_FILE)
         if twin:
             (tmp / "model.py").write_text(MODEL_PY)
         (tmp / MARK).write_text(manifest.model_version + "\n")

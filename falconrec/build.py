@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from service.artifacts import ArtifactPaths
-from service.contract import ITEM_TOKENS_FILE, MANIFEST, MODEL_NAMES, Manifest, ModelDims, onnx_path
+from service.contract import (
+    ITEM_TOKENS_FILE,
+    MANIFEST,
+    MODEL_NAMES,
+    QUANTIZATION_REPORT,
+    Manifest,
+    ModelDims,
+    onnx_path,
+)
 from training.config import BuildConfig
 from training.data import Dataset, default_ml1m_dir, load_ml1m, make_synthetic, sha256_file
 
@@ -217,6 +225,7 @@ class Builder:
             ranker = T.load_checkpoint(self.paths.ranker, HSTURanker)
             for m in MODEL_NAMES:  # a half-written repository must never look complete
                 shutil.rmtree(self.repo / m, ignore_errors=True)
+            (self.repo / QUANTIZATION_REPORT).unlink(missing_ok=True)  # its int8 graphs went with them
             export_all(towers, ranker, dims, self.repo)
             write_configs(self.repo, dims, TritonOptions(tensorrt=self.tensorrt))
             manifest.write(self.repo)
@@ -263,13 +272,16 @@ class Builder:
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
         self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path], run)
 
-    def quantize(self, manifest: Manifest) -> Manifest:
+    def quantize(self) -> Manifest:
         """The config's `[serve] int8` graphs in int8, kept only when the served cascade passes the quality check
-        against fp32 (exporters/quantize.py); the fp32 graphs stay beside them. TensorRT builds stay fp32 (its
-        engines choose their own precision)."""
-        from exporters.quantize import QUANTIZE_REVISION, REPORT, apply_int8, restore_fp32
+        against fp32 (exporters/quantize.py); the fp32 graphs stay beside them. Runs after the index: the check
+        scores the served cascade. TensorRT builds stay fp32 (its engines choose their own precision)."""
+        from exporters.quantize import QUANTIZE_REVISION, REPORT, apply_int8, restore_fp32, rule
 
-        wanted = () if self.tensorrt else self.cfg.serve.int8
+        wanted = self.cfg.serve.int8
+        if wanted and self.tensorrt:
+            self.log(f"[int8] {', '.join(wanted)}: not for a TensorRT build, serving fp32")
+            wanted = ()
         if not wanted:
             restore_fp32(self.repo)  # a repository an earlier config quantized
             return Manifest.read(self.repo)
@@ -284,7 +296,11 @@ class Builder:
             )
             return {"int8": list(wanted) if check.passed else [], "top10_overlap": round(check.top10_overlap, 4)}
 
-        inputs = _h(self.state.get("export", {}).get("inputs"), wanted, QUANTIZE_REVISION)
+        prev = self.state.get("int8", {}).get("info", {})
+        if sorted(prev.get("int8", [])) != sorted(Manifest.read(self.repo).int8):
+            (self.repo / REPORT).unlink(missing_ok=True)  # the repository is not what that run left: redo it
+        index_inputs = self.state.get("index", {}).get("inputs")
+        inputs = _h(self.state.get("export", {}).get("inputs"), index_inputs, wanted, QUANTIZE_REVISION, rule())
         self._step("int8", inputs, [self.repo / REPORT], run)
         return Manifest.read(self.repo)
 
@@ -294,7 +310,7 @@ class Builder:
         self.train(ds, emb)
         manifest = self.export(ds, emb, meta)
         self.index(ds, emb, manifest)
-        self.quantize(manifest)
+        self.quantize()
         return self.results
 
 

@@ -43,7 +43,7 @@ def _build(cfg, artifacts: Path, repo: Path, data_dir: Path | None, models: set[
     b.train(ds, emb, only=models)
     manifest = b.export(ds, emb, meta)
     b.index(ds, emb, manifest)
-    b.quantize(manifest)
+    b.quantize()
 
 
 def quick(
@@ -172,6 +172,7 @@ def _retrain_build(config: str, vs, current: str, artifacts: Path, repo: Path, e
     b.train(ds, snap.emb, only={"towers", "ranker"})
     manifest = b.export(ds, snap.emb, meta)
     b.index(ds, snap.emb, manifest)
+    b.quantize()
     return _holdout(cfg, ds, snap, current, {"candidate": b.paths.ranker, "current": base_paths.ranker})
 
 

@@ -92,6 +92,7 @@ def run_steps(b, until: str, only: set[str] | None = None) -> None:
             manifest = b.export(ds, emb, meta)
         if order.index(until) >= 4:
             b.index(ds, emb, manifest)
+            b.quantize()  # the config's int8 graphs, behind their check (it scores the cascade: after the index)
     except DatasetError as e:
         # plain text: the load report quotes values from the user's files, which may look like markup
         console.print(str(e), style="red", markup=False, highlight=False, soft_wrap=True)
@@ -200,16 +201,19 @@ def quantize(
     models: Annotated[str, typer.Option(help="comma-separated graphs to quantize")] = "ranker_candidates",
     overlap_users: Annotated[int, typer.Option(help="users whose top 10 are compared")] = 1000,
 ) -> None:
-    """A copy of the repository with int8 weight matmuls (CPU), checked against fp32 on the served cascade: HR@10
-    within 0.003 and top-10 overlap >= 0.98 (exit 1 when not). Serve it with --repo OUT."""
+    """A copy of the repository with int8 weight matmuls (CPU), checked against fp32 on the served cascade by the
+    build's rule (exporters/quantize.py; exit 1 when it fails). Serve it with --repo OUT."""
     require_offline()
     import shutil
 
-    from exporters.quantize import fp32_copy, quality_check, write_quantized_repository, write_report
-    from service.contract import Manifest
+    from exporters.quantize import REPORT, fp32_copy, quality_check, rule, write_quantized_repository, write_report
+    from service.contract import Manifest, check_int8
 
-    names = tuple(m.strip() for m in models.split(",") if m.strip())
-    manifest = write_quantized_repository(repo, out, names)
+    try:
+        names = check_int8(m.strip() for m in models.split(",") if m.strip())
+        manifest = write_quantized_repository(repo, out, names)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     console.print(f"wrote {out} (int8: {', '.join(manifest.int8)}); scoring it and fp32 on the test split ...")
     reference = repo
     if Manifest.read(repo).int8:  # a build that kept int8 graphs: compare with the fp32 ones beside them
@@ -230,7 +234,7 @@ def quantize(
     verdict = "[green]passed[/green]" if check.passed else "[red]failed[/red]"
     console.print(
         f"top-10 overlap over {check.overlap_users} users: {check.top10_overlap:.4f}; quality check {verdict} "
-        f"(report: {out / 'quantization.json'})"
+        f"({rule()}; report: {out / REPORT})"
     )
     if not check.passed:
         raise typer.Exit(1)

@@ -10,6 +10,7 @@ Shapes are given with the batch dimension first. `-1` is dynamic; other dims are
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ ONNX_FILE = "model.onnx"
 # Beside an int8 model.onnx (`[serve] int8`, exporters/quantize.py): the fp32 graph it was made from. A GPU session
 # loads this one (the int8 graphs are CPU kernels), and a rebuild quantizes from it.
 FP32_ONNX_FILE = "model.fp32.onnx"
+QUANTIZATION_REPORT = "quantization.json"  # in the repository: the int8 quality check's verdict and numbers
 MODEL_VERSION_DIR = "1"
 
 # Triton's names for numpy dtypes (config.pbtxt `data_type`).
@@ -183,8 +185,8 @@ class Manifest:
     embedding_version: str  # keys in Redis carry it; changes when the content embeddings change
     num_candidates: int
     microbatch: int
-    # Graphs whose weight matmuls are int8 (`falconrec quantize`); the model_version stays the fp32 build's: the
-    # towers, the index and the history K/V are the same, only these graphs' scores differ (within its check).
+    # Graphs whose weight matmuls are int8 (the build's int8 step, or `falconrec quantize`); the model_version stays
+    # the fp32 build's: towers, index and history K/V are the same, only these graphs' scores differ (within the check).
     int8: list[str] = field(default_factory=list)
 
     def write(self, repo: Path) -> None:
@@ -204,6 +206,22 @@ class Manifest:
 
 def onnx_path(repo: Path, model: str) -> Path:
     return repo / model / MODEL_VERSION_DIR / ONNX_FILE
+
+
+# Graphs a build may serve with int8 weight matmuls (`[serve] int8`, exporters/quantize.py).
+QUANTIZABLE = (RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND)
+
+
+def check_int8(models: Iterable[str]) -> tuple[str, ...]:
+    """The graphs to quantize, checked: quantizable ones, the user tower and its extension together (the
+    extension continues the full pass's K/V: both in one precision, or a returning user's vector would mix them)."""
+    models = tuple(dict.fromkeys(models))
+    unknown = set(models) - set(QUANTIZABLE)
+    if unknown:
+        raise ValueError(f"int8: unknown graphs {sorted(unknown)}; choose from {', '.join(QUANTIZABLE)}")
+    if (USER_TOWER in models) != (USER_TOWER_EXTEND in models):
+        raise ValueError(f"int8: {USER_TOWER} and {USER_TOWER_EXTEND} go together")
+    return models
 
 
 def fp32_onnx_path(repo: Path, model: str) -> Path:

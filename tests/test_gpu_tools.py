@@ -38,7 +38,6 @@ def test_openloop_keeps_why_an_answer_was_degraded(server, tiny_build):
     samples, _ = asyncio.run(openloop.run(server.url, rate=20, duration_s=0.5, requests=reqs, timeout_s=10))
     answered = [x for x in samples if x.status == 200]
     assert answered and all(x.degraded and x.reasons for x in answered)
-    assert all(not x.reasons for x in samples if not x.degraded)
     table = reason_kinds(20, samples)
     assert table.startswith("| 20 | budget: ") and table.endswith(" % |"), table
 

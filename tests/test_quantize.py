@@ -80,6 +80,11 @@ def test_the_int8_repository_is_int8_and_close_to_fp32(repo, tmp_path):
     assert manifest.model_version == Manifest.read(repo).model_version  # towers, index and K/V are the same
     ops = [n.op_type for n in onnx.load(str(onnx_path(out, RANKER_CANDIDATES))).graph.node]
     assert ops.count("MatMulInteger") > 0 and "Gemm" not in ops
+    # Its fp32 origin beside it, named by Triton's config (a GPU runs that one).
+    assert fp32_onnx_path(out, RANKER_CANDIDATES).read_bytes() == onnx_path(repo, RANKER_CANDIDATES).read_bytes()
+    assert parse((out / RANKER_CANDIDATES / "config.pbtxt").read_text()).default_model_filename == FP32_ONNX_FILE
+    with pytest.raises(ValueError, match="inside it"):
+        Q.write_quantized_repository(repo, repo / "int8", (RANKER_CANDIDATES,))
     # The other graphs are untouched.
     assert onnx_path(out, RANKER_HISTORY).read_bytes() == onnx_path(repo, RANKER_HISTORY).read_bytes()
     feeds = _candidate_inputs(repo)
@@ -106,6 +111,14 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     again = onnx_path(repo, RANKER_CANDIDATES).read_bytes()
     Q.apply_int8("tiny", tiny_build.artifacts, repo, (RANKER_CANDIDATES,))
     assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() == again
+    assert fp32_onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
+
+    # A swap cut short before the manifest was written: the files say what is int8, and fp32 comes back.
+    (repo / MANIFEST).write_text(json.dumps({**json.loads((repo / MANIFEST).read_text()), "int8": []}))
+    Q.restore_fp32(repo)
+    assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
+    assert not fp32_onnx_path(repo, RANKER_CANDIDATES).exists() and not (repo / Q.REPORT).exists()
+    Q.apply_int8("tiny", tiny_build.artifacts, repo, (RANKER_CANDIDATES,))
 
     # A check that fails leaves the repository in fp32 and says so.
     monkeypatch.setattr(Q, "MIN_TOP10_OVERLAP", 1.01)
@@ -141,3 +154,35 @@ def test_the_config_names_quantizable_graphs_only():
         ServeCfg(int8=["item_tower"])
     with pytest.raises(ValueError, match="go together"):
         ServeCfg(int8=["user_tower"])
+
+
+def test_an_int8_graph_without_its_fp32_origin_is_an_error(repo, tmp_path):
+    out = tmp_path / "int8"
+    Q.write_quantized_repository(repo, out, (RANKER_CANDIDATES,))
+    fp32_onnx_path(out, RANKER_CANDIDATES).unlink()
+    with pytest.raises(RuntimeError, match="without their fp32 origin"):
+        Q.restore_fp32(out)
+
+
+def test_the_build_step_follows_the_config_both_ways(tiny_build, tmp_path):
+    """int8 on, off, on again: each build leaves the repository the config asks for (the second 'on' must not be
+    taken as up to date from the first: the export in between wrote fp32 graphs)."""
+    import dataclasses
+
+    from falconrec.build import Builder
+    from training.config import load_config
+
+    artifacts, repo = tmp_path / "artifacts", tmp_path / "model_repository"
+    shutil.copytree(tiny_build.artifacts, artifacts)
+    shutil.copytree(tiny_build.repo, repo)
+    base = load_config("tiny")
+    on = dataclasses.replace(base, serve=dataclasses.replace(base.serve, int8=(RANKER_CANDIDATES,)))
+    for cfg, want in ((on, [RANKER_CANDIDATES]), (base, []), (on, [RANKER_CANDIDATES])):
+        results = Builder(cfg, artifacts, repo, log=lambda m: None).build()
+        assert Manifest.read(repo).int8 == want
+        assert fp32_onnx_path(repo, RANKER_CANDIDATES).exists() == bool(want)
+        assert (repo / Q.REPORT).exists() == bool(want)
+        if want:
+            assert [r.name for r in results][-1] == "int8"
+            ops = [n.op_type for n in onnx.load(str(onnx_path(repo, RANKER_CANDIDATES))).graph.node]
+            assert "MatMulInteger" in ops

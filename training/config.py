@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, ModelDims
+from service.contract import ModelDims, check_int8
 from training.text_template import template_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -174,9 +174,6 @@ class IndexCfg:
     exact_below: int = 50_000
 
 
-QUANTIZABLE = (RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND)
-
-
 @dataclass(frozen=True)
 class ServeCfg:
     num_candidates: int = 1000
@@ -186,14 +183,10 @@ class ServeCfg:
     int8: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "int8", tuple(self.int8))  # a TOML list
-        unknown = set(self.int8) - set(QUANTIZABLE)
-        if unknown:
-            raise ValueError(f"[serve] int8: unknown graphs {sorted(unknown)}; choose from {', '.join(QUANTIZABLE)}")
-        if (USER_TOWER in self.int8) != (USER_TOWER_EXTEND in self.int8):
-            # The extension continues the full pass's K/V: both in one precision, or a returning user's vector
-            # would mix them.
-            raise ValueError("[serve] int8: user_tower and user_tower_extend go together")
+        try:
+            object.__setattr__(self, "int8", check_int8(self.int8))  # a TOML list, checked
+        except ValueError as e:
+            raise ValueError(f"[serve] {e}") from None
 
 
 @dataclass(frozen=True)

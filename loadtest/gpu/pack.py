@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from service.artifacts import ArtifactPaths
-from service.contract import MANIFEST, MODEL_NAMES, MODEL_VERSION_DIR, ONNX_FILE
+from service.contract import FP32_ONNX_FILE, MANIFEST, MODEL_NAMES, MODEL_VERSION_DIR, ONNX_FILE
 
 ORT_GPU = "onnxruntime-gpu==1.31.1"  # CUDA 13 build: loads against the machine's own nvidia-*-cu13 libraries
 PROVIDER = "onnxruntime/capi/libonnxruntime_providers_cuda.so"
@@ -101,7 +101,7 @@ def artifact_files(config: str, artifacts: Path, repo: Path) -> list[tuple[Path,
     files = [(paths.data, None), (paths.content_emb, None), (paths.content_emb.with_suffix(".json"), None)]
     files += [(p, None) for p in sorted(paths.index_dir.iterdir())]
     files += [(repo / MANIFEST, None)]
-    files += [(repo / m / MODEL_VERSION_DIR / ONNX_FILE, None) for m in MODEL_NAMES]
+    files += [(repo / m / MODEL_VERSION_DIR / f, None) for m in MODEL_NAMES for f in (ONNX_FILE, FP32_ONNX_FILE)]
     files += [(p, None) for p in sorted(repo.glob("*/config.pbtxt"))]
     return [(p, str(p)) for p, _ in files if p.is_file()]
 
