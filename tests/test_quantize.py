@@ -186,3 +186,14 @@ def test_the_build_step_follows_the_config_both_ways(tiny_build, tmp_path):
             assert [r.name for r in results][-1] == "int8"
             ops = [n.op_type for n in onnx.load(str(onnx_path(repo, RANKER_CANDIDATES))).graph.node]
             assert "MatMulInteger" in ops
+
+
+def test_a_gpu_session_loads_the_fp32_origin_of_an_int8_graph(repo, tmp_path):
+    from service.backends.onnx import graph_file
+
+    out = tmp_path / "int8"
+    Q.write_quantized_repository(repo, out, (RANKER_CANDIDATES,))
+    assert graph_file(out, RANKER_CANDIDATES, "CPUExecutionProvider") == onnx_path(out, RANKER_CANDIDATES)
+    for gpu in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        assert graph_file(out, RANKER_CANDIDATES, gpu) == fp32_onnx_path(out, RANKER_CANDIDATES)
+        assert graph_file(out, RANKER_HISTORY, gpu) == onnx_path(out, RANKER_HISTORY)  # fp32 only: as it is

@@ -43,6 +43,19 @@ def choose_providers(requested: list[str] | None = None, trt_cache: Path | None 
     return out
 
 
+def graph_file(repo: Path, model: str, provider: str) -> Path:
+    """The ONNX file a session on `provider` loads: model.onnx, except where it is int8 (an fp32 origin lies
+    beside it) and the provider is not the CPU's: ONNX Runtime has no CUDA kernels for the int8 ops and would run
+    them on the CPU with copies both ways (onnxruntime#7745)."""
+    path = onnx_path(repo, model)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: build the repository first (`falconrec build`)")
+    if provider != "CPUExecutionProvider" and fp32_onnx_path(repo, model).is_file():
+        log.info("%s: the fp32 graph on %s", model, provider)
+        return fp32_onnx_path(repo, model)
+    return path
+
+
 def _tensorrt_loadable() -> bool:
     for lib in ("libnvinfer.so.10", "libnvinfer.so.8"):
         try:
@@ -74,18 +87,12 @@ class OnnxBackend(InferenceBackend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         chosen = choose_providers(providers, trt_cache, tf32)
         self.sessions: dict[str, ort.InferenceSession] = {}
-        on_cpu = (chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]) == "CPUExecutionProvider"
+        wanted = chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]
         for m in MODEL_NAMES:
-            path = onnx_path(self.repo, m)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} missing: build the repository first (`falconrec build`)")
-            if not on_cpu and fp32_onnx_path(self.repo, m).is_file():
-                path = fp32_onnx_path(self.repo, m)  # int8 graphs are CPU kernels: a GPU runs their fp32 origin
-                log.info("%s: the fp32 graph on %s", m, chosen[0])
+            path = graph_file(self.repo, m, wanted)
             self.sessions[m] = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
         self.providers = self.sessions[MODEL_NAMES[0]].get_providers()
         log.info("onnxruntime %s providers %s", ort.__version__, self.providers)
-        wanted = chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]
         if self.providers[0] != wanted:
             # ONNX Runtime falls back silently when a provider's libraries fail to load (CUDA's: LD_LIBRARY_PATH).
             log.warning("asked for %s, running on %s: see ONNX Runtime's load error above", wanted, self.providers[0])
