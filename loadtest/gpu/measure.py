@@ -45,12 +45,22 @@ from service.contract import (
     USER_TOWER,
     USER_TOWER_EXTEND,
     Manifest,
+    fp32_onnx_path,
     onnx_path,
 )
 from service.pipeline.deadline import Deadline
 from service.settings import Settings
 
 CPU = "CPUExecutionProvider"
+
+
+def graph(repo: Path, model: str) -> str:
+    """The fp32 graph of `model`: an int8 build keeps it beside the int8 one, and that is what a GPU serves
+    (service/backends/onnx.graph_file), so parity and timings here are of it on every provider."""
+    fp32 = fp32_onnx_path(repo, model)
+    return str(fp32 if fp32.is_file() else onnx_path(repo, model))
+
+
 QUERY_TS = 1_046_454_590 + 86_400  # one day after ML-1M's last rating: the same query time for both backends
 
 
@@ -152,7 +162,7 @@ def extra_inputs(repo: Path, c: Components, recorded: dict) -> None:
     content = c.store.table[idx]  # the in-process store's content rows (row i = item index i)
     per_item = {"content_emb": content.astype(np.float32), "item_idx": idx.reshape(-1, 1).astype(np.int64)}
     recorded[ITEM_TOWER] = recorded[RANKER_ITEM] = [per_item]
-    cpu = ort.InferenceSession(str(onnx_path(repo, USER_TOWER)), providers=[CPU])
+    cpu = ort.InferenceSession(graph(repo, USER_TOWER), providers=[CPU])
     ext = []
     for ut in recorded.get(USER_TOWER, [])[:4]:
         _, pk, pv = cpu.run(None, {k: v[:, :-1] for k, v in ut.items()})
@@ -167,11 +177,11 @@ def graph_parity(repo: Path, provider: str, recorded: dict) -> list[list[object]
         if not calls:
             rows.append([model, 0, "-", "-", "-", "-"])
             continue
-        ref = ort.InferenceSession(str(onnx_path(repo, model)), providers=[CPU])
+        ref = ort.InferenceSession(graph(repo, model), providers=[CPU])
         row: list[object] = [model, len(calls)]
         for tf32 in (False, True):
             prov = device_providers(provider, tf32)
-            sess = ort.InferenceSession(str(onnx_path(repo, model)), providers=prov)
+            sess = ort.InferenceSession(graph(repo, model), providers=prov)
             abs_d, rel_d = 0.0, 0.0
             for inp in calls:
                 for a, b in zip(ref.run(None, inp), sess.run(None, inp), strict=True):
@@ -194,7 +204,7 @@ def graph_timing(repo: Path, provider: str, recorded: dict, repeat: int) -> list
         inp = recorded[model][0]
         row: list[object] = [model, " x ".join(str(d) for d in next(iter(inp.values())).shape)]
         for prov in ([CPU], device_providers(provider)):
-            sess = ort.InferenceSession(str(onnx_path(repo, model)), so, providers=prov)
+            sess = ort.InferenceSession(graph(repo, model), so, providers=prov)
             row.append(_median_ms(lambda sess=sess, inp=inp: sess.run(None, inp), repeat))
         rows.append(row)
     return rows
@@ -206,7 +216,7 @@ def profile_ops(repo: Path, provider: str, model: str, inputs: dict[str, np.ndar
     so.enable_profiling = True
     work.mkdir(parents=True, exist_ok=True)
     so.profile_file_prefix = str(work / f"profile-{model}")
-    sess = ort.InferenceSession(str(onnx_path(repo, model)), so, providers=device_providers(provider))
+    sess = ort.InferenceSession(graph(repo, model), so, providers=device_providers(provider))
     for _ in range(runs + 3):
         sess.run(None, inputs)
     events = json.loads(Path(sess.end_profiling()).read_text())
@@ -315,8 +325,8 @@ def ranker_graphs(repo: Path, provider: str, hist: dict[str, np.ndarray], tokens
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     prov = device_providers(provider)
-    hs = ort.InferenceSession(str(onnx_path(repo, RANKER_HISTORY)), so, providers=prov)
-    cs = ort.InferenceSession(str(onnx_path(repo, RANKER_CANDIDATES)), so, providers=prov)
+    hs = ort.InferenceSession(graph(repo, RANKER_HISTORY), so, providers=prov)
+    cs = ort.InferenceSession(graph(repo, RANKER_CANDIDATES), so, providers=prov)
     device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
     side = {k: hist[k] for k in ("hist_ts", "hist_valid", "query_ts")}
     rng = np.random.default_rng(1)
