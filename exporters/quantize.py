@@ -38,7 +38,6 @@ from service.contract import (
     onnx_path,
 )
 
-REPORT = QUANTIZATION_REPORT
 QUANTIZE_REVISION = 1  # bumped when what quantize_graph writes changes: builds redo their int8 step
 # The issue's acceptance rule for a precision change: HR@10 within this of fp32's, top-10 overlap at least this.
 MAX_HR_DROP = 0.003
@@ -164,7 +163,7 @@ def write_quantized_repository(repo: Path, out: Path, models: tuple[str, ...] = 
 
 def write_report(out: Path, check: QualityCheck, models: tuple[str, ...]) -> None:
     report = {**asdict(check), "passed": check.passed, "models": list(models), "rule": rule()}
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    (out / QUANTIZATION_REPORT).write_text(json.dumps(report, indent=2))
 
 
 def rule() -> str:
@@ -229,7 +228,7 @@ def restore_fp32(repo: Path) -> None:
         raise RuntimeError(f"{repo}: int8 graphs {sorted(lost)} without their fp32 origin: export again")
     if manifest.int8:
         replace(manifest, int8=[]).write(repo)
-    (repo / REPORT).unlink(missing_ok=True)
+    (repo / QUANTIZATION_REPORT).unlink(missing_ok=True)
 
 
 def apply_int8(config: str, artifacts: Path, repo: Path, models: tuple[str, ...]) -> QualityCheck | None:

@@ -276,7 +276,7 @@ class Builder:
         """The config's `[serve] int8` graphs in int8, kept only when the served cascade passes the quality check
         against fp32 (exporters/quantize.py); the fp32 graphs stay beside them. Runs after the index: the check
         scores the served cascade. TensorRT builds stay fp32 (its engines choose their own precision)."""
-        from exporters.quantize import QUANTIZE_REVISION, REPORT, apply_int8, restore_fp32, rule
+        from exporters.quantize import QUANTIZE_REVISION, apply_int8, restore_fp32, rule
 
         wanted = self.cfg.serve.int8
         if wanted and self.tensorrt:
@@ -298,10 +298,12 @@ class Builder:
 
         prev = self.state.get("int8", {}).get("info", {})
         if sorted(prev.get("int8", [])) != sorted(Manifest.read(self.repo).int8):
-            (self.repo / REPORT).unlink(missing_ok=True)  # the repository is not what that run left: redo it
+            (self.repo / QUANTIZATION_REPORT).unlink(
+                missing_ok=True
+            )  # the repository is not what that run left: redo it
         index_inputs = self.state.get("index", {}).get("inputs")
         inputs = _h(self.state.get("export", {}).get("inputs"), index_inputs, wanted, QUANTIZE_REVISION, rule())
-        self._step("int8", inputs, [self.repo / REPORT], run)
+        self._step("int8", inputs, [self.repo / QUANTIZATION_REPORT], run)
         return Manifest.read(self.repo)
 
     def build(self) -> list[StepResult]:

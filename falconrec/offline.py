@@ -206,8 +206,8 @@ def quantize(
     require_offline()
     import shutil
 
-    from exporters.quantize import REPORT, fp32_copy, quality_check, rule, write_quantized_repository, write_report
-    from service.contract import Manifest, check_int8
+    from exporters.quantize import fp32_copy, quality_check, rule, write_quantized_repository, write_report
+    from service.contract import QUANTIZATION_REPORT, Manifest, check_int8
 
     try:
         names = check_int8(m.strip() for m in models.split(",") if m.strip())
@@ -234,7 +234,7 @@ def quantize(
     verdict = "[green]passed[/green]" if check.passed else "[red]failed[/red]"
     console.print(
         f"top-10 overlap over {check.overlap_users} users: {check.top10_overlap:.4f}; quality check {verdict} "
-        f"({rule()}; report: {out / REPORT})"
+        f"({rule()}; report: {out / QUANTIZATION_REPORT})"
     )
     if not check.passed:
         raise typer.Exit(1)

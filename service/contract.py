@@ -226,3 +226,9 @@ def check_int8(models: Iterable[str]) -> tuple[str, ...]:
 
 def fp32_onnx_path(repo: Path, model: str) -> Path:
     return repo / model / MODEL_VERSION_DIR / FP32_ONNX_FILE
+
+
+def fp32_graph_path(repo: Path, model: str) -> Path:
+    """The fp32 graph of `model`: the origin kept beside an int8 model.onnx, else model.onnx itself."""
+    fp32 = fp32_onnx_path(repo, model)
+    return fp32 if fp32.is_file() else onnx_path(repo, model)

@@ -18,6 +18,7 @@ from exporters.triton_config import parse
 from service.contract import (
     FP32_ONNX_FILE,
     MANIFEST,
+    QUANTIZATION_REPORT,
     RANKER_CANDIDATES,
     RANKER_HISTORY,
     Manifest,
@@ -104,7 +105,7 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     # Triton may place the model on a GPU, where the int8 kernels fall back to the CPU: it serves the fp32 graph.
     config = parse((repo / RANKER_CANDIDATES / "config.pbtxt").read_text())
     assert config.default_model_filename == FP32_ONNX_FILE
-    report = json.loads((repo / Q.REPORT).read_text())
+    report = json.loads((repo / QUANTIZATION_REPORT).read_text())
     assert report["passed"] and report["users"] == check.users and report["models"] == [RANKER_CANDIDATES]
 
     # Applied again (a rebuild): quantized from the fp32 graph, not from the int8 one.
@@ -117,7 +118,7 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     (repo / MANIFEST).write_text(json.dumps({**json.loads((repo / MANIFEST).read_text()), "int8": []}))
     Q.restore_fp32(repo)
     assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
-    assert not fp32_onnx_path(repo, RANKER_CANDIDATES).exists() and not (repo / Q.REPORT).exists()
+    assert not fp32_onnx_path(repo, RANKER_CANDIDATES).exists() and not (repo / QUANTIZATION_REPORT).exists()
     Q.apply_int8("tiny", tiny_build.artifacts, repo, (RANKER_CANDIDATES,))
 
     # A check that fails leaves the repository in fp32 and says so.
@@ -127,7 +128,7 @@ def test_the_build_keeps_int8_only_behind_its_check_with_fp32_beside(repo, tiny_
     assert onnx_path(repo, RANKER_CANDIDATES).read_bytes() == original
     assert Manifest.read(repo).int8 == []
     assert parse((repo / RANKER_CANDIDATES / "config.pbtxt").read_text()).default_model_filename == ""
-    assert json.loads((repo / Q.REPORT).read_text())["passed"] is False
+    assert json.loads((repo / QUANTIZATION_REPORT).read_text())["passed"] is False
 
 
 def test_the_service_serves_an_int8_repository(repo, tiny_build, tmp_path):
@@ -181,7 +182,7 @@ def test_the_build_step_follows_the_config_both_ways(tiny_build, tmp_path):
         results = Builder(cfg, artifacts, repo, log=lambda m: None).build()
         assert Manifest.read(repo).int8 == want
         assert fp32_onnx_path(repo, RANKER_CANDIDATES).exists() == bool(want)
-        assert (repo / Q.REPORT).exists() == bool(want)
+        assert (repo / QUANTIZATION_REPORT).exists() == bool(want)
         if want:
             assert [r.name for r in results][-1] == "int8"
             ops = [n.op_type for n in onnx.load(str(onnx_path(repo, RANKER_CANDIDATES))).graph.node]

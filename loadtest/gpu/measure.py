@@ -45,8 +45,7 @@ from service.contract import (
     USER_TOWER,
     USER_TOWER_EXTEND,
     Manifest,
-    fp32_onnx_path,
-    onnx_path,
+    fp32_graph_path,
 )
 from service.pipeline.deadline import Deadline
 from service.settings import Settings
@@ -55,10 +54,9 @@ CPU = "CPUExecutionProvider"
 
 
 def graph(repo: Path, model: str) -> str:
-    """The fp32 graph of `model`: an int8 build keeps it beside the int8 one, and that is what a GPU serves
-    (service/backends/onnx.graph_file), so parity and timings here are of it on every provider."""
-    fp32 = fp32_onnx_path(repo, model)
-    return str(fp32 if fp32.is_file() else onnx_path(repo, model))
+    """The fp32 graph of `model`, what a GPU serves (service/backends/onnx.graph_file): parity and timings here are
+    of it on every provider."""
+    return str(fp32_graph_path(repo, model))
 
 
 QUERY_TS = 1_046_454_590 + 86_400  # one day after ML-1M's last rating: the same query time for both backends

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import InferenceBackend
-from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, fp32_onnx_path, model_specs, onnx_path
+from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, fp32_graph_path, model_specs, onnx_path
 
 log = logging.getLogger("falconrec.onnx")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -50,9 +50,9 @@ def graph_file(repo: Path, model: str, provider: str) -> Path:
     path = onnx_path(repo, model)
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: build the repository first (`falconrec build`)")
-    if provider != "CPUExecutionProvider" and fp32_onnx_path(repo, model).is_file():
+    if provider != "CPUExecutionProvider" and fp32_graph_path(repo, model) != path:
         log.info("%s: the fp32 graph on %s", model, provider)
-        return fp32_onnx_path(repo, model)
+        return fp32_graph_path(repo, model)
     return path
 
 
