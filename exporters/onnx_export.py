@@ -29,7 +29,7 @@ from training.models import HSTURanker, TwoTower
 OPSET = 18
 # Part of the export step's cache key: bump it when the graphs change for the same weights, so `falconrec
 # build` re-exports instead of keeping a repository written by older code.
-GRAPH_REVISION = 8
+GRAPH_REVISION = 9
 
 
 class ItemTowerGraph(nn.Module):
@@ -37,8 +37,9 @@ class ItemTowerGraph(nn.Module):
         super().__init__()
         self.m = towers
 
-    def forward(self, content_emb: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        return self.m.item_vec(content_emb, item_idx[:, 0])
+    def forward(self, content_emb: torch.Tensor, item_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = item_idx[:, 0]
+        return self.m.item_vec(content_emb, idx), self.m.user_token(content_emb, idx)
 
 
 class UserTowerGraph(nn.Module):
@@ -46,8 +47,8 @@ class UserTowerGraph(nn.Module):
         super().__init__()
         self.m = towers
 
-    def forward(self, hist_emb, hist_item, hist_valid):
-        return self.m.user_state(hist_emb, hist_item, hist_valid)
+    def forward(self, hist_token, hist_valid):
+        return self.m.user_state(hist_token, hist_valid)
 
 
 class UserTowerExtendGraph(nn.Module):
@@ -55,8 +56,8 @@ class UserTowerExtendGraph(nn.Module):
         super().__init__()
         self.m = towers
 
-    def forward(self, past_k, past_v, new_emb, new_item):
-        return self.m.user_extend(new_emb, new_item, past_k, past_v)
+    def forward(self, past_k, past_v, new_token):
+        return self.m.user_extend(new_token, past_k, past_v)
 
 
 class RankerHistoryGraph(nn.Module):
@@ -64,8 +65,8 @@ class RankerHistoryGraph(nn.Module):
         super().__init__()
         self.m = ranker
 
-    def forward(self, hist_emb, hist_item, hist_ts, hist_valid, query_ts):
-        hidden, k, v = self.m.history(hist_emb, hist_item, hist_ts, hist_valid, query_ts, serving=True)
+    def forward(self, hist_token, hist_ts, hist_valid, query_ts):
+        hidden, k, v = self.m.history(None, None, hist_ts, hist_valid, query_ts, serving=True, hist_token=hist_token)
         return k, v, self.m.next_item_query(hidden[:, -1])
 
 

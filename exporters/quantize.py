@@ -175,19 +175,17 @@ def quality_check(config: str, artifacts: Path, repo: Path, out: Path, overlap_u
     protocol: the user's history items left out) scored from `repo` (fp32) and from `out` (int8), all test users."""
     from service.artifacts import ArtifactPaths
     from training.data import Dataset
-    from training.embed import load_embeddings
     from training.evaluate import cascade_ranks
     from training.metrics import rank_metrics
 
     paths = ArtifactPaths.for_config(config, artifacts)
     ds = Dataset.load(paths.data)
-    emb16, _ = load_embeddings(paths.content_emb, ds.item_texts)
     users = [u for u in range(ds.num_users) if len(ds.seqs[u]) >= 3]
     n = min(Manifest.read(repo).num_candidates, ds.num_items)
     metrics, tops = [], []
     for r in (repo, out):
         top: list[np.ndarray] = []
-        ranks = cascade_ranks(ds, users, emb16, r, paths.index_dir, n, exclude_history=True, tops=top)
+        ranks = cascade_ranks(ds, users, r, paths.index_dir, n, exclude_history=True, tops=top)
         metrics.append(rank_metrics(ranks))
         tops.append(top)
     k = min(overlap_users, len(users))

@@ -22,6 +22,7 @@ from service.contract import (
     MANIFEST,
     MODEL_NAMES,
     QUANTIZATION_REPORT,
+    USER_TOKENS_FILE,
     Manifest,
     ModelDims,
     onnx_path,
@@ -252,9 +253,10 @@ class Builder:
         from service.backends.onnx import OnnxBackend
 
         tokens_path = self.paths.index_dir / ITEM_TOKENS_FILE
+        user_path = self.paths.index_dir / USER_TOKENS_FILE
 
         def run() -> dict:
-            # Vectors and ranker tokens come from the exported ONNX graphs: exactly what the service would compute.
+            # Vectors and tokens come from the exported ONNX graphs: exactly what the service would compute.
             backend = OnnxBackend(self.repo, manifest.dims, providers=["CPUExecutionProvider"])
             ids = np.arange(1, ds.num_items + 1, dtype=np.int64)
             chunks = [
@@ -264,13 +266,16 @@ class Builder:
             vecs = np.concatenate([backend.item_vectors(c, i) for c, i in chunks])
             tokens = np.zeros((ds.num_items + 1, manifest.dims.d_model), np.float32)  # row 0: no item
             tokens[1:] = np.concatenate([backend.item_tokens(c, i) for c, i in chunks])
+            user = np.zeros((ds.num_items + 1, manifest.dims.tower_dim), np.float32)
+            user[1:] = np.concatenate([backend.user_tokens(c, i) for c, i in chunks])
             index, kind = build_index(vecs, ids, self.cfg.index.kind, self.cfg.index.exact_below, self.cfg.index.hnsw_m)
             save_index(index, self.paths.index_dir, kind, manifest.model_version)
             np.save(tokens_path, tokens)
-            return {"kind": kind, "count": int(index.ntotal), "token_bytes": int(tokens.nbytes)}
+            np.save(user_path, user)
+            return {"kind": kind, "count": int(index.ntotal), "token_bytes": int(tokens.nbytes + user.nbytes)}
 
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
-        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path], run)
+        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path, user_path], run)
 
     def quantize(self) -> Manifest:
         """The config's `[serve] int8` graphs in int8, kept only when the served cascade passes the quality check

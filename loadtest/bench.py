@@ -120,14 +120,14 @@ def _ranking_row(ranker, hs, cs, its, rng, N: int, E: int, n: int, m: int, micro
     valid = np.ones((1, n), np.float32)
     cand = rng.integers(1, N + 1, size=(1, m)).astype(np.int64)
     cemb = rng.standard_normal((1, m, E)).astype(np.float32)
-    # Candidates' tokens are per-item work, done at build time (ranker_item): outside every timed path.
+    # History items' and candidates' tokens are per-item work, done at build time (ranker_item): outside every
+    # timed path but the naive ones.
     ctok = its.run(None, {"content_emb": cemb[0], "item_idx": cand.T})[0][None]
+    htok = its.run(None, {"content_emb": emb[0], "item_idx": item.T})[0][None]
     qts = ts[:, -1:] + 60
 
     def ort_falcon():
-        k, v, q = hs.run(
-            None, {"hist_emb": emb, "hist_item": item, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
-        )
+        k, v, q = hs.run(None, {"hist_token": htok, "hist_ts": ts, "hist_valid": valid, "query_ts": qts})
         for a in range(0, m, microbatch):
             cs.run(
                 None,
@@ -143,10 +143,10 @@ def _ranking_row(ranker, hs, cs, its, rng, N: int, E: int, n: int, m: int, micro
             )
 
     te, ti, tt, tv = map(torch.from_numpy, (emb, item, ts, valid))
-    tc, tce, tq, ttok = map(torch.from_numpy, (cand, cemb, qts, ctok))
+    tc, tce, tq, ttok, thtok = map(torch.from_numpy, (cand, cemb, qts, ctok, htok))
 
     def torch_falcon():
-        hidden, k, v = ranker.history(te, ti, tt, tv, tq)
+        hidden, k, v = ranker.history(None, None, tt, tv, tq, hist_token=thtok)
         q = ranker.next_item_query(hidden[:, -1])
         for a in range(0, m, microbatch):
             c = tc[:, a : a + microbatch]
@@ -222,23 +222,17 @@ def efficiency_table(
         for name in (USER_TOWER, USER_TOWER_EXTEND, RANKER_HISTORY, RANKER_CANDIDATES)
     }
     rng = np.random.default_rng(0)
-    N, E = manifest.dims.num_items, manifest.dims.content_dim
+    d, T_ = manifest.dims.d_model, manifest.dims.tower_dim
     hist = {
-        "hist_emb": rng.standard_normal((1, n, E)).astype(np.float32),
-        "hist_item": rng.integers(1, N + 1, size=(1, n)).astype(np.int64),
+        "hist_token": rng.standard_normal((1, n, d)).astype(np.float32),
         "hist_ts": np.sort(rng.integers(10**9, 10**9 + 10**7, size=(1, n))).astype(np.int64),
         "hist_valid": np.ones((1, n), np.float32),
         "query_ts": np.full((1, 1), 10**9 + 2 * 10**7, np.int64),
     }
-    ut_in = {k: hist[k] for k in ("hist_emb", "hist_item", "hist_valid")}
+    ut_in = {"hist_token": rng.standard_normal((1, n, T_)).astype(np.float32), "hist_valid": hist["hist_valid"]}
     # The same history reached by one appended event: the incremental user tower computes one position.
     _, past_k, past_v = sess[USER_TOWER].run(None, {key: val[:, :-1] for key, val in ut_in.items()})
-    ext_in = {
-        "past_k": past_k,
-        "past_v": past_v,
-        "new_emb": ut_in["hist_emb"][:, -1:],
-        "new_item": ut_in["hist_item"][:, -1:],
-    }
+    ext_in = {"past_k": past_k, "past_v": past_v, "new_token": ut_in["hist_token"][:, -1:]}
     k, v, q = sess[RANKER_HISTORY].run(None, hist)
     cands = [
         {

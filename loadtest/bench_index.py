@@ -51,20 +51,16 @@ def synthetic_item_vectors(
 def user_vectors(ds: Dataset, content: np.ndarray, repo: Path, users: int, max_len: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     tower = _session(repo, USER_TOWER)
+    # The user tower's per-item inputs, as the build writes them (USER_TOKENS_FILE): item_tower's second output.
+    ids = np.arange(len(content), dtype=np.int64).reshape(-1, 1)
+    feeds = {"content_emb": content.astype(np.float32), "item_idx": ids}
+    (user_tokens,) = _session(repo, ITEM_TOWER).run(["user_token"], feeds)
     picks = rng.choice(ds.num_users, size=min(users, ds.num_users), replace=False)
     vecs = []
     for u in picks:
         items = np.asarray(ds.seqs[u][-max_len:], np.int64)[None]
-        vecs.append(
-            tower.run(
-                None,
-                {
-                    "hist_emb": content[items].astype(np.float32),
-                    "hist_item": items,
-                    "hist_valid": np.ones(items.shape, np.float32),
-                },
-            )[0]
-        )
+        feeds = {"hist_token": user_tokens[items], "hist_valid": np.ones(items.shape, np.float32)}
+        vecs.append(tower.run(None, feeds)[0])
     return np.concatenate(vecs)
 
 

@@ -26,9 +26,12 @@ RANKER_CANDIDATES = "ranker_candidates"
 RANKER_ITEM = "ranker_item"  # a candidate's input token: a function of the item alone, precomputed per item
 MODEL_NAMES = (ITEM_TOWER, USER_TOWER, USER_TOWER_EXTEND, RANKER_HISTORY, RANKER_CANDIDATES, RANKER_ITEM)
 # ranker_item's output for every catalog item [N+1, d_model] (row 0 unused), written beside the FAISS index by
-# the build; the service gathers candidates' tokens from it instead of their content embeddings, and items
-# added live get theirs from ranker_item when they join the index.
+# the build; the service gathers candidates' and history items' tokens from it instead of their content embeddings,
+# and items added live get theirs from ranker_item when they join the index.
 ITEM_TOKENS_FILE = "ranker_item_tokens.npy"
+# item_tower's `user_token` for every catalog item [N+1, tower_dim] (row 0 unused): the user tower's input per
+# history item, gathered the same way. With both tables a request needs no content embedding at all.
+USER_TOKENS_FILE = "user_item_tokens.npy"
 
 MANIFEST = "falconrec.json"  # written at the repository root by the exporter
 ONNX_FILE = "model.onnx"
@@ -103,10 +106,6 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
     B, L, M = -1, -1, -1  # batch, history length, candidates: all dynamic
     E, T, NL = d.content_dim, d.tower_dim, d.num_layers
     f32, i64 = "float32", "int64"
-    hist = (
-        TensorSpec("hist_emb", f32, (B, L, E)),
-        TensorSpec("hist_item", i64, (B, L)),
-    )
     kv = (
         TensorSpec("hist_k", f32, (B, NL, L, d.k_width)),
         TensorSpec("hist_v", f32, (B, NL, L, d.v_width)),
@@ -118,11 +117,15 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
         ModelSpec(
             ITEM_TOWER,
             (TensorSpec("content_emb", f32, (B, E)), TensorSpec("item_idx", i64, (B, 1))),
-            (TensorSpec("item_vec", f32, (B, T)),),
+            (
+                TensorSpec("item_vec", f32, (B, T)),
+                # the user tower's input token of the item (its history side): precomputed per item, USER_TOKENS_FILE
+                TensorSpec("user_token", f32, (B, T)),
+            ),
         ),
         ModelSpec(
             USER_TOWER,
-            (*hist, TensorSpec("hist_valid", f32, (B, L))),
+            (TensorSpec("hist_token", f32, (B, L, T)), TensorSpec("hist_valid", f32, (B, L))),
             (
                 TensorSpec("user_vec", f32, (B, T)),
                 TensorSpec("user_k", f32, tower_kv),
@@ -135,8 +138,7 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
                 # past_*: user_k/user_v of the history's first P items, unpadded; new_*: the N items after them
                 TensorSpec("past_k", f32, tower_kv),
                 TensorSpec("past_v", f32, tower_kv),
-                TensorSpec("new_emb", f32, (B, L, E)),
-                TensorSpec("new_item", i64, (B, L)),
+                TensorSpec("new_token", f32, (B, L, T)),
             ),
             (
                 TensorSpec("user_vec", f32, (B, T)),
@@ -147,7 +149,7 @@ def model_specs(d: ModelDims) -> dict[str, ModelSpec]:
         ModelSpec(
             RANKER_HISTORY,
             (
-                *hist,
+                TensorSpec("hist_token", f32, (B, L, d.d_model)),  # ranker_item of each history item
                 TensorSpec("hist_ts", i64, (B, L)),
                 TensorSpec("hist_valid", f32, (B, L)),
                 TensorSpec("query_ts", i64, (B, 1)),  # the newest position's time bias counts to it

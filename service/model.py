@@ -70,7 +70,7 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
     tokens = ItemTokens.load(paths.index_dir)
     if tokens.model_version != manifest.model_version or tokens.rows != catalog.num_items + 1:
         raise RuntimeError(
-            f"ranker tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
+            f"item tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
             f"{catalog.num_items} items: rebuild (`falconrec build`)"
         )
     return Model(manifest, catalog, backend, fallback, retriever, tokens, paths.content_emb)

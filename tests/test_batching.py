@@ -34,8 +34,7 @@ def _user(backend, dims, rng, n: int, qts: int) -> dict[str, np.ndarray]:
     """A user's ranker_candidates inputs (K/V from the real history pass) for a random history of length n
     (n <= max_len: the service keeps the last max_len events, and the history graph's tables are that long)."""
     hist = {
-        "hist_emb": rng.standard_normal((1, n, dims.content_dim)).astype(np.float32),
-        "hist_item": rng.integers(1, dims.num_items + 1, size=(1, n)).astype(np.int64),
+        "hist_token": rng.standard_normal((1, n, dims.d_model)).astype(np.float32),
         "hist_ts": np.sort(rng.integers(10**9, 10**9 + 10**7, size=(1, n))).astype(np.int64),
         "hist_valid": np.ones((1, n), np.float32),
         "query_ts": np.array([[qts]], np.int64),
@@ -125,8 +124,8 @@ def test_unchanged_history_runs_no_model_twice_and_an_event_recomputes(server, c
         assert rec.users.user_vec_cache.hits == hits + 1  # the user tower did not run again
         # nor the history pass
         assert (len(rec.users.user_vec_cache), len(rec.users.kv_cache)) == (uv_entries, kv_entries)
-        # Timings show the skipped stages cost (almost) nothing: no embedding fetch for the history.
-        assert "embeddings" in again["timings_ms"]
+        # Timings show the skipped stages cost (almost) nothing: the history's items looked up, the caches hit.
+        assert "user_state" in again["timings_ms"]
         # A different history (the request's own, one item shorter) is a different key: computed afresh.
         items, ts = catalog.user_histories[uid]
         hist = [{"item_id": int(i), "ts": int(t)} for i, t in zip(items[:-1], ts[:-1], strict=True)]
@@ -141,17 +140,11 @@ def test_exported_user_tower_extension_equals_a_full_pass(backend, tiny_build, a
     dims = Manifest.read(tiny_build.repo).dims
     rng = np.random.default_rng(appended)
     n = 31
-    emb = rng.standard_normal((1, n, dims.content_dim)).astype(np.float32)
-    item = rng.integers(1, dims.num_items + 1, size=(1, n)).astype(np.int64)
-    full = backend.run(USER_TOWER, {"hist_emb": emb, "hist_item": item, "hist_valid": np.ones((1, n), np.float32)})
+    tok = rng.standard_normal((1, n, dims.tower_dim)).astype(np.float32)
+    full = backend.run(USER_TOWER, {"hist_token": tok, "hist_valid": np.ones((1, n), np.float32)})
     p = n - appended
-    past = backend.run(
-        USER_TOWER, {"hist_emb": emb[:, :p], "hist_item": item[:, :p], "hist_valid": np.ones((1, p), np.float32)}
-    )
-    ext = backend.run(
-        USER_TOWER_EXTEND,
-        {"past_k": past["user_k"], "past_v": past["user_v"], "new_emb": emb[:, p:], "new_item": item[:, p:]},
-    )
+    past = backend.run(USER_TOWER, {"hist_token": tok[:, :p], "hist_valid": np.ones((1, p), np.float32)})
+    ext = backend.run(USER_TOWER_EXTEND, {"past_k": past["user_k"], "past_v": past["user_v"], "new_token": tok[:, p:]})
     np.testing.assert_allclose(ext["user_vec"], full["user_vec"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.concatenate([past["user_k"], ext["new_k"]], 2), full["user_k"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.concatenate([past["user_v"], ext["new_v"]], 2), full["user_v"], atol=1e-5, rtol=0)

@@ -100,9 +100,9 @@ def test_onnx_cached_microbatches_equal_single_call(tiny_build):
 
 
 def test_served_tokens_score_as_the_trained_ranker(tiny_build):
-    """The build's token table (ranker_item per catalog item) fed to ranker_candidates gives the trained torch
-    ranker's own scores (content projected per candidate, standardisation not folded): the precomputation and
-    the fold change nothing."""
+    """The build's token table (ranker_item per catalog item) fed to ranker_history and ranker_candidates gives the
+    trained torch ranker's own scores (content projected per item, standardisation not folded): the
+    precomputation and the fold change nothing."""
     from service.contract import ITEM_TOKENS_FILE
 
     manifest = Manifest.read(tiny_build.repo)
@@ -119,9 +119,7 @@ def test_served_tokens_score_as_the_trained_ranker(tiny_build):
     cand = rng.choice(np.arange(1, manifest.dims.num_items + 1), size=(1, m), replace=False).astype(np.int64)
     hist_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_history")))
     cand_s = ort.InferenceSession(str(onnx_path(tiny_build.repo, "ranker_candidates")))
-    k, v, q = hist_s.run(
-        None, {"hist_emb": table[items], "hist_item": items, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
-    )
+    k, v, q = hist_s.run(None, {"hist_token": tokens[items], "hist_ts": ts, "hist_valid": valid, "query_ts": qts})
     feeds = {"hist_k": k, "hist_v": v, "hist_q": q, "hist_ts": ts, "hist_valid": valid, "query_ts": qts}
     (served,) = cand_s.run(None, {**feeds, "cand_token": tokens[cand]})
     with torch.no_grad():
@@ -129,6 +127,26 @@ def test_served_tokens_score_as_the_trained_ranker(tiny_build):
             *map(torch.from_numpy, (table[items], items, ts, valid, qts, table[cand], cand))
         ).numpy()
     assert np.abs(served - want).max() <= 1e-4 * (1 + np.abs(want).max())
+
+
+def test_served_user_tokens_give_the_trained_user_vector(tiny_build):
+    """The build's user token table (item_tower's user_token per catalog item) fed to user_tower gives the trained
+    towers' own user vector, computed from the content embeddings and IDs (standardisation not folded)."""
+    from service.contract import USER_TOKENS_FILE, USER_TOWER
+
+    manifest = Manifest.read(tiny_build.repo)
+    towers = T.load_checkpoint(tiny_build.paths.towers, TwoTower).eval()
+    tokens = np.load(tiny_build.paths.index_dir / USER_TOKENS_FILE)
+    assert tokens.shape == (manifest.dims.num_items + 1, manifest.dims.tower_dim)
+    emb = np.load(tiny_build.paths.content_emb).astype(np.float32)
+    table = np.vstack([np.zeros((1, emb.shape[1]), np.float32), emb])
+    items = np.random.default_rng(1).integers(1, manifest.dims.num_items + 1, size=(2, 12)).astype(np.int64)
+    valid = np.ones(items.shape, np.float32)
+    sess = ort.InferenceSession(str(onnx_path(tiny_build.repo, USER_TOWER)))
+    served = sess.run(["user_vec"], {"hist_token": tokens[items], "hist_valid": valid})[0]
+    with torch.no_grad():
+        want = towers.user_seq(*map(torch.from_numpy, (table[items], items, valid)), last_only=True)[:, 0].numpy()
+    assert np.abs(served - want).max() <= 1e-4
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

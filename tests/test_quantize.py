@@ -49,8 +49,7 @@ def _candidate_inputs(repo: Path, m: int = 64) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     n = dims.max_len
     hist = {
-        "hist_emb": rng.standard_normal((1, n, dims.content_dim)).astype(np.float32),
-        "hist_item": rng.integers(1, dims.num_items + 1, size=(1, n)).astype(np.int64),
+        "hist_token": rng.standard_normal((1, n, dims.d_model)).astype(np.float32),
         "hist_ts": np.sort(rng.integers(10**9, 10**9 + 10**7, size=(1, n))).astype(np.int64),
         "hist_valid": np.ones((1, n), np.float32),
         "query_ts": np.full((1, 1), 10**9 + 2 * 10**7, np.int64),

@@ -67,10 +67,11 @@ def test_user_tower_extended_by_appended_events_equals_a_full_recompute(appended
     t.user_in.set_content_stats(torch.randn(301, 24) * 3 + 1)
     n = 70
     x, item, valid = torch.randn(1, n, 24), torch.randint(1, 301, (1, n)), torch.ones(1, n)
-    want_vec, want_k, want_v = t.user_state(x, item, valid)
+    tok = t.user_token(x, item)  # what serving gathers per item
+    want_vec, want_k, want_v = t.user_state(tok, valid)
     p = n - appended
-    _, past_k, past_v = t.user_state(x[:, :p], item[:, :p], valid[:, :p])
-    vec, new_k, new_v = t.user_extend(x[:, p:], item[:, p:], past_k, past_v)
+    _, past_k, past_v = t.user_state(tok[:, :p], valid[:, :p])
+    vec, new_k, new_v = t.user_extend(tok[:, p:], past_k, past_v)
     assert new_k.shape == (1, 2, appended, 16)
     assert torch.allclose(vec, want_vec, atol=1e-5, rtol=0)
     assert torch.allclose(torch.cat([past_k, new_k], 2), want_k, atol=1e-5, rtol=0)
@@ -80,8 +81,8 @@ def test_user_tower_extended_by_appended_events_equals_a_full_recompute(appended
     # A different past (one earlier item changed) gives a different vector: the past is really read.
     item2 = item.clone()
     item2[0, 0] = item[0, 0] % 300 + 1
-    _, k2, v2 = t.user_state(x[:, :p], item2[:, :p], valid[:, :p])
-    assert not torch.allclose(t.user_extend(x[:, p:], item[:, p:], k2, v2)[0], want_vec, atol=1e-5)
+    _, k2, v2 = t.user_state(t.user_token(x[:, :p], item2[:, :p]), valid[:, :p])
+    assert not torch.allclose(t.user_extend(tok[:, p:], k2, v2)[0], want_vec, atol=1e-5)
 
 
 @torch.no_grad()

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import OnnxBackend
-from service.contract import ITEM_TOKENS_FILE, RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.contract import RANKER_CANDIDATES, RANKER_HISTORY, USER_TOWER, Manifest
+from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.retrieval import INDEX_FILE
 from training import train as T
 from training.batches import left_pad
@@ -75,7 +76,6 @@ def popularity_scorer(counts: np.ndarray, device: torch.device):
 def cascade_ranks(
     ds: Dataset,
     users: list[int],
-    emb16: np.ndarray,
     repo: Path,
     index_dir: Path,
     num_candidates: int,
@@ -89,10 +89,8 @@ def cascade_ranks(
     manifest = Manifest.read(repo)
     be = OnnxBackend(repo, manifest.dims, providers=["CPUExecutionProvider"], intra_op_threads=0)
     index = faiss.read_index(str(index_dir / INDEX_FILE))
-    tokens = np.load(index_dir / ITEM_TOKENS_FILE)  # the served candidates' ranker inputs, as the service reads them
+    tokens = ItemTokens.load(index_dir)  # the graphs' per-item inputs, as the service reads them
     n = manifest.dims.max_len
-    table = np.zeros((emb16.shape[0] + 1, emb16.shape[1]), np.float32)
-    table[1:] = emb16
     ranks = []
     for a in tqdm(range(0, len(users), batch), desc=f"cascade top-{num_candidates} eval", leave=False):
         part = users[a : a + batch]
@@ -100,8 +98,7 @@ def cascade_ranks(
         items, valid = left_pad([e[0] for e in ex], n)
         ts, _ = left_pad([e[1] for e in ex], n)
         qts = np.array([[e[1][-1] if newest_query else e[3]] for e in ex], np.int64)
-        hist = {"hist_emb": table[items], "hist_item": items, "hist_valid": valid}
-        uvec = be.run(USER_TOWER, hist)["user_vec"]
+        uvec = be.run(USER_TOWER, {"hist_token": tokens.user.gather(items), "hist_valid": valid})["user_vec"]
         seen = [np.setdiff1d(np.unique(e[0]), [e[2]]) if exclude_history else np.zeros(0, np.int64) for e in ex]
         width = min(index.ntotal, num_candidates + max(len(s) for s in seen))
         _, found = index.search(np.ascontiguousarray(uvec, dtype=np.float32), width)
@@ -109,7 +106,8 @@ def cascade_ranks(
         for i, s in enumerate(seen):
             keep = found[i][(found[i] > 0) & ~np.isin(found[i], s)][:num_candidates]
             cand[i, : len(keep)] = keep
-        h = be.run(RANKER_HISTORY, {**hist, "hist_ts": ts, "query_ts": qts})
+        hist = {"hist_token": tokens.ranker.gather(items), "hist_valid": valid, "hist_ts": ts, "query_ts": qts}
+        h = be.run(RANKER_HISTORY, hist)
         scores = be.run(
             RANKER_CANDIDATES,
             {
@@ -119,7 +117,7 @@ def cascade_ranks(
                 "hist_ts": ts,
                 "hist_valid": valid,
                 "query_ts": qts,
-                "cand_token": tokens[cand],
+                "cand_token": tokens.ranker.gather(cand),
             },
         )["scores"]
         scores = np.where(cand > 0, scores, -np.inf)
@@ -174,7 +172,7 @@ def evaluate(cfg_name: str, artifacts: Path, repo: Path, max_users: int | None =
             n = min(n, ds.num_items)
             t = time.time()
             name = f"cascade: towers top-{n} -> HSTU" + (NEWEST if newest else "")
-            ranks = cascade_ranks(ds, users, emb16, repo, paths.index_dir, n, exclude, newest_query=newest)
+            ranks = cascade_ranks(ds, users, repo, paths.index_dir, n, exclude, newest_query=newest)
             rows[name] = rank_metrics(ranks)
             log(
                 f"[{proto}] {name}: HR@10 {rows[name]['hr@10']:.4f} NDCG@10 {rows[name]['ndcg@10']:.4f} "

@@ -259,31 +259,37 @@ class HSTURanker(nn.Module):
         once per item at export (ranker_item) instead of projecting every candidate's content per request."""
         return self.items(content, idx, dropout=False)
 
-    def _tokens(self, content: torch.Tensor | None, idx: torch.Tensor, abs_pos: torch.Tensor) -> torch.Tensor:
-        """Input token: item embedding x sqrt(d) + absolute position (counted from the window's oldest item)."""
-        x = self.items(content, idx, dropout=False) * self.input_scale + self.pos(abs_pos.clamp(0, self.max_len))
+    def _tokens(
+        self, content: torch.Tensor | None, idx: torch.Tensor | None, abs_pos: torch.Tensor, token: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Input token: item embedding x sqrt(d) + absolute position (counted from the window's oldest item).
+        `token`: the items' item_token, precomputed (serving), instead of content + ID."""
+        e = self.items(content, idx, dropout=False) if token is None else token
+        x = e * self.input_scale + self.pos(abs_pos.clamp(0, self.max_len))
         return self.items.drop(x)
 
     # --- history (causal) --------------------------------------------------------------------------
     def history(
         self,
         hist_emb: torch.Tensor | None,
-        hist_item: torch.Tensor,
+        hist_item: torch.Tensor | None,
         hist_ts: torch.Tensor,
         hist_valid: torch.Tensor,
         query_ts: torch.Tensor,
         serving: bool = False,
+        hist_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the history stack. Returns (final hidden [B,L,d], K [B,NL,L,H*dqk], V [B,NL,L,H*dv]).
         `serving` builds the bias and the causal mask the way the exported graph runs them fastest (same values).
+        Serving passes `hist_token` [B,L,d], each item's item_token precomputed per item, for hist_emb/hist_item.
 
         Time bias as in the reference: position i attends to j with dt = (time of the event i predicts, i.e.
         the next one; `query_ts` [B,1] for the newest) - ts[j]. So the newest position's output, and with more
         than one layer the last K/V row, depend on the query time (through its log-time buckets only).
         """
-        B, L = hist_item.shape
+        B, L = hist_ts.shape
         abs_pos = (torch.cumsum(hist_valid, 1) - 1).to(torch.int64)
-        x = self._tokens(hist_emb, hist_item, abs_pos) * hist_valid.unsqueeze(-1)
+        x = self._tokens(hist_emb, hist_item, abs_pos, hist_token) * hist_valid.unsqueeze(-1)
         pos = torch.arange(L, device=x.device)
         dist = pos.unsqueeze(1) - pos.unsqueeze(0)  # i - j
         next_ts = torch.cat([hist_ts[:, 1:], query_ts], 1)
@@ -610,20 +616,23 @@ class TwoTower(nn.Module):
         h = self.user_enc(x, hist_valid, last_only)
         return F.normalize(self.user_out(h), dim=-1)
 
-    def user_state(
-        self, hist_emb: torch.Tensor | None, hist_item: torch.Tensor, hist_valid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """User vector [B,T] and the encoder's keys/values [B,layers,L,d] that `user_extend` continues from."""
-        x = self.user_in(hist_emb, hist_item, dropout=False) * self.input_scale
-        h, k, v = self.user_enc.forward_kv(x, hist_valid)
+    def user_token(self, content: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        """The user tower's input for one history item, a function of the item alone (content + ID): the build
+        computes it once per item (item_tower's `user_token`), so serving gathers it instead of fetching and
+        projecting content embeddings per request."""
+        return self.user_in(content, idx, dropout=False)
+
+    def user_state(self, hist_token: torch.Tensor, hist_valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """User vector [B,T] and the encoder's keys/values [B,layers,L,d] that `user_extend` continues from, over
+        the history items' `user_token`s [B,L,d]."""
+        h, k, v = self.user_enc.forward_kv(hist_token * self.input_scale, hist_valid)
         return F.normalize(self.user_out(h[:, -1]), dim=-1), k, v
 
     def user_extend(
-        self, new_emb: torch.Tensor | None, new_item: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
+        self, new_token: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`user_state` of the history grown by `new_item` [B,N], computing only the N new positions."""
-        x = self.user_in(new_emb, new_item, dropout=False) * self.input_scale
-        h, k, v = self.user_enc.extend(x, past_k, past_v)
+        """`user_state` of the history grown by the items of `new_token` [B,N,d], computing only the N new positions."""
+        h, k, v = self.user_enc.extend(new_token * self.input_scale, past_k, past_v)
         return F.normalize(self.user_out(h[:, -1]), dim=-1), k, v
 
 
@@ -655,9 +664,9 @@ def one_pass(
     M = cand_item.shape[1]
     T = L + M
     hist_pos = (torch.cumsum(hist_valid, 1) - 1).to(torch.int64)
-    hidden_h = model._tokens(hist_emb, hist_item, hist_pos) * hist_valid.unsqueeze(-1)
+    hidden_h = model._tokens(hist_emb, hist_item, hist_pos, None) * hist_valid.unsqueeze(-1)
     cand_pos = hist_valid.sum(1, keepdim=True).to(torch.int64).expand(B, M)
-    x = torch.cat([hidden_h, model._tokens(cand_emb, cand_item, cand_pos) + model.cand_type], 1)
+    x = torch.cat([hidden_h, model._tokens(cand_emb, cand_item, cand_pos, None) + model.cand_type], 1)
     ts = torch.cat([hist_ts, query_ts.expand(B, M)], 1)  # keys: each event's own time
     # queries: the time of the event each position predicts (the next one; the query time for the newest
     # history position and for every candidate)

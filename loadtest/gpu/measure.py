@@ -164,7 +164,7 @@ def extra_inputs(repo: Path, c: Components, recorded: dict) -> None:
     ext = []
     for ut in recorded.get(USER_TOWER, [])[:4]:
         _, pk, pv = cpu.run(None, {k: v[:, :-1] for k, v in ut.items()})
-        ext.append({"past_k": pk, "past_v": pv, "new_emb": ut["hist_emb"][:, -1:], "new_item": ut["hist_item"][:, -1:]})
+        ext.append({"past_k": pk, "past_v": pv, "new_token": ut["hist_token"][:, -1:]})
     recorded[USER_TOWER_EXTEND] = ext
 
 
@@ -383,14 +383,14 @@ async def section_latency(a: argparse.Namespace, rep: Report, users: list[int], 
     recorded = record_inputs(c, keep=1)
     await c.recommender.recommend(users[0], None, 10, True, 1000, Deadline.ms(5_000), QUERY_TS)
     hist = recorded[RANKER_HISTORY][0]
-    tokens = c.recommender.tokens.gather(np.arange(c.recommender.tokens.rows))
+    tokens = c.recommender.tokens.ranker.gather(np.arange(c.recommender.tokens.rows))
     await close_components(c)
     graph_rows = ranker_graphs(a.repo, a.provider, hist, tokens, a.repeat)
     rep.add(
         "ranker_graphs",
         graph_rows,
         f"## The ranker's graphs alone ({a.provider}; ms, median of {a.repeat}; history n = "
-        f"{hist['hist_emb'].shape[1]})\n\n"
+        f"{hist['hist_token'].shape[1]})\n\n"
         + table(["m", "microbatch", "ranker_history", "history + candidates (numpy)", "same, IO binding"], graph_rows),
     )
 

@@ -115,6 +115,9 @@ class OnnxBackend(InferenceBackend):
     def item_vectors(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return self._per_item(ITEM_TOWER, content, ids)["item_vec"]
 
+    def user_tokens(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return self._per_item(ITEM_TOWER, content, ids)["user_token"]
+
     def item_tokens(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return self._per_item(RANKER_ITEM, content, ids)["item_token"]
 

@@ -214,12 +214,13 @@ class LiveData:
             return 0
         new = list(fresh.values())
         emb = np.stack([it.emb for it in new]).astype(np.float32)
-        vecs = await self._per_item(sv, ITEM_TOWER, emb, "item_vec")
-        toks = await self._per_item(sv, RANKER_ITEM, emb, "item_token")
+        tower = await self._per_item(sv, ITEM_TOWER, emb)
+        toks = (await self._per_item(sv, RANKER_ITEM, emb))["item_token"]
         # After the awaits: another apply may have added some of these meanwhile.
         cat = sv.catalog
         keep = [i for i, it in enumerate(new) if it.item_id not in cat.index_of]
-        new, emb, vecs, toks = [new[i] for i in keep], emb[keep], vecs[keep], toks[keep]
+        new, emb, toks = [new[i] for i in keep], emb[keep], toks[keep]
+        vecs, user_toks = tower["item_vec"][keep], tower["user_token"][keep]
         if not new:
             return 0
         ids = np.array([it.item_id for it in new], np.int64)
@@ -229,7 +230,7 @@ class LiveData:
         keys = [it.key or str(it.item_id) for it in new] if cat.keys is not None else None
         got = cat.add_items(ids.tolist(), [it.title for it in new], keys)
         assert np.array_equal(got, idx)
-        sv.tokens.add(idx, toks)
+        sv.tokens.add(idx, toks, user_toks)
         sv.retriever.add(vecs, idx)
         self.applied.update((it.item_id, it) for it in new)
         if replay:  # into a new version: not new to anyone, nothing to measure
@@ -244,10 +245,10 @@ class LiveData:
         return len(new)
 
     @staticmethod
-    async def _per_item(sv: Serving, model: str, emb: np.ndarray, output: str) -> np.ndarray:
+    async def _per_item(sv: Serving, model: str, emb: np.ndarray) -> dict[str, np.ndarray]:
         """A per-item graph (item tower, ranker token) on new items' content, with the unknown ID (index 0)."""
         inputs = {"content_emb": emb, "item_idx": np.zeros((len(emb), 1), np.int64)}
-        return (await sv.infer_unbudgeted(model, inputs, timeout_s=10.0))[0][output]
+        return (await sv.infer_unbudgeted(model, inputs, timeout_s=10.0))[0]
 
     def problem(self) -> str | None:
         """Why accepted items are not becoming servable (for /readyz), or None."""

@@ -1,4 +1,4 @@
-"""The cascade (no torch): history -> content embeddings -> user tower -> FAISS recall -> HSTU ranking with
+"""The cascade (no torch): history -> per-item tokens -> user tower -> FAISS recall -> HSTU ranking with
 M-FALCON (history K/V once per user, cached; candidates in microbatches, batched across requests) -> top K.
 
 Every stage reads the request's Deadline. When time runs short, ranking covers fewer candidates or is skipped
@@ -38,7 +38,7 @@ def _retrieve(task: asyncio.Future) -> None:
 
 
 # The stages every answer runs, ranked or not: what admission must leave room for (service/pipeline/admission.py).
-BASE_STAGES = ("history", "embeddings", "user_tower", "retrieval", "topk")
+BASE_STAGES = ("history", "user_state", "user_tower", "retrieval", "topk")
 
 
 def query_time(query_ts: int | None, deadline: Deadline) -> int:
@@ -156,7 +156,7 @@ class Recommender:
             "hist_valid": st.hist_valid,
             "query_ts": np.array([[query_ts]], np.int64),
         }
-        tokens = self.tokens.gather(cand_idx)  # [m, d]: content + ID already projected, per item at build time
+        tokens = self.tokens.ranker.gather(cand_idx)  # [m, d]: content + ID already projected, per item at build time
         if self.batcher is not None:
             floor = REQUIRED_STAGE_FLOOR_S if required else 1e-3
             scores, reason = await asyncio.wait_for(self.batcher.score(base, tokens), max(deadline.remaining(), floor))
@@ -206,8 +206,8 @@ class Recommender:
             self.users.note_store(deg)
             tm.mark("history")
             qts = query_time(query_ts, deadline)
-            st = await self.users.cached_user_state(h, qts, deadline, deg)
-            tm.mark("embeddings")
+            st = self.users.cached_user_state(h, qts, deg)
+            tm.mark("user_state")
             # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
             # candidate fetch (the second inference worker), and ranking waits for it.
             kv_task = asyncio.ensure_future(self.users.history_kv(h, st, qts, deadline, deg))
@@ -310,8 +310,8 @@ class Recommender:
             h = await self.users.resolve_history(user_id, history, deadline, deg)
             self.users.note_store(deg)
             qts = query_time(query_ts, deadline)
-            st = await self.users.cached_user_state(h, qts, deadline, deg)
-            tm.mark("embeddings")
+            st = self.users.cached_user_state(h, qts, deg)
+            tm.mark("user_state")
             await self.users.history_kv(h, st, qts, deadline, deg, required=True)
             tm.mark("ranker_history")
             # Candidates need no store: their ranker tokens are in memory (ItemTokens), live items' included.

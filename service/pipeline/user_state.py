@@ -1,6 +1,7 @@
-"""Per-user state of a request: its history, the history's content embeddings, the user tower's output and the
-ranker's history K/V, each computed at most once per history (caches keyed by exactly what an entry was computed
-from) and the user tower continued from the user's previous history when events were only appended."""
+"""Per-user state of a request: its history, the history's items as rows of the per-item token tables, the user
+tower's output and the ranker's history K/V, each computed at most once per history (caches keyed by exactly what an
+entry was computed from) and the user tower continued from the user's previous history when events were only
+appended. No content embedding is read here: both graphs take per-item tokens the build computed (ItemTokens)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from service.contract import RANKER_HISTORY, USER_TOWER, USER_TOWER_EXTEND, time
 from service.errors import BadRequest, Unavailable, UnknownUser
 from service.lru import LRU
 from service.pipeline.deadline import Deadline
+from service.pipeline.item_tokens import ItemTokens
 from service.pipeline.serving import Serving
-from service.stores.base import Embeddings, StoreUnavailable
+from service.stores.base import StoreUnavailable
 
 
 @dataclass
@@ -28,15 +30,14 @@ class History:
 class UserState:
     """Everything ranking needs about the user, computed once per request (or taken from the cache)."""
 
-    hist_raw: np.ndarray  # [L] raw item ids (live-added items share model index 0: the raw id tells them apart)
-    hist_idx: np.ndarray  # [1, L] model indices
-    hist_emb: np.ndarray | None  # [1, L, E]; None until fetched (both caches hit: never)
+    hist_raw: np.ndarray  # [L] raw item ids
+    hist_rows: np.ndarray  # [L] item indices: rows of the token tables (items added live have their own)
     hist_ts: np.ndarray  # [1, L]
     hist_valid: np.ndarray  # [1, L]
     kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
     user_vec: np.ndarray | None = None  # [1, T]
-    # The store's data version, read before the embeddings were fetched: the caches key by it, so an entry
-    # computed across a version flip lands under the old version, where nobody looks again.
+    # The store's data version when the history was read: the caches key by it (a reload of the store's data
+    # under a new version may give a raw id other content; nothing computed before is looked up again).
     store_version: object = None
 
 
@@ -50,16 +51,16 @@ class TowerState:
     v: np.ndarray
 
 
-def _tower_inputs(st: UserState, end: int) -> dict[str, np.ndarray]:
+def _tower_inputs(tokens: ItemTokens, st: UserState, end: int) -> dict[str, np.ndarray]:
     """user_tower's inputs: st's first `end` history items."""
-    assert st.hist_emb is not None
-    return {"hist_emb": st.hist_emb[:, :end], "hist_item": st.hist_idx[:, :end], "hist_valid": st.hist_valid[:, :end]}
+    return {"hist_token": tokens.user.gather(st.hist_rows[None, :end]), "hist_valid": st.hist_valid[:, :end]}
 
 
-def _tower_extend_inputs(past_k: np.ndarray, past_v: np.ndarray, st: UserState, start: int) -> dict[str, np.ndarray]:
+def _tower_extend_inputs(
+    past_k: np.ndarray, past_v: np.ndarray, tokens: ItemTokens, st: UserState, start: int
+) -> dict[str, np.ndarray]:
     """user_tower_extend's inputs: the K/V of st's first `start` items, and its items from `start` on."""
-    assert st.hist_emb is not None
-    return {"past_k": past_k, "past_v": past_v, "new_emb": st.hist_emb[:, start:], "new_item": st.hist_idx[:, start:]}
+    return {"past_k": past_k, "past_v": past_v, "new_token": tokens.user.gather(st.hist_rows[None, start:])}
 
 
 class UserStates:
@@ -73,14 +74,6 @@ class UserStates:
         self.user_vec_cache: LRU[tuple, np.ndarray] = LRU(s.user_vec_cache_users, s.kv_cache_ttl_s)
         self.tower_states: LRU[tuple, TowerState] = LRU(s.tower_state_users, s.kv_cache_ttl_s)
 
-    async def embeddings(self, raw_ids: np.ndarray, deadline: Deadline, degraded: list[str]) -> Embeddings:
-        emb = await self.sv.store.embeddings(raw_ids, deadline.remaining())
-        if emb.degraded:
-            degraded.append(emb.degraded)
-        if emb.cache_hits is not None:
-            self.sv.metrics.cache_many("embeddings", emb.cache_hits, len(raw_ids))
-        return emb
-
     def note_store(self, degraded: list[str]) -> None:
         if not self.sv.store.healthy:
             degraded.append(f"store {self.sv.store.name} unavailable: served from the local cache and request data")
@@ -88,14 +81,13 @@ class UserStates:
     async def warm_tower_extension(self, history: list[tuple[int, int]], rounds: int = 3) -> None:
         items = np.array([i for i, _ in history], np.int64)
         ts = np.array([t for _, t in history], np.int64)
-        st = await self.user_state(History(items, ts, None), Deadline(5.0), [])
-        assert st.hist_emb is not None
+        st = self.user_state(History(items, ts, None), [])
         if len(st.hist_raw) < 2:
             return
-        p = len(st.hist_raw) - 1
-        full = await self.sv.infer(USER_TOWER, _tower_inputs(st, p), Deadline(5.0), [], required=True)
+        p, tokens = len(st.hist_raw) - 1, self.sv.tokens
+        full = await self.sv.infer(USER_TOWER, _tower_inputs(tokens, st, p), Deadline(5.0), [], required=True)
         for _ in range(rounds):
-            extend = _tower_extend_inputs(full["user_k"], full["user_v"], st, p)
+            extend = _tower_extend_inputs(full["user_k"], full["user_v"], tokens, st, p)
             await self.sv.infer(USER_TOWER_EXTEND, extend, Deadline(5.0), [], required=True)
 
     async def resolve_history(
@@ -124,82 +116,57 @@ class UserStates:
         L = self.dims.max_len
         return History(items[-L:], ts[-L:], user_id)
 
-    def history_state(self, h: History) -> UserState:
-        """The user's inputs without their content embeddings: enough for the cache keys."""
+    def user_state(self, h: History, degraded: list[str]) -> UserState:
+        """The history's items as token-table rows. A stored history may hold an item this catalog does not (a
+        replica that has not seen a live item yet): it is dropped, and the answer says so."""
+        rows = self.sv.catalog.to_index(h.items)
+        items, ts = h.items, h.ts
+        if not rows.all():
+            keep = rows > 0
+            if not keep.any():
+                raise UnknownUser("none of the history's items is in this catalog")
+            degraded.append(f"{int((~keep).sum())} history items not in the catalog were dropped")
+            items, ts, rows = items[keep], ts[keep], rows[keep]
         return UserState(
-            hist_raw=h.items,
-            hist_idx=self.sv.catalog.model_index(h.items)[None, :],
-            hist_emb=None,
-            hist_ts=h.ts[None, :],
-            hist_valid=np.ones((1, len(h.items)), np.float32),
+            hist_raw=items,
+            hist_rows=rows,
+            hist_ts=ts[None, :],
+            hist_valid=np.ones((1, len(items)), np.float32),
             store_version=self.store_version(),
         )
 
     def store_version(self) -> object:
         return getattr(self.sv.store, "version", None)
 
-    async def cached_user_state(self, h: History, query_ts: int, deadline: Deadline, degraded: list[str]) -> UserState:
-        """The user's state, from the caches when the history is unchanged (then neither the embeddings nor
-        the models run), else with the embeddings fetched and the missing parts left for the stages.
-
-        Both caches are keyed by exactly the items (raw ids and times) an entry was computed from, and an item's
-        embedding never changes under one store version, so the lookup with the whole history here is sound
-        even when an earlier request stored an entry for a history with some items dropped (other key)."""
-        st = self.history_state(h)
-        kv = self.kv_cache.get(self._kv_key(h, st, query_ts))
-        uv = self.user_vec_cache.get(self._uv_key(st))
-        self.sv.metrics.cache("kv", kv is not None)
-        self.sv.metrics.cache("user_vec", uv is not None)
-        if kv is not None and uv is not None:
-            st.kv, st.user_vec = kv, uv
-            return st
-        full = await self.user_state(h, deadline, degraded)
-        if len(full.hist_raw) == len(st.hist_raw):  # nothing dropped: the lookups above were for this state
-            full.kv, full.user_vec = kv, uv
-        return full
-
-    async def user_state(self, h: History, deadline: Deadline, degraded: list[str]) -> UserState:
-        version = self.store_version()  # before the fetch: see UserState.store_version
-        emb = await self.embeddings(h.items, deadline, degraded)
-        keep = emb.found
-        if not keep.all():
-            if not keep.any():
-                if emb.store_down:  # an outage, not an unknown item: retrying can help
-                    raise Unavailable("embedding store unavailable and no history item in the local cache")
-                raise UnknownUser("no content embedding available for any history item")
-            degraded.append(f"{int((~keep).sum())} history items without embeddings were dropped")
-        items, ts, vecs = h.items[keep], h.ts[keep], emb.vectors[keep]
-        return UserState(
-            hist_raw=items,
-            hist_idx=self.sv.catalog.model_index(items)[None, :],
-            hist_emb=vecs[None, :, :],
-            hist_ts=ts[None, :],
-            hist_valid=np.ones((1, len(items)), np.float32),
-            store_version=version,
-        )
+    def cached_user_state(self, h: History, query_ts: int, degraded: list[str]) -> UserState:
+        """The user's state, with the K/V and the user vector from the caches when this history (and, for the K/V,
+        its query-time buckets) was seen before: then neither model runs."""
+        st = self.user_state(h, degraded)
+        st.kv = self.kv_cache.get(self._kv_key(h, st, query_ts))
+        st.user_vec = self.user_vec_cache.get(self._uv_key(st))
+        self.sv.metrics.cache("kv", st.kv is not None)
+        self.sv.metrics.cache("user_vec", st.user_vec is not None)
+        return st
 
     def _kv_key(self, h: History, st: UserState, query_ts: int) -> tuple:
         # The newest position's time bias counts to the query time, through its log-time buckets only: the same
         # history with the same buckets has the same K/V (a later request reuses them; a new event never does).
-        # Raw ids, not model indices: every live-added item has model index 0, and two such histories differ only in
-        # their content embeddings. An item's embedding never changes under one store version (POST /v1/items
-        # refuses known ids), so (raw ids, times, buckets, store version) fixes the K/V exactly: an appended event
-        # changes the key and can never be served stale K/V.
+        # Raw ids: an item's tokens never change under one model version (POST /v1/items refuses known ids), so
+        # (raw ids, times, buckets, model and store version) fixes the K/V exactly: an appended event changes the
+        # key and can never be served stale K/V.
         buckets = time_buckets(query_ts - st.hist_ts[0], self.dims.num_time_buckets)
         raw = st.hist_raw.astype(np.int64).tobytes() + st.hist_ts.tobytes() + buckets.tobytes()
         fp = hashlib.blake2b(raw, digest_size=12).digest()
         return (h.user_id, fp, self.sv.manifest.model_version, st.store_version)
 
     def _uv_key(self, st: UserState) -> tuple:
-        # The user tower reads the items only (ids and content, no times); same reasoning as _kv_key.
+        # The user tower reads the items only (their tokens, no times); same reasoning as _kv_key.
         fp = hashlib.blake2b(st.hist_raw.astype(np.int64).tobytes(), digest_size=12).digest()
         return (fp, self.sv.manifest.model_version, st.store_version)
 
     async def user_vector(
         self, st: UserState, deadline: Deadline, degraded: list[str], user_id: int | None = None
     ) -> np.ndarray:
-        if st.user_vec is None:
-            st.user_vec = self.user_vec_cache.get(self._uv_key(st))  # an entry for the history minus dropped items
         if st.user_vec is None:
             tower = await self._user_tower(st, deadline, degraded, user_id)
             st.user_vec = tower.user_vec
@@ -216,24 +183,25 @@ class UserStates:
         """The user tower over st's history: continued from the user's previous history when that is a prefix of
         this one (events appended since, window not yet sliding: only the new positions are computed), else in
         full. The outputs equal a full pass's (its positions count from the oldest item; tested to 1e-5)."""
-        assert st.hist_emb is not None
         key = self._tower_key(user_id, st.store_version)
         past = self.tower_states.get(key) if key is not None else None
         n, p = len(st.hist_raw), 0 if past is None else len(past.hist_raw)
-        # A prefix of the raw ids fixes those positions exactly: the tower reads items only (ids and content, and an
-        # item's content never changes under one store version, which the key carries).
+        # A prefix of the raw ids fixes those positions exactly: the tower reads items only (their tokens, which
+        # never change under one model version, which the key carries).
         prefix = past is not None and 2 <= p <= n and np.array_equal(past.hist_raw, st.hist_raw[:p])
         if key is not None:
             self.sv.metrics.cache("tower_state", prefix)
         if prefix and p == n:
             return past
         if prefix:
-            extend = _tower_extend_inputs(past.k, past.v, st, p)
+            extend = _tower_extend_inputs(past.k, past.v, self.sv.tokens, st, p)
             out = await self.sv.infer(USER_TOWER_EXTEND, extend, deadline, degraded, required=True)
             k = np.concatenate([past.k, out["new_k"]], axis=2)
             v = np.concatenate([past.v, out["new_v"]], axis=2)
         else:
-            out = await self.sv.infer(USER_TOWER, _tower_inputs(st, n), deadline, degraded, required=True)
+            out = await self.sv.infer(
+                USER_TOWER, _tower_inputs(self.sv.tokens, st, n), deadline, degraded, required=True
+            )
             k, v = out["user_k"], out["user_v"]
         state = TowerState(st.hist_raw.copy(), out["user_vec"], k, v)
         if key is not None:
@@ -249,14 +217,12 @@ class UserStates:
         if st.kv is not None:  # cached_user_state found it (and counted the lookup)
             return
         key = self._kv_key(h, st, query_ts)
-        kv = self.kv_cache.get(key)  # differs from cached_user_state's key only when items were dropped
+        kv = self.kv_cache.get(key)  # another request may have put it since cached_user_state looked
         if kv is None:
-            assert st.hist_emb is not None
             kv = await self.sv.infer(
                 RANKER_HISTORY,
                 {
-                    "hist_emb": st.hist_emb,
-                    "hist_item": st.hist_idx,
+                    "hist_token": self.sv.tokens.ranker.gather(st.hist_rows[None, :]),
                     "hist_ts": st.hist_ts,
                     "hist_valid": st.hist_valid,
                     "query_ts": np.array([[query_ts]], np.int64),
