@@ -1,4 +1,4 @@
-"""`falconrec load-redis`: content embeddings and user histories into Redis, versioned, pipelined,
+"""`falconrec load-redis`: user histories into Redis, versioned, pipelined,
 idempotent. The new version is written in full before the one pointer key flips to it, so readers
 never see a half-written set; older versions are deleted afterwards."""
 
@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import redis
 from tqdm.auto import tqdm
 
 from service.artifacts import ArtifactPaths
 from service.catalog import Catalog
 from service.contract import Manifest
-from service.stores.base import VERSION_KEY, emb_key, hist_key, pack_history
+from service.stores.base import VERSION_KEY, hist_key, pack_history
 
 CHUNK = 2000
 
@@ -31,16 +30,12 @@ def load_redis(
     manifest = Manifest.read(repo)
     paths = ArtifactPaths.for_config(config, artifacts)
     catalog = Catalog.load(paths.data)
-    emb = np.load(paths.content_emb).astype(np.float16)
     version = manifest.embedding_version
     max_history = max_history or manifest.dims.max_len
     r = redis.Redis.from_url(url)
     r.ping()
-    n_items = 0
-    for a in tqdm(range(0, catalog.num_items, CHUNK), desc="redis embeddings", disable=not progress):
-        ids = catalog.raw_ids[a : a + CHUNK]
-        r.mset({emb_key(version, int(i)): emb[a + j].tobytes() for j, i in enumerate(ids.tolist())})
-        n_items += len(ids)
+    # Histories only: requests take no content embedding (the graphs read per-item tokens, written with the index).
+    n_items = catalog.num_items
     users = list(catalog.user_histories.items())
     for a in tqdm(range(0, len(users), CHUNK), desc="redis histories", disable=not progress):
         pipe = r.pipeline(transaction=False)
@@ -56,6 +51,7 @@ def load_redis(
     deleted = 0
     if previous and previous.decode() != version and not keep_old:
         old = previous.decode()
+        # emb:{old}:*: content embeddings, which versions loaded before 2026-12-07 wrote (and requests read)
         for pattern in (f"emb:{old}:*", f"hist:{old}:*", f"itemjob:{old}:*"):
             batch = []
             for key in r.scan_iter(match=pattern, count=5000):

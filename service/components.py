@@ -11,8 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from service.auth import KeyRing
 from service.backends.base import BackendUnavailable, InferenceBackend
 from service.catalog import Catalog
@@ -96,15 +94,13 @@ async def build_components(settings: Settings) -> Components:
     if settings.redis_url:
         store = RedisStore(
             settings.redis_url,
-            m.manifest.dims.content_dim,
             settings.redis_timeout_ms / 1000,
-            settings.embedding_cache_items,
             settings.redis_retry_s,
             settings.history_cache_users,
         )
         await store.start()
     else:
-        store = InProcessStore(m.catalog, np.load(m.content_emb).astype(np.float32))
+        store = InProcessStore(m.catalog)
     sv = Serving(settings, m.manifest, m.catalog, m.backend, store, m.retriever, metrics, m.tokens, m.fallback)
     rec = Recommender(sv)
     await rec.warmup()

@@ -71,10 +71,6 @@ class Metrics:
     def cache(self, name: str, hit: bool) -> None:
         self.cache_lookups.labels(name, "hit" if hit else "miss").inc()
 
-    def cache_many(self, name: str, hits: int, lookups: int) -> None:
-        self.cache_lookups.labels(name, "hit").inc(hits)
-        self.cache_lookups.labels(name, "miss").inc(lookups - hits)
-
     def stages(self, stages: dict[str, float]) -> None:
         for k, ms in stages.items():
             self.stage_latency.labels(k).observe(ms / 1000.0)

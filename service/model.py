@@ -31,7 +31,6 @@ class Model:
     fallback: InferenceBackend | None
     retriever: Retriever
     tokens: ItemTokens
-    content_emb: Path
 
 
 def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str | None = None) -> Model:
@@ -73,4 +72,4 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
             f"item tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
             f"{catalog.num_items} items: rebuild (`falconrec build`)"
         )
-    return Model(manifest, catalog, backend, fallback, retriever, tokens, paths.content_emb)
+    return Model(manifest, catalog, backend, fallback, retriever, tokens)

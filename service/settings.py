@@ -41,9 +41,6 @@ class Settings(BaseSettings):
     history_cache_users: int = Field(
         50_000, ge=0, description="user histories kept locally to serve while Redis is down (no TTL: see stores)"
     )
-    embedding_cache_items: int = Field(
-        100_000, ge=0, description="in-process cache in front of Redis (float32 rows: x E x 4 bytes at most)"
-    )
 
     backend: Literal["onnx", "triton"] = "onnx"
     triton_url: str = "127.0.0.1:8001"  # host:port (gRPC) or host:port (HTTP)

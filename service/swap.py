@@ -73,12 +73,12 @@ class VersionWatcher:
     async def swap(self, vid: str) -> bool:
         t = time.perf_counter()
         try:
-            model, rows = await asyncio.to_thread(self._load, vid)
+            model = await asyncio.to_thread(self._load, vid)
             self._check(model)
             rec = await self._warm(model)
             try:
                 replayed = await self.c.live.move_to(
-                    rec.sv, check=lambda: self._check_catalog(model), switch=lambda: self._switch(rec, model, rows)
+                    rec.sv, check=lambda: self._check_catalog(model), switch=lambda: self._switch(rec, model)
                 )
             except BaseException:
                 await _close(rec)
@@ -101,11 +101,9 @@ class VersionWatcher:
         self._retire(old)
         return True
 
-    def _load(self, vid: str) -> tuple[Model, np.ndarray | None]:
-        """Off the event loop: the version's models, and its content rows when the store is in-process."""
-        model = load_model(self.c.settings, self.versions.repository(vid), self.versions.artifacts(vid), vid)
-        rows = np.load(model.content_emb).astype(np.float32) if isinstance(self.c.store, InProcessStore) else None
-        return model, rows
+    def _load(self, vid: str) -> Model:
+        """Off the event loop: the version's models."""
+        return load_model(self.c.settings, self.versions.repository(vid), self.versions.artifacts(vid), vid)
 
     async def _warm(self, model: Model) -> Recommender:
         """The new version, warmed on an admission of its own: its cold first runs (~40 ms each) must neither hold
@@ -131,34 +129,30 @@ class VersionWatcher:
                 "add --triton-repo` and set FALCONREC_TRITON_VERSIONED=true, or restart to serve this one"
             )
         cur = self.c.recommender.sv
-        # The store holds content embeddings from the served version's text model (and the live items' rows): a
-        # version over another text model (or width) needs the store reloaded. More items (a retrain) are fine.
+        # Items added live come with content embeddings from the served version's text model (the item log), which the
+        # new version's graphs turn into its tokens: a version over another text model (or width) cannot take them
+        # in and needs the store reloaded. More items (a retrain) are fine.
         new, old = model.manifest, cur.manifest
         if (new.embedding_model, new.dims.content_dim) != (old.embedding_model, old.dims.content_dim):
             raise SwapRefused(
                 f"content embeddings from {new.embedding_model} ({new.dims.content_dim} wide) differ from the served "
-                f"{old.embedding_model} ({old.dims.content_dim}): the store holds the served ones (reload it, restart)"
+                f"{old.embedding_model} ({old.dims.content_dim}): live items hold the served ones (reload, restart)"
             )
         self._check_catalog(model)
 
     def _check_catalog(self, model: Model) -> None:
-        """Both catalogs give each item the same index: the store's rows (and live items' indices) stay valid. Checked
+        """Both catalogs give each item the same index: live items' indices stay valid. Checked
         again under the live data's lock, right before the switch: an item added meanwhile took the next index."""
         a, b = model.catalog.raw_ids, self.c.recommender.catalog.raw_ids
         m = min(len(a), len(b))
         if not np.array_equal(a[:m], b[:m]):
             raise SwapRefused("its catalog orders items differently from the served one (restart to serve it)")
 
-    def _switch(self, rec: Recommender, model: Model, rows: np.ndarray | None) -> None:
+    def _switch(self, rec: Recommender, model: Model) -> None:
         """The switch itself: synchronous, so no request sees half of it."""
         self._old = self.c.recommender
-        store = self.c.store
-        if isinstance(store, InProcessStore):
-            served = self._old.catalog.num_items
-            if rows is not None and len(rows) > served:  # items the new version trained on and the store lacks
-                idx = np.arange(served + 1, len(rows) + 1, dtype=np.int64)
-                store.add_embeddings(model.catalog.raw_ids[idx - 1], idx, rows[idx - 1])
-            store.catalog = model.catalog  # the store finds rows by the served catalog's indices
+        if isinstance(self.c.store, InProcessStore):
+            self.c.store.catalog = model.catalog  # its status counts the served catalog's items
         self.c.recommender = rec
 
     def _retire(self, old: Recommender) -> None:

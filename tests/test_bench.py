@@ -32,7 +32,9 @@ def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
     assert eff["gemm_peak_gflops"] > 0
     assert len(eff["rows"]) == 4
     full, one = eff["rows"]["user tower (n=32)"], eff["rows"]["user tower extended by 1 (n=32)"]
-    assert one["MFLOP"] < full["MFLOP"] / 10  # one position of 32, not all of them
+    # One position of 32, not all of them: its attention reads all 32 keys (a full pass's positions read 16 on
+    # average), so the share is ~1/7 at tiny's widths, not 1/32; a full recompute would be >= 1.
+    assert one["MFLOP"] < full["MFLOP"] / 4
     for r in eff["rows"].values():
         # FLOPs counted on the served torch graphs, time on ONNX Runtime: a rate, and a fraction of the peak
         assert r["MFLOP"] > 0 and r["ms"] > 0 and 0 < r["of peak"] == r["GFLOP/s"] / eff["gemm_peak_gflops"]

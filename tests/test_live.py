@@ -117,7 +117,7 @@ def test_redis_script_merges_like_merge_history(redis_proc):
     async def run() -> None:
         r = redis.Redis.from_url(redis_proc.url)
         version = r.get(VERSION_KEY).decode()
-        store = RedisStore(redis_proc.url, 4, 1.0, 0)
+        store = RedisStore(redis_proc.url, 1.0)
         await store.start()
         rng = np.random.default_rng(0)
         uid = 10**9

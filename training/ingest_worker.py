@@ -7,7 +7,7 @@ the API never imports it. Two inputs:
 
 - Redis (FALCONREC_REDIS_URL, never on the command line: it may hold a password): jobs from the
   `falconrec:ingest` stream, consumer group `workers` (several workers share it; jobs of one that died are claimed
-  after `--claim-after-s`); results to `emb:{v}:{id}` and `items:{v}:log`, which every API replica tails.
+  after `--claim-after-s`); results (title + content embedding) to `items:{v}:log`, which every API replica tails.
 - `--stdio` (the API's in-process default, no Redis): JSON lines in on stdin, JSON lines out on stdout.
 """
 
@@ -30,7 +30,7 @@ from service.contract import Manifest
 from service.ingest.feed import GROUP, JOBS_STREAM, consumer_name, encode_result, log_key
 from service.ingest.live import IngestedItem
 from service.redact import for_log
-from service.stores.base import emb_key, item_job_key
+from service.stores.base import item_job_key
 
 log = logging.getLogger("falconrec.ingest.worker")
 
@@ -199,7 +199,6 @@ def _process(r, embed: Embedder, entries: list) -> None:
     pipe = r.pipeline(transaction=True)
     for (eid, f), v in zip(jobs, vecs, strict=True):
         item = _ingested(f, v)
-        pipe.set(emb_key(f["version"], item.item_id), v.tobytes())
         pipe.xadd(log_key(f["version"]), encode_result(item))
         pipe.xack(JOBS_STREAM, GROUP, eid)
         pipe.xdel(JOBS_STREAM, eid)

@@ -152,12 +152,12 @@ def record_inputs(c: Components, keep: int = 8) -> dict[str, list[dict[str, np.n
     return recorded
 
 
-def extra_inputs(repo: Path, c: Components, recorded: dict) -> None:
+def extra_inputs(repo: Path, artifacts: Path, c: Components, recorded: dict) -> None:
     """Inputs for the graphs a cached-off request does not call: the per-item ones and the tower's extension."""
     rng = np.random.default_rng(0)
     n = c.manifest.dims.num_items
     idx = rng.integers(1, n + 1, size=256)
-    content = c.store.table[idx]  # the in-process store's content rows (row i = item index i)
+    content = np.load(ArtifactPaths.for_config(c.manifest.config, artifacts).content_emb)[idx - 1]  # row i-1: item i
     per_item = {"content_emb": content.astype(np.float32), "item_idx": idx.reshape(-1, 1).astype(np.int64)}
     recorded[ITEM_TOWER] = recorded[RANKER_ITEM] = [per_item]
     cpu = ort.InferenceSession(graph(repo, USER_TOWER), providers=[CPU])
@@ -244,7 +244,7 @@ async def section_parity(a: argparse.Namespace, rep: Report, users: list[int]) -
     cpu_c = await build_components(settings_for(a, CPU, a.config, a.repo))
     recorded = record_inputs(cpu_c)
     ref = await top10(cpu_c, users)
-    extra_inputs(a.repo, cpu_c, recorded)
+    extra_inputs(a.repo, a.artifacts, cpu_c, recorded)
     await close_components(cpu_c)
     rows = graph_parity(a.repo, a.provider, recorded)
     timing = graph_timing(a.repo, a.provider, recorded, a.repeat)

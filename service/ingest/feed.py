@@ -1,8 +1,8 @@
 """How POST /v1/items reaches the ingestion worker and how its results reach every replica (API side, no torch).
 
 - Redis (`RedisFeed`): jobs go into the `falconrec:ingest` stream (consumer group `workers`: any number of
-  `falconrec ingest` processes share it, a crashed one's jobs are claimed by another). The worker writes each
-  item's content embedding under the live version (`emb:{v}:{id}`) and appends it to `items:{v}:log`; every
+  `falconrec ingest` processes share it, a crashed one's jobs are claimed by another). The worker appends each
+  item (title and content embedding) to the live version's `items:{v}:log`; every
   replica tails that log from its start, so a replica started later, or one that never saw the POST, serves the
   item too.
 - No Redis (`PipeFeed`, the in-process default): the API's own worker child, over its stdin/stdout (JSON lines).

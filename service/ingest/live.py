@@ -225,8 +225,7 @@ class LiveData:
             return 0
         ids = np.array([it.item_id for it in new], np.int64)
         idx = np.arange(cat.num_items + 1, cat.num_items + 1 + len(new), dtype=np.int64)
-        # One synchronous step (no await): store rows, catalog, ranker tokens, FAISS. A request sees all of it or none.
-        self.store.add_embeddings(ids, idx, emb)
+        # One synchronous step (no await): catalog, item tokens, FAISS. A request sees all of it or none.
         keys = [it.key or str(it.item_id) for it in new] if cat.keys is not None else None
         got = cat.add_items(ids.tolist(), [it.title for it in new], keys)
         assert np.array_equal(got, idx)

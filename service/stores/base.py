@@ -1,9 +1,9 @@
-"""Where content embeddings and user histories come from: the store interface and what both stores share (the
-in-process store is service.stores.memory, the Redis one service.stores.redis).
+"""Where user histories come from and events go: the store interface and what both stores share (the in-process
+store is service.stores.memory, the Redis one service.stores.redis). No content embedding is read on the request
+path: the graphs take per-item tokens the build computed (service/pipeline/item_tokens.py).
 
 Redis layout (one place for it; exporters/redis_loader.py writes it):
     falconrec:version            -> the live data version (flipped last, atomically)
-    emb:{version}:{item_id}      -> float16 bytes of the item's content embedding
     hist:{version}:{user_id}     -> little-endian int64 item ids, then int64 timestamps
     evid:{version}:{user_id}     -> sorted set of the user's recent event_ids (dedup of POST /v1/events)
     items:{version}:log          -> stream of items added live (service.ingest.live: every replica tails it)
@@ -20,10 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 VERSION_KEY = "falconrec:version"
-
-
-def emb_key(version: str, item_id: int) -> str:
-    return f"emb:{version}:{item_id}"
 
 
 def hist_key(version: str, user_id: int) -> str:
@@ -86,20 +82,8 @@ class StoreUnavailable(RuntimeError):
         self.sent = sent
 
 
-@dataclass
-class Embeddings:
-    vectors: np.ndarray  # float32 [n, E]; zeros where missing
-    found: np.ndarray  # bool [n]
-    degraded: str | None = None  # why some could not be fetched
-    cache_hits: int | None = None  # rows served by a local cache in front of a remote store (None: no cache)
-    store_down: bool = False  # the missing rows are missing because the store is down, not unknown
-
-
 class FeatureStore(ABC):
     name = "abstract"
-
-    @abstractmethod
-    async def embeddings(self, item_ids: np.ndarray, timeout_s: float) -> Embeddings: ...
 
     @abstractmethod
     async def history(self, user_id: int, timeout_s: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -111,10 +95,6 @@ class FeatureStore(ABC):
     @abstractmethod
     async def append_events(self, events: list[Event], cap: int, dedup_window: int) -> Appended:
         """Append to the users' histories, all at once or not at all; events are in time order per user."""
-
-    @abstractmethod
-    def add_embeddings(self, item_ids: np.ndarray, index: np.ndarray, vectors: np.ndarray) -> None:
-        """Make live-added items' content embeddings (float32 rows) servable from this replica."""
 
     @property
     def healthy(self) -> bool:

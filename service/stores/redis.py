@@ -8,17 +8,14 @@ import time
 
 import numpy as np
 
-from service.embedding_cache import EmbeddingCache
 from service.lru import LRU
 from service.redact import for_log, public_reason
 from service.stores.base import (
     VERSION_KEY,
     Appended,
-    Embeddings,
     Event,
     FeatureStore,
     StoreUnavailable,
-    emb_key,
     evid_key,
     hist_key,
     unpack_history,
@@ -97,9 +94,9 @@ return {written, dups}
 
 
 class RedisStore(FeatureStore):
-    """Redis with one MGET per request for embeddings, a bounded LRU in front, and a short timeout.
+    """Redis for histories and events, with a short timeout per call.
 
-    When Redis is down or slow, requests are answered from the LRU and the request's own history
+    When Redis is down or slow, requests are answered from the local history cache or the request's own history
     (degraded); a background task reconnects and re-reads the version pointer.
     """
 
@@ -108,22 +105,18 @@ class RedisStore(FeatureStore):
     def __init__(
         self,
         url: str,
-        dim: int,
         timeout_s: float,
-        cache_items: int,
         retry_s: float = 1.0,
         history_cache_users: int = 50_000,
     ):
         import redis.asyncio as aredis
 
         self.url = url
-        self.dim = dim
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.client = aredis.Redis.from_url(
             url, socket_connect_timeout=0.5, socket_timeout=1.0, health_check_interval=0, retry_on_timeout=False
         )
-        self.cache = EmbeddingCache(cache_items, dim)
         self._append = self.client.register_script(APPEND_LUA)
         # Read only when Redis fails (every other read goes to Redis and refreshes the entry), so it has no
         # TTL: with one (60 s) an outage longer than the TTL turned every user into a failure.
@@ -175,29 +168,6 @@ class RedisStore(FeatureStore):
             self._fail(e)
             raise StoreUnavailable(self.last_error or "error", sent=True) from e
 
-    async def embeddings(self, item_ids, timeout_s):
-        ids = np.asarray(item_ids, np.int64)
-        version = self.version or ""
-        out, found = self.cache.get(version, ids)
-        todo = np.flatnonzero(~found)
-        if todo.size == 0:
-            return Embeddings(out, found, cache_hits=len(ids))
-        hits = len(ids) - int(todo.size)
-        try:
-            vals = await self._call(self.client.mget([emb_key(version, i) for i in ids[todo].tolist()]), timeout_s)
-        except StoreUnavailable as e:
-            msg = f"redis: {e}; {todo.size} of {len(ids)} embeddings not in the local cache"
-            return Embeddings(out, found, msg, cache_hits=hits, store_down=True)
-        width = 2 * self.dim  # float16 bytes; a value of another size is not this model's embedding
-        got = [j for j, raw in enumerate(vals) if raw is not None and len(raw) == width]
-        if got:
-            rows = todo[got]
-            vecs = np.frombuffer(b"".join(vals[j] for j in got), np.float16).reshape(len(got), self.dim)
-            out[rows] = vecs
-            found[rows] = True
-            self.cache.put(version, ids[rows], vecs)
-        return Embeddings(out, found, cache_hits=hits)
-
     async def history(self, user_id, timeout_s):
         key = (self.version or "", int(user_id))
         try:
@@ -234,9 +204,6 @@ class RedisStore(FeatureStore):
         written, dups = await self._call(self._append(keys=keys, args=args), 0.0, limit_s=max(self.timeout_s, 1.0))
         return Appended(int(written), int(dups), len(by_user))
 
-    def add_embeddings(self, item_ids, index, vectors):
-        self.cache.put(self.version or "", np.asarray(item_ids, np.int64), vectors)
-
     @property
     def healthy(self) -> bool:
         return self.ok
@@ -247,7 +214,6 @@ class RedisStore(FeatureStore):
             "ok": self.ok,  # no URL: responses carry no address or credential
             "version": self.version,
             "error": self.last_error,
-            "cached_embeddings": len(self.cache),
             "checked_at": time.time(),
         }
 
