@@ -2,9 +2,10 @@
 (loadtest/openloop.py: ~0.1 core, latency from each request's scheduled time) at several rates, one after another.
 
 Prints, per rate: achieved rate, client p50/p99 of the 200s, the service's own p99 (the sum of Server-Timing stages),
-degraded share, 503 share, 503 client p50 and the 503s' server time (Server-Timing total), beside the machine's
-single-thread GEMM peak measured in the same run. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms). Before the
-first rate every user is asked once (100 req/s): the rows measure a warm server, not its first seconds.
+degraded share, 503 share, 503 client p50 and the 503s' server time (Server-Timing total), and the server process's
+CPU time per request at that rate (all its threads, from /proc: HTTP, the pipeline and the models), beside the
+machine's single-thread GEMM peak measured in the same run. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms).
+Before the first rate every user is asked once (100 req/s): the rows measure a warm server, not its first seconds.
 
     falconrec deadline --config ml1m --rates 100,150,200,250,300 --seconds 60
 """
@@ -35,7 +36,16 @@ def start(config: str, artifacts: Path, repo: Path, log: Path) -> tuple[subproce
     return start_serve(["--config", config, "--artifacts", str(artifacts), "--repo", str(repo)], env, log)
 
 
-def row(rate: float, seconds: float, samples: list[Sample]) -> str:
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+
+
+def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float) -> str:
     ok = [s for s in samples if s.status == 200]
     shed = [s for s in samples if s.status == 503]
     lat = [s.latency_ms for s in ok]
@@ -52,6 +62,7 @@ def row(rate: float, seconds: float, samples: list[Sample]) -> str:
         f"{100 * len(shed) / n:.1f} %",
         f"{pct([s.latency_ms for s in shed], 50, 1)} / {pct(shed_srv, 50, 2)}",
         f"{sum(s.status not in (200, 503) for s in samples)}",
+        f"{1000 * cpu_s / n:.2f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -92,8 +103,8 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         f"## The budget under load: {config}, open loop, {seconds:g} s a rate, GEMM peak {peak:.1f} GFLOP/s",
         "",
         "| target req/s | achieved | client p50 / p99 ms (200) | service p99 ms | degraded | 503 "
-        "| 503 client p50 / server p50 ms | other |",
-        "|---|---|---|---|---|---|---|---|",
+        "| 503 client p50 / server p50 ms | other | server CPU ms / request |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     try:
         reqs = build_requests(url, users, 10, None)
@@ -102,8 +113,9 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
         late, kinds = [], []
         for rate in rates:
+            cpu = process_cpu_s(proc.pid)
             samples, _ = asyncio.run(run(url, rate, seconds, reqs))
-            lines.append(row(rate, seconds, samples))
+            lines.append(row(rate, seconds, samples, process_cpu_s(proc.pid) - cpu))
             late.append(late_stages(rate, samples, budget_ms))
             kinds.append(reason_kinds(rate, samples))
             print(lines[-1], flush=True)
