@@ -232,7 +232,7 @@ class Recommender:
         deg, tm = res.degraded, res.timings
         user_vec = await self.users.user_vector(st, deadline, deg, h.user_id)
         tm.mark("user_tower")
-        cand_idx, scores = self._recall(h, user_vec, num_candidates, exclude_seen)
+        cand_idx, scores = self._recall(st, user_vec, num_candidates, exclude_seen)
         res.candidates_recalled = len(cand_idx)
         tm.mark("retrieval")
         m = self._affordable(len(cand_idx), k, deadline, deg)
@@ -255,11 +255,12 @@ class Recommender:
         return res
 
     def _recall(
-        self, h: History, user_vec: np.ndarray, num_candidates: int | None, exclude_seen: bool
+        self, st: UserState, user_vec: np.ndarray, num_candidates: int | None, exclude_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The FAISS candidates (item indices) and their similarities, the user's own items left out if asked."""
+        """The FAISS candidates (item indices) and their similarities, the user's own items left out if asked (their
+        indices: the history's token-table rows; an item the catalog lacks was dropped there and cannot be recalled)."""
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
-        seen = np.unique(self.catalog.to_index(h.items)) if exclude_seen else np.empty(0, np.int64)
+        seen = np.unique(st.hist_rows) if exclude_seen else np.empty(0, np.int64)
         ids, sims = self.retriever.search(user_vec, n + len(seen))
         keep = ids[0] > 0
         if exclude_seen:
