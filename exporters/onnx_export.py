@@ -114,7 +114,7 @@ def example_inputs(
             shape[2] = hist
         if t.name.startswith(("cand_", "new_")):
             shape[1] = cands
-        if t.name in ("hist_item", "cand_item", "item_idx", "new_item"):
+        if t.name == "item_idx":
             out[t.name] = rng.integers(0, dims.num_items + 1, size=shape).astype(np.int64)
         elif t.name == "hist_ts":
             out[t.name] = np.sort(rng.integers(10**9, 10**9 + 10**7, size=shape), axis=-1).astype(np.int64)

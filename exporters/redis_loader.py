@@ -48,19 +48,13 @@ def load_redis(
         f"falconrec:meta:{version}",
         json.dumps({"config": config, "model_version": manifest.model_version, "items": n_items, "users": len(users)}),
     )
+    # Content embeddings (emb:{v}:*), which loads and ingestion workers before 2026-12-07 wrote and requests read:
+    # nothing reads them now, and a reload of the same data keeps its version, so they go whatever the version.
+    legacy = _unlink_matching(r, f"emb:{version}:*")
     deleted = 0
     if previous and previous.decode() != version and not keep_old:
         old = previous.decode()
-        # emb:{old}:*: content embeddings, which versions loaded before 2026-12-07 wrote (and requests read)
-        for pattern in (f"emb:{old}:*", f"hist:{old}:*", f"itemjob:{old}:*"):
-            batch = []
-            for key in r.scan_iter(match=pattern, count=5000):
-                batch.append(key)
-                if len(batch) >= 5000:
-                    deleted += r.unlink(*batch)
-                    batch = []
-            if batch:
-                deleted += r.unlink(*batch)
+        deleted = sum(_unlink_matching(r, f"{kind}:{old}:*") for kind in ("emb", "hist", "itemjob"))
         r.delete(f"falconrec:meta:{old}")
     return {
         "version": version,
@@ -68,4 +62,18 @@ def load_redis(
         "users": len(users),
         "previous": previous and previous.decode(),
         "deleted_old_keys": deleted,
+        "deleted_embedding_keys": legacy,
     }
+
+
+def _unlink_matching(r: redis.Redis, pattern: str) -> int:
+    """Delete the keys matching `pattern`, scanned and unlinked in batches (never KEYS: it blocks the server)."""
+    deleted, batch = 0, []
+    for key in r.scan_iter(match=pattern, count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            deleted += r.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += r.unlink(*batch)
+    return deleted

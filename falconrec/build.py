@@ -250,6 +250,7 @@ class Builder:
 
     def index(self, ds: Dataset, emb: np.ndarray, manifest: Manifest) -> None:
         from exporters.faiss_index import INDEX_FILE, build_index, save_index
+        from exporters.item_tables import item_tables
         from service.backends.onnx import OnnxBackend
 
         tokens_path = self.paths.index_dir / ITEM_TOKENS_FILE
@@ -259,20 +260,13 @@ class Builder:
             # Vectors and tokens come from the exported ONNX graphs: exactly what the service would compute.
             backend = OnnxBackend(self.repo, manifest.dims, providers=["CPUExecutionProvider"])
             ids = np.arange(1, ds.num_items + 1, dtype=np.int64)
-            chunks = [
-                (emb[a - 1 : a - 1 + 4096].astype(np.float32), ids[a - 1 : a - 1 + 4096])
-                for a in range(1, ds.num_items + 1, 4096)
-            ]
-            vecs = np.concatenate([backend.item_vectors(c, i) for c, i in chunks])
-            tokens = np.zeros((ds.num_items + 1, manifest.dims.d_model), np.float32)  # row 0: no item
-            tokens[1:] = np.concatenate([backend.item_tokens(c, i) for c, i in chunks])
-            user = np.zeros((ds.num_items + 1, manifest.dims.tower_dim), np.float32)
-            user[1:] = np.concatenate([backend.user_tokens(c, i) for c, i in chunks])
-            index, kind = build_index(vecs, ids, self.cfg.index.kind, self.cfg.index.exact_below, self.cfg.index.hnsw_m)
+            tables = item_tables(backend, emb, ids)
+            index, kind = build_index(
+                tables.vectors, ids, self.cfg.index.kind, self.cfg.index.exact_below, self.cfg.index.hnsw_m
+            )
             save_index(index, self.paths.index_dir, kind, manifest.model_version)
-            np.save(tokens_path, tokens)
-            np.save(user_path, user)
-            return {"kind": kind, "count": int(index.ntotal), "token_bytes": int(tokens.nbytes + user.nbytes)}
+            tables.save_tokens(self.paths.index_dir)
+            return {"kind": kind, "count": int(index.ntotal), "token_bytes": tables.token_bytes}
 
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
         self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path, user_path], run)

@@ -20,7 +20,7 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 = off (FALCONREC_GRPC_PORT)")] = None,
     artifacts: ArtifactsOpt = DEFAULT_ARTIFACTS,
     repo: RepoOpt = DEFAULT_REPOSITORY,
-    redis_url: Annotated[str | None, typer.Option(help="read embeddings/histories from Redis")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="histories, events and live items in Redis")] = None,
     build_if_missing: Annotated[bool, typer.Option(help="run `build` first when artifacts are missing")] = False,
     workers: Annotated[
         int | None, typer.Option(help="server processes on the port (FALCONREC_WORKERS; writes need Redis when > 1)")
@@ -82,7 +82,8 @@ def load_redis_cmd(
     repo: RepoOpt = DEFAULT_REPOSITORY,
     keep_old: Annotated[bool, typer.Option(help="keep the previous version's keys")] = False,
 ) -> None:
-    """Write content embeddings (float16) and user histories to Redis, then flip the version pointer."""
+    """Write user histories to Redis, then flip the version pointer (and delete content-embedding keys older
+    versions of this command wrote: requests read none)."""
     from exporters.redis_loader import load_redis
 
     out = load_redis(redis_url, config, artifacts, repo, keep_old=keep_old)
@@ -111,8 +112,8 @@ def ingest(
     ] = 0,
 ) -> None:
     """Ingestion worker: POST /v1/items texts from Redis -> the build's text model -> content embeddings into the
-    live version and the item log every replica tails. Run one or more beside the API (needs the train extra); the
-    API also runs one as its child (--stdio without Redis)."""
+    live version's item log, which every replica tails (and computes the items' tokens from). Run one or more beside
+    the API (needs the train extra); the API also runs one as its child (--stdio without Redis)."""
     if not redis_url and not stdio:
         console.print("[red]set FALCONREC_REDIS_URL (without Redis the API runs its own worker)[/red]")
         raise typer.Exit(2)

@@ -3,7 +3,8 @@
 
 Prints, per rate: achieved rate, client p50/p99 of the 200s, the service's own p99 (the sum of Server-Timing stages),
 degraded share, 503 share, 503 client p50 and the 503s' server time (Server-Timing total), and the server process's
-CPU time per request at that rate (all its threads, from /proc: HTTP, the pipeline and the models), beside the
+CPU time per request at that rate (all its threads and worker processes, from /proc: HTTP, the pipeline and the
+models), beside the
 machine's single-thread GEMM peak measured in the same run. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms).
 Before the first rate every user is asked once (100 req/s): the rows measure a warm server, not its first seconds.
 
@@ -36,13 +37,20 @@ def start(config: str, artifacts: Path, repo: Path, log: Path) -> tuple[subproce
     return start_serve(["--config", config, "--artifacts", str(artifacts), "--repo", str(repo)], env, log)
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads (Linux /proc; NaN elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (stat fields 14, 15)
+def group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds so far of every process in a process group, all their threads (Linux /proc; NaN
+    where there is none): the server and, with FALCONREC_WORKERS > 1, its worker processes (start_serve gives the
+    server a group of its own). A process that exited takes its time with it, so read it while the server runs."""
+    total, found = 0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # stat field 5: pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+            found = True
+    return total / os.sysconf("SC_CLK_TCK") if found else float("nan")
 
 
 def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float) -> str:
@@ -113,9 +121,9 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
         late, kinds = [], []
         for rate in rates:
-            cpu = process_cpu_s(proc.pid)
+            cpu = group_cpu_s(proc.pid)
             samples, _ = asyncio.run(run(url, rate, seconds, reqs))
-            lines.append(row(rate, seconds, samples, process_cpu_s(proc.pid) - cpu))
+            lines.append(row(rate, seconds, samples, group_cpu_s(proc.pid) - cpu))
             late.append(late_stages(rate, samples, budget_ms))
             kinds.append(reason_kinds(rate, samples))
             print(lines[-1], flush=True)

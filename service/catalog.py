@@ -1,9 +1,9 @@
 """The served catalog: raw item ids <-> item indices (1..N), titles, and stored user histories.
 
 Reads the dataset file the build writes (training.data.Dataset.save); numpy only. Items added live (POST
-/v1/items) get the next indices, N+1, N+2, ...: those are their FAISS ids, but the models never learned an ID
-embedding for them, so `model_index` maps them to 0, the "unknown ID" the models were trained with for
-cold items (content embedding only).
+/v1/items) get the next indices, N+1, N+2, ...: those are their FAISS ids and their rows in the per-item token
+tables; the models never learned an ID embedding for them (indices above `num_trained`), so their tokens were
+computed with the "unknown ID" 0 the models were trained with for cold items (content embedding only).
 """
 
 from __future__ import annotations
@@ -85,11 +85,6 @@ class Catalog:
         """Bytes held for id lookups and ids (the buffers and the sorted index; the dicts are per item too)."""
         return int(self._raw_buf.nbytes + self._ids.nbytes)
 
-    def model_index(self, raw_ids: np.ndarray) -> np.ndarray:
-        """The index the models take: 0 (unknown ID) for unknown and live-added items."""
-        idx = self.to_index(raw_ids)
-        return np.where(idx > self.num_trained, 0, idx)
-
     @property
     def num_items(self) -> int:
         return len(self.raw_ids)
@@ -117,5 +112,5 @@ class Catalog:
         return cls(raw, titles, {int(r): i + 1 for i, r in enumerate(raw.tolist())}, hist, keys, user_kind)
 
     def to_index(self, raw_ids: np.ndarray) -> np.ndarray:
-        """Model indices; 0 for ids the models never saw (cold: content embedding only)."""
+        """Item indices (1..N, live items' included: FAISS ids and token-table rows); 0 for ids not in the catalog."""
         return self._ids.lookup(raw_ids)

@@ -1,4 +1,4 @@
-"""A small bounded LRU with optional TTL (per-user K/V cache, embedding cache in front of Redis)."""
+"""A small bounded LRU with optional TTL (per-history K/V and user vectors, tower states, local histories)."""
 
 from __future__ import annotations
 

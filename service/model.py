@@ -21,6 +21,10 @@ from service.versions import triton_number
 log = logging.getLogger("falconrec.model")
 
 
+class BuildMismatch(RuntimeError):
+    """A build whose parts do not belong together, or made by older code: loading it again cannot succeed."""
+
+
 @dataclass
 class Model:
     """What one model version brings: everything the store and the process-wide parts do not."""
@@ -43,6 +47,7 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
         )
     paths = ArtifactPaths.for_config(manifest.config, artifacts_dir)
     catalog = Catalog.load(paths.data)
+    tokens = _tokens(paths.index_dir, manifest, catalog)
     onnx = OnnxBackend(
         repo,
         manifest.dims,
@@ -62,14 +67,21 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
         fallback = onnx if settings.triton_fallback else None
     retriever = Retriever(paths.index_dir, threads=settings.faiss_threads)
     if retriever.meta.get("model_version") != manifest.model_version:
-        raise RuntimeError(
+        raise BuildMismatch(
             f"FAISS index in {paths.index_dir} belongs to model {retriever.meta.get('model_version')}, "
             f"repository {repo} to {manifest.model_version}: rebuild (`falconrec build`)"
         )
-    tokens = ItemTokens.load(paths.index_dir)
+    return Model(manifest, catalog, backend, fallback, retriever, tokens)
+
+
+def _tokens(index_dir: Path, manifest: Manifest, catalog: Catalog) -> ItemTokens:
+    try:
+        tokens = ItemTokens.load(index_dir)
+    except FileNotFoundError as e:  # a build older than the token tables: its graphs take content embeddings
+        raise BuildMismatch(str(e)) from e
     if tokens.model_version != manifest.model_version or tokens.rows != catalog.num_items + 1:
-        raise RuntimeError(
-            f"item tokens in {paths.index_dir} do not match model {manifest.model_version} and its "
+        raise BuildMismatch(
+            f"item tokens in {index_dir} do not match model {manifest.model_version} and its "
             f"{catalog.num_items} items: rebuild (`falconrec build`)"
         )
-    return Model(manifest, catalog, backend, fallback, retriever, tokens)
+    return tokens

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
 
     # Stores: no URL -> in-process store loaded from the artifacts (the embedded default).
     redis_url: str | None = None
-    redis_timeout_ms: float = Field(25.0, gt=0)  # 5 ms marked Redis down under load (MGET of ~1,200 keys)
+    redis_timeout_ms: float = Field(25.0, gt=0)  # 5 ms marked Redis down under load (when requests sent an MGET)
     redis_retry_s: float = Field(1.0, gt=0, description="how often to retry a dead Redis")
     history_cache_users: int = Field(
         50_000, ge=0, description="user histories kept locally to serve while Redis is down (no TTL: see stores)"

@@ -2,7 +2,7 @@
 
 Every process polls CURRENT. When it names another version, the process loads that version beside the one it
 serves (off the event loop), checks the two can share the store (the same text model, and a catalog that
-extends or is extended by the served one, so stored rows keep their indices), warms it with the whole pipeline,
+extends or is extended by the served one, so live items keep their indices), warms it with the whole pipeline,
 replays the items added live into it, then switches in one synchronous step: the next request runs on the new
 version. A request runs entirely on the version it started on (it holds its Recommender: history K/V, candidates
 and the answer's `model_version` all come from one), so in-flight requests finish on the old one, which is closed
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from service.model import Model, load_model
+from service.model import BuildMismatch, Model, load_model
 from service.pipeline.recommender import Recommender
 from service.pipeline.serving import Serving
 from service.redact import for_log
@@ -83,7 +83,8 @@ class VersionWatcher:
             except BaseException:
                 await _close(rec)
                 raise
-        except (SwapRefused, VersionError) as e:  # VersionError: an id with no Triton number, never servable
+        # VersionError: an id with no Triton number; BuildMismatch: parts that do not fit. Neither is ever servable.
+        except (SwapRefused, VersionError, BuildMismatch) as e:
             self.refused[vid] = str(e)
             log.error("not swapping to version %s: %s", vid, e)
             return False

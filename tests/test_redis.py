@@ -34,8 +34,10 @@ def test_load_redis_is_versioned_and_idempotent(tiny_build, catalog):
     items, ts = unpack_history(r.get(hist_key(v, uid)))
     assert items.tolist() == catalog.user_histories[uid][0][-len(items) :].tolist()
     n_keys = r.dbsize()
+    r.set(f"emb:{v}:7", b"x")  # what a load or ingestion worker before 2026-12-07 wrote under the same version
     again = load_redis(REDIS_URL, "tiny", tiny_build.artifacts, tiny_build.repo, progress=False)
-    assert again["version"] == v and r.dbsize() == n_keys  # idempotent
+    assert again["version"] == v and r.dbsize() == n_keys  # idempotent, and the stale embedding key is gone
+    assert again["deleted_embedding_keys"] == 1 and r.get(f"emb:{v}:7") is None
 
 
 def test_version_flip_removes_old_version(tiny_build):

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from exporters.faiss_index import build_index, save_index
+from exporters.item_tables import item_tables
 from service.artifacts import ArtifactPaths
 from service.backends.onnx import OnnxBackend
-from service.contract import ITEM_TOKENS_FILE, USER_TOKENS_FILE, Manifest
-
-CHUNK = 4096
+from service.contract import Manifest
 
 
 def grow(artifacts: Path, repo: Path, items: int, name: str, out_repo: Path, seed: int = 0) -> Path:
@@ -49,20 +48,10 @@ def grow(artifacts: Path, repo: Path, items: int, name: str, out_repo: Path, see
 
     backend = OnnxBackend(repo, manifest.dims, providers=["CPUExecutionProvider"], workers=0)
     model_idx = np.concatenate([np.arange(1, n + 1), np.zeros(extra, np.int64)])  # grown items: unknown ID
-    vecs, toks, user_toks = [], [], []
-    for a in range(0, items, CHUNK):
-        c, i = emb[a : a + CHUNK].astype(np.float32), model_idx[a : a + CHUNK]
-        vecs.append(backend.item_vectors(c, i))
-        toks.append(backend.item_tokens(c, i))
-        user_toks.append(backend.user_tokens(c, i))
-    tokens = np.zeros((items + 1, manifest.dims.d_model), np.float32)
-    tokens[1:] = np.concatenate(toks)
-    user = np.zeros((items + 1, manifest.dims.tower_dim), np.float32)
-    user[1:] = np.concatenate(user_toks)
-    index, kind = build_index(np.concatenate(vecs), np.arange(1, items + 1, dtype=np.int64), kind="flat")
+    tables = item_tables(backend, emb, model_idx)
+    index, kind = build_index(tables.vectors, np.arange(1, items + 1, dtype=np.int64), kind="flat")
     save_index(index, dst.index_dir, kind, manifest.model_version)
-    np.save(dst.index_dir / ITEM_TOKENS_FILE, tokens)
-    np.save(dst.index_dir / USER_TOKENS_FILE, user)
+    tables.save_tokens(dst.index_dir)
 
     # The same graphs under a manifest that names the grown artifacts (the service serves the manifest's config).
     if out_repo.exists():

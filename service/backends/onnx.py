@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import InferenceBackend
-from service.contract import ITEM_TOWER, MODEL_NAMES, RANKER_ITEM, ModelDims, fp32_graph_path, model_specs, onnx_path
+from service.contract import MODEL_NAMES, ModelDims, fp32_graph_path, model_specs, onnx_path
 
 log = logging.getLogger("falconrec.onnx")
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -111,20 +111,6 @@ class OnnxBackend(InferenceBackend):
         # Off the event loop: ORT releases the GIL while it computes.
         fut = asyncio.get_running_loop().run_in_executor(self._pool, self.run, model, inputs)
         return await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
-
-    def item_vectors(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self._per_item(ITEM_TOWER, content, ids)["item_vec"]
-
-    def user_tokens(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self._per_item(ITEM_TOWER, content, ids)["user_token"]
-
-    def item_tokens(self, content: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        return self._per_item(RANKER_ITEM, content, ids)["item_token"]
-
-    def _per_item(self, model: str, content: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run(
-            model, {"content_emb": content.astype(np.float32), "item_idx": ids.reshape(-1, 1).astype(np.int64)}
-        )
 
     def describe(self) -> dict:
         return {

@@ -1,10 +1,11 @@
 """The live data path in the API process: events into user histories, and new items from the ingestion worker
-into this replica's catalog, FAISS index and store.
+into this replica's catalog, item tokens and FAISS index.
 
 The LLM never runs here (no torch in the API process): POST /v1/items hands texts to the ingestion worker through
 a feed (service.ingest.feed) and answers 202. The worker's content embeddings come back through the same feed;
-`apply` runs the item tower (ONNX, no ID: the "unknown ID" embedding cold items were trained with), then adds the
-item to the catalog, the store and FAISS in one event-loop step, so a request sees all of it or none of it.
+`apply` runs the item tower and ranker_item (ONNX, no ID: the "unknown ID" embedding cold items were trained with),
+then adds the item to the catalog, the token tables and FAISS in one event-loop step, so a request sees all of it
+or none of it.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ class UserState:
     hist_valid: np.ndarray  # [1, L]
     kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
     user_vec: np.ndarray | None = None  # [1, T]
-    # The store's data version when the history was read: the caches key by it (a reload of the store's data
-    # under a new version may give a raw id other content; nothing computed before is looked up again).
+    # The store's data version when the history was read: the caches key by it, so after a reload of the store's
+    # data (live items belong to their version, and an id may come back with another text) nothing computed before
+    # is looked up again. Conservative: within one version an item's tokens never change.
     store_version: object = None
 
 
