@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.onnx import OnnxBackend
-from service.contract import ITEM_TOKENS_FILE, ITEM_TOWER, RANKER_ITEM, USER_TOKENS_FILE
+from service.contract import ITEM_TOWER, RANKER_ITEM
+from service.pipeline.item_tokens import token_paths
 
 CHUNK = 4096
 
@@ -21,11 +22,9 @@ class ItemTables:
     ranker: np.ndarray  # [N + 1, d_model]: row i = item i; row 0 (no item) zeros
     user: np.ndarray  # [N + 1, tower_dim]: the same rows
 
-    def save_tokens(self, index_dir: Path) -> list[Path]:
-        paths = [Path(index_dir) / ITEM_TOKENS_FILE, Path(index_dir) / USER_TOKENS_FILE]
-        for path, table in zip(paths, (self.ranker, self.user), strict=True):
+    def save_tokens(self, index_dir: Path) -> None:
+        for path, table in zip(token_paths(index_dir), (self.ranker, self.user), strict=True):
             np.save(path, table)
-        return paths
 
     @property
     def token_bytes(self) -> int:

@@ -18,11 +18,9 @@ import numpy as np
 
 from service.artifacts import ArtifactPaths
 from service.contract import (
-    ITEM_TOKENS_FILE,
     MANIFEST,
     MODEL_NAMES,
     QUANTIZATION_REPORT,
-    USER_TOKENS_FILE,
     Manifest,
     ModelDims,
     onnx_path,
@@ -252,9 +250,7 @@ class Builder:
         from exporters.faiss_index import INDEX_FILE, build_index, save_index
         from exporters.item_tables import item_tables
         from service.backends.onnx import OnnxBackend
-
-        tokens_path = self.paths.index_dir / ITEM_TOKENS_FILE
-        user_path = self.paths.index_dir / USER_TOKENS_FILE
+        from service.pipeline.item_tokens import token_paths
 
         def run() -> dict:
             # Vectors and tokens come from the exported ONNX graphs: exactly what the service would compute.
@@ -269,7 +265,7 @@ class Builder:
             return {"kind": kind, "count": int(index.ntotal), "token_bytes": tables.token_bytes}
 
         inputs = _h(manifest.model_version, self.cfg.section_hash("index"))
-        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, tokens_path, user_path], run)
+        self._step("index", inputs, [self.paths.index_dir / INDEX_FILE, *token_paths(self.paths.index_dir)], run)
 
     def quantize(self) -> Manifest:
         """The config's `[serve] int8` graphs in int8, kept only when the served cascade passes the quality check

@@ -21,7 +21,8 @@ from rich.table import Table
 
 from falconrec.options import ArtifactsOpt, ConfigOpt, RepoOpt, console, default_config
 from service.artifacts import DEFAULT_ARTIFACTS, DEFAULT_REPOSITORY, ArtifactPaths, config_name
-from service.contract import ITEM_TOKENS_FILE, MANIFEST, USER_TOKENS_FILE, Manifest
+from service.contract import MANIFEST, Manifest
+from service.pipeline.item_tokens import token_paths
 from service.pipeline.retrieval import INDEX_FILE
 from service.versions import VersionError, VersionInfo, VersionStore, gate, triton_number
 
@@ -79,7 +80,7 @@ def add_build(
     Triton repository (--triton-repo, else FALCONREC_TRITON_REPOSITORY) the version is published there too."""
     src = ArtifactPaths.for_config(config, artifacts)
     # The token tables too: a build older than them is not servable (its graphs take content embeddings).
-    needed = [repo / MANIFEST, *(src.index_dir / f for f in (INDEX_FILE, ITEM_TOKENS_FILE, USER_TOKENS_FILE))]
+    needed = [repo / MANIFEST, src.index_dir / INDEX_FILE, *token_paths(src.index_dir)]
     if not all(p.is_file() for p in needed):
         raise typer.BadParameter(f"no complete build of {config!r} in {artifacts} and {repo} (`falconrec build`)")
     manifest = Manifest.read(repo)

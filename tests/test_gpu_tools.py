@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -53,15 +54,15 @@ def test_deadline_reads_a_process_groups_cpu_time_across_threads():
 
     before = group_cpu_s(os.getpgrp())
 
-    def spin() -> None:
-        x = 0
-        for i in range(3_000_000):
-            x += i
+    def spin() -> None:  # until this thread has used 0.1 s of CPU: the same work on any machine's clock
+        end = time.thread_time() + 0.1
+        while time.thread_time() < end:
+            pass
 
     t = threading.Thread(target=spin)
     t.start()
     t.join()
-    assert group_cpu_s(os.getpgrp()) > before  # ~0.1 s of CPU, ten clock ticks at least
+    assert group_cpu_s(os.getpgrp()) > before  # 0.1 s of CPU on another thread: ten clock ticks
     assert group_cpu_s(2**22 + 7) != group_cpu_s(2**22 + 7)  # no such group: NaN
 
 

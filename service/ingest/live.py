@@ -220,7 +220,7 @@ class LiveData:
         # After the awaits: another apply may have added some of these meanwhile.
         cat = sv.catalog
         keep = [i for i, it in enumerate(new) if it.item_id not in cat.index_of]
-        new, emb, toks = [new[i] for i in keep], emb[keep], toks[keep]
+        new, toks = [new[i] for i in keep], toks[keep]
         vecs, user_toks = tower["item_vec"][keep], tower["user_token"][keep]
         if not new:
             return 0

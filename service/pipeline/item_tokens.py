@@ -19,6 +19,11 @@ from service.contract import ITEM_TOKENS_FILE, USER_TOKENS_FILE
 from service.pipeline.retrieval import INDEX_META
 
 
+def token_paths(index_dir: Path) -> tuple[Path, Path]:
+    """Where a build keeps the ranker's and the user tower's tables, beside the FAISS index."""
+    return Path(index_dir) / ITEM_TOKENS_FILE, Path(index_dir) / USER_TOKENS_FILE
+
+
 class TokenTable:
     """Row i = the token of item index i (row 0: no item, zeros)."""
 
@@ -63,7 +68,7 @@ class ItemTokens:
 
     @classmethod
     def load(cls, index_dir: Path) -> ItemTokens:
-        paths = [Path(index_dir) / name for name in (ITEM_TOKENS_FILE, USER_TOKENS_FILE)]
+        paths = token_paths(index_dir)
         for path in paths:
             if not path.is_file():
                 raise FileNotFoundError(

@@ -210,7 +210,7 @@ class Recommender:
             tm.mark("user_state")
             # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
             # candidate fetch (the second inference worker), and ranking waits for it.
-            kv_task = asyncio.ensure_future(self.users.history_kv(h, st, qts, deadline, deg))
+            kv_task = asyncio.ensure_future(self.users.history_kv(st, qts, deadline, deg))
             kv_task.add_done_callback(_retrieve)
             try:
                 return await self._recall_and_rank(h, st, kv_task, k, exclude_seen, num_candidates, deadline, qts, res)
@@ -313,7 +313,7 @@ class Recommender:
             qts = query_time(query_ts, deadline)
             st = self.users.cached_user_state(h, qts, deg)
             tm.mark("user_state")
-            await self.users.history_kv(h, st, qts, deadline, deg, required=True)
+            await self.users.history_kv(st, qts, deadline, deg, required=True)
             tm.mark("ranker_history")
             # Candidates need no store: their ranker tokens are in memory (ItemTokens), live items' included.
             cand = self.catalog.to_index(np.array(item_ids, np.int64))

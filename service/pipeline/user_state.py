@@ -36,6 +36,8 @@ class UserState:
     hist_valid: np.ndarray  # [1, L]
     kv: dict[str, np.ndarray] | None = None  # hist_k, hist_v, hist_q
     user_vec: np.ndarray | None = None  # [1, T]
+    kv_key: tuple | None = None  # the caches' keys of this state (cached_user_state hashes them once a request)
+    uv_key: tuple | None = None
     # The store's data version when the history was read: the caches key by it, so after a reload of the store's
     # data (live items belong to their version, and an id may come back with another text) nothing computed before
     # is looked up again. Conservative: within one version an item's tokens never change.
@@ -143,8 +145,9 @@ class UserStates:
         """The user's state, with the K/V and the user vector from the caches when this history (and, for the K/V,
         its query-time buckets) was seen before: then neither model runs."""
         st = self.user_state(h, degraded)
-        st.kv = self.kv_cache.get(self._kv_key(h, st, query_ts))
-        st.user_vec = self.user_vec_cache.get(self._uv_key(st))
+        st.kv_key, st.uv_key = self._kv_key(h, st, query_ts), self._uv_key(st)
+        st.kv = self.kv_cache.get(st.kv_key)
+        st.user_vec = self.user_vec_cache.get(st.uv_key)
         self.sv.metrics.cache("kv", st.kv is not None)
         self.sv.metrics.cache("user_vec", st.user_vec is not None)
         return st
@@ -171,7 +174,7 @@ class UserStates:
         if st.user_vec is None:
             tower = await self._user_tower(st, deadline, degraded, user_id)
             st.user_vec = tower.user_vec
-            self.user_vec_cache.put(self._uv_key(st), st.user_vec)
+            self.user_vec_cache.put(st.uv_key, st.user_vec)
         return st.user_vec
 
     def _tower_key(self, user_id: int | None, store_version: object) -> tuple | None:
@@ -213,12 +216,11 @@ class UserStates:
         return state
 
     async def history_kv(
-        self, h: History, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str], required: bool = False
+        self, st: UserState, query_ts: int, deadline: Deadline, degraded: list[str], required: bool = False
     ) -> None:
         if st.kv is not None:  # cached_user_state found it (and counted the lookup)
             return
-        key = self._kv_key(h, st, query_ts)
-        kv = self.kv_cache.get(key)  # another request may have put it since cached_user_state looked
+        kv = self.kv_cache.get(st.kv_key)  # another request may have put it since cached_user_state looked
         if kv is None:
             kv = await self.sv.infer(
                 RANKER_HISTORY,
@@ -232,5 +234,5 @@ class UserStates:
                 degraded,
                 required,
             )
-            self.kv_cache.put(key, kv)
+            self.kv_cache.put(st.kv_key, kv)
         st.kv = kv
