@@ -17,6 +17,7 @@ import asyncio
 import os
 import re
 import subprocess
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -53,7 +54,34 @@ def group_cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK") if found else float("nan")
 
 
-def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float) -> str:
+LAG_METRIC = "falconrec_event_loop_lag_seconds"
+LAG_OVER_S = (0.005, 0.02)  # the loop-lag column: share of the server's 10 ms ticks later than these
+
+
+def loop_lag_counts(url: str) -> dict[str, float]:
+    """The server's event-loop lag histogram (service/loop_lag.py) as Prometheus exposes it: le -> cumulative count."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.findall(rf'^{LAG_METRIC}_bucket{{le="([^"]+)"}} (\S+)$', text, re.MULTILINE)
+    return {le: float(n) for le, n in found}
+
+
+def lag_cell(before: dict[str, float], after: dict[str, float]) -> str:
+    """Share of the loop's ticks in one rate's run that ran more than each LAG_OVER_S late: a stall of the whole
+    process (a synchronous step, the GIL, the machine's other tenants) delays every request, before its arrival
+    is even stamped (the gap between the client's latency and the service's own)."""
+    total = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    if total <= 0:
+        return "-"
+    shares = []
+    for over in LAG_OVER_S:
+        le = repr(over)
+        within = after.get(le, 0.0) - before.get(le, 0.0)
+        shares.append(f"{100 * (total - within) / total:.1f} %")
+    return " / ".join(shares)
+
+
+def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float, lag: str = "-") -> str:
     ok = [s for s in samples if s.status == 200]
     shed = [s for s in samples if s.status == 503]
     lat = [s.latency_ms for s in ok]
@@ -71,6 +99,7 @@ def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float) -> str
         f"{pct([s.latency_ms for s in shed], 50, 1)} / {pct(shed_srv, 50, 2)}",
         f"{sum(s.status not in (200, 503) for s in samples)}",
         f"{1000 * cpu_s / n:.2f}",
+        lag,
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -91,13 +120,25 @@ def late_stages(rate: float, samples: list[Sample], budget_ms: float) -> str:
     return f"| {rate:g} | {len(late)} of {len(ok)} | {cells} |"
 
 
-def reason_kinds(rate: float, samples: list[Sample], top: int = 3) -> str:
+def reason_kinds(rate: float, samples: list[Sample], top: int = 3, status: int = 200) -> str:
     """The commonest kinds of degradation among the answers (numbers masked: "budget: ranked N of N candidates"),
-    each as a share of all answers: which lever the degraded share asks for (issue 26)."""
-    ok = [s for s in samples if s.status == 200]
-    kinds = Counter(re.sub(r"\d+(\.\d+)?", "N", r) for s in ok for r in s.reasons)
-    cells = "; ".join(f"{k}: {100 * n / max(len(ok), 1):.1f} %" for k, n in kinds.most_common(top)) or "-"
-    return f"| {rate:g} | {cells} |"
+    each as a share of all answers: which lever the degraded share asks for (issue 26). With `status` 503: the
+    refusals' reasons, each as a share of the refusals, with its median server time (shed on arrival, or after a
+    wait in the queue?)."""
+    group = [s for s in samples if s.status == status]
+    kinds = Counter(k for s in group for k in _masked(s.reasons))
+    cells = []
+    for k, n in kinds.most_common(top):
+        cell = f"{k}: {100 * n / max(len(group), 1):.1f} %"
+        if status != 200:
+            same = [s.stages.get("total", float("nan")) for s in group if k in _masked(s.reasons)]
+            cell += f" (server p50 {pct(same, 50, 1)} ms)"
+        cells.append(cell)
+    return f"| {rate:g} | {'; '.join(cells) or '-'} |"
+
+
+def _masked(reasons: tuple[str, ...]) -> list[str]:
+    return [re.sub(r"\d+(\.\d+)?", "N", r) for r in reasons]
 
 
 def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path) -> int:
@@ -111,21 +152,24 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         f"## The budget under load: {config}, open loop, {seconds:g} s a rate, GEMM peak {peak:.1f} GFLOP/s",
         "",
         "| target req/s | achieved | client p50 / p99 ms (200) | service p99 ms | degraded | 503 "
-        "| 503 client p50 / server p50 ms | other | server CPU ms / request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| 503 client p50 / server p50 ms | other | server CPU ms / request "
+        f"| loop ticks late > {' / '.join(f'{1000 * o:g}' for o in LAG_OVER_S)} ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     try:
         reqs = build_requests(url, users, 10, None)
         # Warm: every user once at a rate the server holds, so the rates below measure the steady state (each user's
         # history K/V and vector cached, as for returning users), not the first seconds' cold caches.
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
-        late, kinds = [], []
+        late, kinds, refusals = [], [], []
         for rate in rates:
-            cpu = group_cpu_s(proc.pid)
+            cpu, lag = group_cpu_s(proc.pid), loop_lag_counts(url)
             samples, _ = asyncio.run(run(url, rate, seconds, reqs))
-            lines.append(row(rate, seconds, samples, group_cpu_s(proc.pid) - cpu))
+            cpu = group_cpu_s(proc.pid) - cpu
+            lines.append(row(rate, seconds, samples, cpu, lag_cell(lag, loop_lag_counts(url))))
             late.append(late_stages(rate, samples, budget_ms))
             kinds.append(reason_kinds(rate, samples))
+            refusals.append(reason_kinds(rate, samples, status=503))
             print(lines[-1], flush=True)
     finally:
         stop_group(proc)
@@ -143,6 +187,12 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         "| rate | reasons |",
         "|---|---|",
         *kinds,
+        "",
+        "Why requests were refused (503: the commonest reasons, each as a share of the 503s, and their server time)",
+        "",
+        "| rate | reasons |",
+        "|---|---|",
+        *refusals,
     ]
     text = "\n".join(lines)
     (out / "deadline.md").write_text(text + "\n")

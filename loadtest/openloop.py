@@ -41,7 +41,7 @@ class Sample:
     server_ms: float  # the sum of the answer's Server-Timing stages (NaN when absent)
     degraded: bool
     stages: dict[str, float] = field(default_factory=dict)  # Server-Timing, per stage
-    reasons: tuple[str, ...] = ()  # a degraded answer's degraded_reasons
+    reasons: tuple[str, ...] = ()  # a degraded answer's degraded_reasons; a 503's detail
 
 
 @dataclass
@@ -134,7 +134,8 @@ async def one(pool: Pool, req: bytes, due: float, timeout_s: float, out: list[Sa
     stages = server_timing(headers)
     total = sum(stages.values()) if stages else float("nan")
     degraded = b'"degraded":true' in body
-    out.append(Sample(status, latency, total, degraded, stages, degraded_reasons(body) if degraded else ()))
+    reasons = degraded_reasons(body) if degraded else refusal_detail(body) if status == 503 else ()
+    out.append(Sample(status, latency, total, degraded, stages, reasons))
 
 
 def degraded_reasons(body: bytes) -> tuple[str, ...]:
@@ -142,6 +143,15 @@ def degraded_reasons(body: bytes) -> tuple[str, ...]:
         return tuple(json.loads(body).get("degraded_reasons", ()))
     except (ValueError, AttributeError):
         return ()
+
+
+def refusal_detail(body: bytes) -> tuple[str, ...]:
+    """A refusal's reason, its `detail` (the guard's answers and the handlers' alike)."""
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return ()
+    return (detail,) if isinstance(detail, str) else ()
 
 
 async def run(
