@@ -56,7 +56,6 @@ def load_model(settings: Settings, repo: Path, artifacts_dir: Path, version: str
         settings.inference_threads,
         trt_cache=paths.root / "trt_cache",
         tf32=settings.cuda_tf32,
-        nice=settings.inference_nice,
     )
     backend: InferenceBackend = onnx
     fallback = None

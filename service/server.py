@@ -12,7 +12,6 @@ admission limit (max_active each), and, without Redis, the in-process store: tha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing as mp
 import os
@@ -59,7 +58,7 @@ def per_worker(settings: Settings) -> Settings:
 def _worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {index} %(name)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; uvicorn handles SIGTERM itself
-    asyncio.run(serve(settings, sockets=[sock]))
+    serve(settings, sockets=[sock])
 
 
 def run_workers(settings: Settings) -> int:
@@ -116,19 +115,22 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         port=settings.port,
         log_level="warning",
         access_log=False,
-        loop="auto",
+        loop=settings.event_loop,
         http=protocol_for(settings),
     )
 
 
-async def serve(settings: Settings, sockets: list | None = None) -> None:
-    """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them)."""
+def serve(settings: Settings, sockets: list | None = None) -> None:
+    """HTTP (uvicorn) and gRPC in one process and one event loop (on `sockets` when a parent bound them).
+
+    uvicorn makes the loop (`event_loop`: uvloop where installed). The server ran on asyncio's own loop when it
+    was started with asyncio.run here, and only the tests' servers (uvicorn's run) had uvloop."""
     server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
     log.info("HTTP on http://%s:%d  gRPC on %s:%d", settings.host, settings.port, settings.host, settings.grpc_port)
-    await server.serve(sockets=sockets)
+    server.run(sockets=sockets)
 
 
 def run(settings: Settings) -> None:
     if settings.workers > 1:
         raise SystemExit(run_workers(settings))
-    asyncio.run(serve(settings))
+    serve(settings)

@@ -59,9 +59,8 @@ class Settings(BaseSettings):
     # Threads running model calls. 0 runs them inline on the event loop: no thread hand-off per call, at the cost of
     # the loop doing nothing else meanwhile; meant for `--workers N` with one process per core (issue 11).
     inference_workers: int | None = Field(None, ge=0, le=64, description="model-call threads (0: inline)")
-    # The event loop keeps every deadline (its timers) and parses every request: on a busy machine it must not wait
-    # for a core behind a model call. The model-call threads run this much nicer (Linux; 0: same priority).
-    inference_nice: int = Field(0, ge=0, le=19, description="lower the model-call threads' CPU priority by this")
+    # uvicorn's loop: "auto" is uvloop where installed (libuv: cheaper socket callbacks and thread hand-offs).
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field("auto", description="the event loop HTTP and gRPC share")
 
     @property
     def inference_threads(self) -> int:

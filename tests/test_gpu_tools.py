@@ -182,3 +182,32 @@ def test_measurement_dry_run_on_the_cpu_provider(tiny_build, tmp_path):
     assert all(row[2] == 0.0 for row in results["graph_parity"])
     assert results["load_1000_1x1"]["rows"][0][6] == 0  # no errors
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]  # what comes back, nothing else
+
+
+def test_deadline_tallies_refusals_and_reads_loop_lag_and_steal():
+    """`falconrec deadline`'s diagnostic columns: the 503s grouped by reason (numbers masked) with their server time,
+    the share of event-loop ticks later than 5 / 20 ms from two scrapes of the lag histogram, and the machine's CPU
+    steal between two readings of /proc/stat."""
+    from loadtest.deadline import lag_cell, reason_kinds, steal_cell
+    from loadtest.openloop import Sample, refusal_detail
+
+    shed = refusal_detail(b'{"detail": "overloaded: 7 requests queued ahead cannot finish within the budget"}')
+    late = ("overloaded: no pipeline slot within the 20 ms budget (3 running, 2 waiting)",)
+    samples = [
+        Sample(503, 1.0, 0.1, False, {"total": 0.1}, shed),
+        Sample(503, 1.2, 0.3, False, {"total": 0.3}, shed),
+        Sample(503, 19.0, 18.0, False, {"total": 18.0}, late),
+        Sample(200, 5.0, 4.0, False, {"queue": 1.0, "ranking": 3.0}),
+    ]
+    assert refusal_detail(b"not json") == () and refusal_detail(b'{"detail": 3}') == ()
+    table = reason_kinds(300, samples, status=503)
+    assert table == (
+        "| 300 | overloaded: N requests queued ahead cannot finish within the budget: 66.7 % (server p50 0.2 ms); "
+        "overloaded: no pipeline slot within the N ms budget (N running, N waiting): 33.3 % (server p50 18.0 ms) |"
+    )
+    before = {"0.005": 90.0, "0.02": 100.0, "+Inf": 100.0}
+    after = {"0.005": 180.0, "0.02": 198.0, "+Inf": 200.0}  # 100 ticks: 10 over 5 ms, 2 of them over 20 ms
+    assert lag_cell(before, after) == "10.0 % / 2.0 %"
+    assert lag_cell(after, after) == "-"
+    assert steal_cell([0] * 8, [60, 0, 10, 20, 0, 0, 0, 10]) == "10 %"
+    assert steal_cell([], [1] * 8) == "-"

@@ -388,6 +388,68 @@ def test_overload_is_shed_at_arrival_with_its_server_time(tiny_build, catalog):
     assert waited.status_code == 200 and all(r.status_code == 200 for r in served)
 
 
+def test_a_recommendation_let_into_the_queue_is_answered_not_refused_late(tiny_build, catalog):
+    """Issue 26, shed at once: a request is refused on arrival or not at all. One let into the queue whose slot never
+    frees in time (the queue drained slower than expected) is answered with the shortest answer, recall order, and
+    says why; a late 503 took most of the budget for nothing. A score (no shorter answer) is still refused."""
+    import asyncio
+    import threading
+    import time
+
+    from service.errors import Overloaded
+    from service.pipeline.admission import Admission
+    from service.pipeline.deadline import Deadline
+    from tests.conftest import RunningServer, server_settings
+
+    async def unit() -> tuple[bool, str]:
+        adm = Admission(max_active=1)
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with adm.admitted(Deadline(5.0)):
+                await release.wait()
+
+        task = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        async with adm.admitted(Deadline(0.05), answer=True) as slot:  # queued: 2.5 ms + ~3 ms expected
+            assert adm.active == 1 and adm.waiting == 0  # the holder's slot only; this one holds none
+        try:
+            async with adm.admitted(Deadline(0.05)):
+                refused = ""
+        except Overloaded as e:
+            refused = str(e)
+        release.set()
+        await task
+        return slot, refused
+
+    slot, refused = asyncio.run(unit())
+    assert slot is False and "no pipeline slot within the 50 ms budget" in refused
+
+    srv = RunningServer(server_settings(tiny_build, max_active=1, grpc_port=0))
+    adm = srv.components.recommender.admission
+    loop = srv.server.servers[0].get_loop()
+    release = threading.Event()
+
+    async def hold_the_slot() -> None:
+        async with adm.admitted(Deadline(120.0), patient=True):
+            await loop.run_in_executor(None, release.wait)
+
+    held = asyncio.run_coroutine_threadsafe(hold_the_slot(), loop)
+    try:
+        while adm.active == 0:
+            time.sleep(0.01)
+        user = next(iter(catalog.user_histories))
+        r = httpx.post(f"{srv.url}/v1/recommend", json={"user_id": user, "k": 3, "budget_ms": 300}, timeout=30)
+    finally:
+        release.set()
+        held.result(timeout=30)
+        srv.stop()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 3 and body["candidates_ranked"] == 0
+    assert body["degraded"] and "budget: no pipeline slot in time, recall order" in body["degraded_reasons"]
+
+
 def test_expected_wait_counts_requests_not_yet_queued():
     """Requests past the HTTP guard but still being parsed will queue ahead of a newcomer: they count."""
     from service.pipeline.admission import Admission

@@ -6,8 +6,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -68,21 +66,6 @@ def _tensorrt_loadable() -> bool:
     return False
 
 
-def yield_to_loop(nice: int) -> None:
-    """Lower the calling thread's CPU priority by `nice` (Linux: a thread's own nice value; elsewhere nothing).
-
-    A model-call thread runs with its GIL released for milliseconds; when the cores are busy, the event loop waits
-    for one behind it, and every timer (a ranking's deadline, a queued request's) fires late: the answers over the
-    budget waited there. A lower priority lets the loop preempt the model threads; alone, they run at full speed."""
-    if nice <= 0 or sys.platform != "linux":
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-    except OSError as e:  # never fatal: the threads then keep the loop's priority
-        log.warning("could not lower the model threads' priority: %s", e)
-
-
 class OnnxBackend(InferenceBackend):
     name = "onnxruntime"
 
@@ -95,7 +78,6 @@ class OnnxBackend(InferenceBackend):
         workers: int | None = None,
         trt_cache: Path | None = None,
         tf32: bool = False,
-        nice: int = 0,
     ):
         self.repo = Path(repo)
         self.specs = model_specs(dims)
@@ -116,11 +98,7 @@ class OnnxBackend(InferenceBackend):
             log.warning("asked for %s, running on %s: see ONNX Runtime's load error above", wanted, self.providers[0])
         # workers == 0: calls run inline on the caller's thread (one process per core, no hand-off per call).
         n = (os.cpu_count() or 2) if workers is None else workers
-        self._pool = (
-            ThreadPoolExecutor(max_workers=n, thread_name_prefix="ort", initializer=yield_to_loop, initargs=(nice,))
-            if n > 0
-            else None
-        )
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ort") if n > 0 else None
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[model]

@@ -5,7 +5,8 @@ Letting all of them in shares the cores among every request, so a burst makes al
 A request is let in only when it can still be answered within its budget (issue 26): the queue ahead of it must
 drain, and then the shortest useful answer (history, user tower, recall, top k; ranking is cut to what is left) must
 fit. That shortest answer's cost is learned from the requests served (`note_base`). What cannot finish is refused
-at once instead of being started and answered late.
+at once instead of being started and answered late; what was let in is answered, with the shortest answer when the
+queue drained slower than expected.
 """
 
 from __future__ import annotations
@@ -73,55 +74,58 @@ class Admission:
         return f" and leave the {base * 1000:.1f} ms an answer needs" if base else ""
 
     @asynccontextmanager
-    async def admitted(self, deadline: Deadline, patient: bool = False, answer: bool = False) -> AsyncIterator[None]:
-        """A pipeline slot, in arrival order.
+    async def admitted(self, deadline: Deadline, patient: bool = False, answer: bool = False) -> AsyncIterator[bool]:
+        """A pipeline slot, in arrival order: yields True holding one.
 
         An interactive request waits at most its budget, and is refused at once when the queue ahead of it
         cannot drain within that budget: waiting it out only to answer 503 (p50 28 ms at 2x load) helped nobody.
         A `patient` one (a batch user over gRPC) waits as long as its caller does, and its budget counts from
         admission: batch work queues behind and among interactive requests instead of failing.
         `answer`: the request can degrade to the shortest useful answer (a recommendation); it is refused when not
-        even that fits in what is left of its budget, before waiting and again once it has a slot.
+        even that fits in what is left of its budget, before it waits. Once let into the queue it is answered:
+        when no slot frees in time (the queue drained slower than expected) it yields False, holding no slot, and
+        the caller gives the shortest answer, so a refusal comes on arrival or not at all (those late 503s took
+        10-20 ms of server time, most of the budget, for nothing).
         """
-        base = self.base_s if answer else 0.0
-        waited = self._slots.locked()
-        if waited:
-            if not patient and self.expected_wait() + base > deadline.remaining():
-                raise Overloaded(
-                    f"overloaded: {self.waiting} requests queued ahead cannot finish within the "
-                    f"{deadline.budget_s * 1000:g} ms budget{self._room(base)}"
-                )
-            self.waiting += 1
-            try:
-                if patient:
-                    await self._slots.acquire()
-                else:
-                    # No longer than leaves room for the shortest answer: a slot later than that is useless.
-                    await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining() - base, 0.0))
-            except TimeoutError as e:
-                raise Overloaded(
-                    f"overloaded: no pipeline slot within the {deadline.budget_s * 1000:g} ms budget "
-                    f"({self.max_active} running, {self.waiting} waiting)"
-                ) from e
-            finally:
-                self.waiting -= 1
-        else:
-            await self._slots.acquire()
-        if waited and answer and not patient and deadline.remaining() < base:
-            # The wait ran longer than expected: starting now would only answer late. (Only after a wait: a request
-            # that found a free slot always runs, so the base cost keeps being learned from served requests.)
-            self._slots.release()
-            raise Overloaded(
-                f"overloaded: less than the {base * 1000:.1f} ms an answer needs left of the "
-                f"{deadline.budget_s * 1000:g} ms budget after the queue"
-            )
+        if not await self._take_slot(deadline, patient, answer):
+            yield False
+            return
         admitted_at = time.perf_counter()
         if patient:
             deadline.start = admitted_at
         self.active += 1
         try:
-            yield
+            yield True
         finally:
             self.active -= 1
             self._slots.release()
             self._hold_s = 0.9 * self._hold_s + 0.1 * (time.perf_counter() - admitted_at)
+
+    async def _take_slot(self, deadline: Deadline, patient: bool, answer: bool) -> bool:
+        """True with a slot taken; False when an `answer` request got none in time (it answers without one)."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        base = self.base_s if answer else 0.0
+        if not patient and self.expected_wait() + base > deadline.remaining():
+            raise Overloaded(
+                f"overloaded: {self.waiting} requests queued ahead cannot finish within the "
+                f"{deadline.budget_s * 1000:g} ms budget{self._room(base)}"
+            )
+        self.waiting += 1
+        try:
+            if patient:
+                await self._slots.acquire()
+            else:
+                # No longer than leaves room for the shortest answer: a slot later than that is useless.
+                await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining() - base, 0.0))
+            return True
+        except TimeoutError as e:
+            if answer:
+                return False
+            raise Overloaded(
+                f"overloaded: no pipeline slot within the {deadline.budget_s * 1000:g} ms budget "
+                f"({self.max_active} running, {self.waiting} waiting)"
+            ) from e
+        finally:
+            self.waiting -= 1

@@ -24,6 +24,10 @@ class Deadline:
     def expired(self) -> bool:
         return self.remaining() <= 0
 
+    def less(self, seconds: float) -> Deadline:
+        """The same start with `seconds` less budget: for a stage that must leave time for what follows it."""
+        return Deadline(self.budget_s - seconds, self.start)
+
 
 class StageTimer:
     """Per-stage wall times (ms) for Server-Timing, the response body and the histograms."""

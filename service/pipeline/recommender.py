@@ -148,6 +148,8 @@ class Recommender:
         other requests' (self.batcher), or this request's own calls run concurrently. `required`: the answer is
         these scores (/v1/score), so they get the required stages' floor of time, as the user tower does."""
         assert st.kv is not None
+        if not required:  # top k and the response follow: ranking's timer leaves them the time _affordable did
+            deadline = deadline.less(RESPONSE_RESERVE_S)
         base = {
             "hist_k": st.kv["hist_k"],
             "hist_v": st.kv["hist_v"],
@@ -200,14 +202,18 @@ class Recommender:
     ) -> Result:
         res = Result(items=[], timings=StageTimer(start=deadline.start))
         deg, tm = res.degraded, res.timings
-        async with self.admission.admitted(deadline, answer=True):
+        async with self.admission.admitted(deadline, answer=True) as slot:
             tm.mark("queue")  # arrival -> pipeline: parsing, validation, the event loop, a free slot
+            if not slot:  # let in, but the queue drained too slowly: the shortest answer, without a slot
+                deg.append("budget: no pipeline slot in time, recall order")
             h = await self.users.resolve_history(user_id, history, deadline, deg)
             self.users.note_store(deg)
             tm.mark("history")
             qts = query_time(query_ts, deadline)
             st = self.users.cached_user_state(h, qts, deg)
             tm.mark("user_state")
+            if not slot:
+                return await self._recall_and_rank(h, st, None, k, exclude_seen, num_candidates, deadline, qts, res)
             # The ranker's history pass needs only the history: it runs beside the user tower, recall and the
             # candidate fetch (the second inference worker), and ranking waits for it.
             kv_task = asyncio.ensure_future(self.users.history_kv(st, qts, deadline, deg))
@@ -221,7 +227,7 @@ class Recommender:
         self,
         h: History,
         st: UserState,
-        kv_task: asyncio.Future,
+        kv_task: asyncio.Future | None,  # None: no slot, no ranking (recall order)
         k: int,
         exclude_seen: bool,
         num_candidates: int | None,
@@ -235,8 +241,8 @@ class Recommender:
         cand_idx, scores = self._recall(st, user_vec, num_candidates, exclude_seen)
         res.candidates_recalled = len(cand_idx)
         tm.mark("retrieval")
-        m = self._affordable(len(cand_idx), k, deadline, deg)
-        if m >= k and m > 0:
+        m = 0 if kv_task is None else self._affordable(len(cand_idx), k, deadline, deg)
+        if kv_task is not None and m >= k and m > 0:
             t0 = deadline.elapsed()
             try:
                 await kv_task
@@ -251,7 +257,8 @@ class Recommender:
             tm.mark("ranking")
         res.items = self._top_k(cand_idx, scores, k)
         tm.mark("topk")
-        self.admission.note_base(sum(tm.stages.get(s, 0.0) for s in BASE_STAGES) / 1000.0)
+        if kv_task is not None:  # learned from requests in the pipeline, which the base cost is about
+            self.admission.note_base(sum(tm.stages.get(s, 0.0) for s in BASE_STAGES) / 1000.0)
         return res
 
     def _recall(
