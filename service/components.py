@@ -118,7 +118,7 @@ async def build_components(settings: Settings) -> Components:
     gc.collect()
     gc.freeze()
     c = Components(settings, store, rec, metrics, keys, live)
-    c.loop_lag = LoopLag(metrics)
+    c.loop_lag = LoopLag(metrics, report=rec.admission.note_lateness)  # one admission for every version
     c.loop_lag.start()
     if version is not None:
         c.watcher = VersionWatcher(c, VersionStore(settings.versions_dir, settings.redis_url), version)

@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
 
 from service.metrics import Metrics
 
 INTERVAL_S = 0.01
+RECENT_TICKS = 100  # the window of `recent_s`: the last second at INTERVAL_S
+RECENT_QUANTILE = 90
 
 
 class LoopLag:
-    def __init__(self, metrics: Metrics, interval_s: float = INTERVAL_S):
+    """`report`, when given, is told after every tick how late the loop's timers have run lately (`recent_s`):
+    the pipeline's own timers (a ranking's deadline) fire that late too, so it stops them that much earlier."""
+
+    def __init__(self, metrics: Metrics, interval_s: float = INTERVAL_S, report: Callable[[float], None] | None = None):
         self.metrics = metrics
         self.interval_s = interval_s
+        self.report = report
         self.longest_s = 0.0
+        self.recent_s = 0.0  # RECENT_QUANTILE of the last RECENT_TICKS lags
+        self._recent: deque[float] = deque(maxlen=RECENT_TICKS)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -33,10 +45,17 @@ class LoopLag:
             due = loop.time() + self.interval_s
             await asyncio.sleep(self.interval_s)
             lag = max(0.0, loop.time() - due)
-            self.metrics.loop_lag.observe(lag)
-            if lag > self.longest_s:
-                self.longest_s = lag
-                self.metrics.loop_lag_max.set(lag)
+            self.observe(lag)
+
+    def observe(self, lag: float) -> None:
+        self.metrics.loop_lag.observe(lag)
+        if lag > self.longest_s:
+            self.longest_s = lag
+            self.metrics.loop_lag_max.set(lag)
+        self._recent.append(lag)
+        self.recent_s = float(np.percentile(self._recent, RECENT_QUANTILE))
+        if self.report is not None:
+            self.report(self.recent_s)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -31,6 +31,7 @@ class Admission:
         self.waiting = 0  # queued for one
         self._hold_s = 5e-3  # EWMA of how long a request holds a slot: what one place in the queue costs
         self._base_s = BASE_DEFAULT_S  # EWMA: the shortest useful answer's time in the pipeline (recall order)
+        self.lateness_s = 0.0  # how late the event loop's timers run lately (service/loop_lag.py reports it)
 
     @property
     def hold_s(self) -> float:
@@ -49,6 +50,12 @@ class Admission:
     def note_base(self, seconds: float) -> None:
         """A served request's time in the stages every answer needs (history, user tower, recall, top k)."""
         self._base_s = 0.9 * self._base_s + 0.1 * seconds
+
+    def note_lateness(self, seconds: float) -> None:
+        """A timer set for t fires at about t + this (a busy loop, a busy machine): every wait that must end by a
+        deadline is set this much earlier. Measured at 300 req/s, 2 cores: ranking timeouts fired a median 1.1 ms,
+        p90 3.8 ms late, and the answers behind them ran past the budget."""
+        self.lateness_s = seconds
 
     def expected_wait(self, not_yet_queued: int = 0) -> float:
         """Seconds until a newcomer gets a slot: the queue ahead drains max_active at a time.
@@ -118,7 +125,8 @@ class Admission:
                 await self._slots.acquire()
             else:
                 # No longer than leaves room for the shortest answer: a slot later than that is useless.
-                await asyncio.wait_for(self._slots.acquire(), max(deadline.remaining() - base, 0.0))
+                wait = deadline.remaining() - base - self.lateness_s
+                await asyncio.wait_for(self._slots.acquire(), max(wait, 0.0))
             return True
         except TimeoutError as e:
             if answer:

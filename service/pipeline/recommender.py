@@ -148,8 +148,8 @@ class Recommender:
         other requests' (self.batcher), or this request's own calls run concurrently. `required`: the answer is
         these scores (/v1/score), so they get the required stages' floor of time, as the user tower does."""
         assert st.kv is not None
-        if not required:  # top k and the response follow: ranking's timer leaves them the time _affordable did
-            deadline = deadline.less(RESPONSE_RESERVE_S)
+        if not required:  # ranking's timer leaves the time _affordable did: the response's, the loop's lateness
+            deadline = deadline.less(self.reserve_s())
         base = {
             "hist_k": st.kv["hist_k"],
             "hist_v": st.kv["hist_v"],
@@ -241,25 +241,52 @@ class Recommender:
         cand_idx, scores = self._recall(st, user_vec, num_candidates, exclude_seen)
         res.candidates_recalled = len(cand_idx)
         tm.mark("retrieval")
-        m = 0 if kv_task is None else self._affordable(len(cand_idx), k, deadline, deg)
-        if kv_task is not None and m >= k and m > 0:
-            t0 = deadline.elapsed()
-            try:
-                await kv_task
-                tm.mark("ranker_history")
-                scores = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
-                cand_idx = cand_idx[:m]
-                res.candidates_ranked = m
-                self._learn_rank_cost(deadline.elapsed() - t0, m)
-            except (TimeoutError, BackendUnavailable) as e:
-                why = "timed out" if isinstance(e, TimeoutError) else "backend unavailable"
-                deg.append(f"ranking failed ({why}); recall order")
-            tm.mark("ranking")
+        if kv_task is not None:
+            cand_idx, scores = await self._rank_in_time(st, kv_task, cand_idx, scores, k, deadline, query_ts, res)
         res.items = self._top_k(cand_idx, scores, k)
         tm.mark("topk")
         if kv_task is not None:  # learned from requests in the pipeline, which the base cost is about
             self.admission.note_base(sum(tm.stages.get(s, 0.0) for s in BASE_STAGES) / 1000.0)
         return res
+
+    async def _rank_in_time(
+        self,
+        st: UserState,
+        kv_task: asyncio.Future,
+        cand_idx: np.ndarray,
+        scores: np.ndarray,
+        k: int,
+        deadline: Deadline,
+        query_ts: int,
+        res: Result,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates and their scores after ranking as many as the rest of the budget affords (recall's order
+        and similarities where it ranks none or fails). Planned again after the history pass, which ran beside
+        recall: waiting for it can take part of what was left (answers that planned before it ran past the budget)."""
+        deg, tm = res.degraded, res.timings
+        n = len(cand_idx)
+        try:
+            m = self._affordable(n, deadline)
+            if m >= k:
+                await kv_task
+                tm.mark("ranker_history")
+                m = min(m, self._affordable(n, deadline))
+            if m < n:
+                cut = f"budget: ranked {m} of {n} candidates" if m >= k else "budget: ranking skipped, recall order"
+                deg.append(cut)
+            if m < k or m == 0:
+                return cand_idx, scores
+            t0 = deadline.elapsed()
+            ranked = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
+            self._learn_rank_cost(deadline.elapsed() - t0, m)
+            res.candidates_ranked = m
+            return cand_idx[:m], ranked
+        except (TimeoutError, BackendUnavailable) as e:
+            why = "timed out" if isinstance(e, TimeoutError) else "backend unavailable"
+            deg.append(f"ranking failed ({why}); recall order")
+            return cand_idx, scores
+        finally:
+            tm.mark("ranking")
 
     def _recall(
         self, st: UserState, user_vec: np.ndarray, num_candidates: int | None, exclude_seen: bool
@@ -274,17 +301,17 @@ class Recommender:
             keep &= ~np.isin(ids[0], seen)
         return ids[0][keep][:n].astype(np.int64), sims[0][keep][:n].astype(np.float32)
 
-    def _affordable(self, recalled: int, k: int, deadline: Deadline, degraded: list[str]) -> int:
+    def reserve_s(self) -> float:
+        """What ranking leaves of the budget: top k and the response after it, and how late the loop's timers
+        fire lately (ranking's own timer among them)."""
+        return RESPONSE_RESERVE_S + self.admission.lateness_s
+
+    def _affordable(self, recalled: int, deadline: Deadline) -> int:
         """How many candidates ranking can take in what is left of the budget (with a margin over the learned
-        cost per candidate: it varies with the CPU's state); says so when that is fewer than were recalled."""
-        budget_for_rank = deadline.remaining() - RESPONSE_RESERVE_S
+        cost per candidate: it varies with the CPU's state)."""
+        budget_for_rank = deadline.remaining() - self.reserve_s()
         affordable = int(budget_for_rank / (RANK_COST_MARGIN * self._rank_cost_s)) if budget_for_rank > 0 else 0
-        m = min(recalled, max(affordable, 0))
-        if m < recalled:
-            degraded.append(
-                f"budget: ranked {m} of {recalled} candidates" if m >= k else "budget: ranking skipped, recall order"
-            )
-        return m
+        return min(recalled, max(affordable, 0))
 
     def _top_k(self, cand_idx: np.ndarray, scores: np.ndarray, k: int) -> list[dict]:
         top = np.argsort(-scores, kind="stable")[:k]
