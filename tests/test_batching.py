@@ -235,3 +235,43 @@ def test_inline_backend_runs_on_the_callers_thread_and_scores_the_same(backend, 
     for (s, reason), ref in zip(batched, alone, strict=True):
         assert reason is None
         np.testing.assert_allclose(s, ref, atol=1e-5, rtol=0)
+
+
+def test_backlog_counts_the_candidates_ahead_at_the_learned_cost(backend, tiny_build):
+    """Issue 26: ranking plans from the batcher's own queue (rows waiting, half the rows running) at its learned
+    cost per candidate, split over its workers: an average over all loads learned bursts only after they had
+    made rankings time out (7 % of answers at 300 req/s)."""
+    dims = Manifest.read(tiny_build.repo).dims
+    rng = np.random.default_rng(3)
+    user = _user(backend, dims, rng, 20, 10**9)
+    tokens = rng.standard_normal((300, dims.d_model)).astype(np.float32)
+
+    async def go() -> tuple[tuple[float, float], tuple[float, float], CandidateBatcher]:
+        gate = asyncio.Event()
+
+        async def run(inputs):
+            await gate.wait()  # the call "runs" until released
+            return {"scores": np.zeros(inputs["cand_token"].shape[:2], np.float32)}, None
+
+        async def settle() -> None:
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+        b = CandidateBatcher(run, microbatch=100, parallel=1, max_rows=2)
+        b.cand_cost_s = 1e-5
+        idle = b.backlog()
+        first = asyncio.ensure_future(b.score(user, tokens[:200]))  # two rows: one call, running
+        await settle()
+        second = asyncio.ensure_future(b.score(user, tokens))  # three rows, queued behind it
+        await settle()
+        busy = b.backlog()
+        gate.set()
+        await asyncio.gather(first, second)
+        await b.close()
+        return idle, busy, b
+
+    idle, busy, b = asyncio.run(go())
+    assert idle == (0.0, 1e-5)
+    assert busy[1] == 1e-5 and busy[0] == pytest.approx((300 + 200 / 2) * 1e-5)
+    assert b.calls == 3 and b.cand_cost_s != 1e-5  # each call's cost learned
+    assert b.backlog() == (0.0, b.cand_cost_s)  # drained

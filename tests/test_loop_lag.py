@@ -50,7 +50,7 @@ def test_recent_lateness_reaches_admission_and_shortens_ranking():
     assert adm.lateness_s == 0.004
 
     rec = Recommender.__new__(Recommender)  # the planning arithmetic alone, no models
-    rec.admission, rec._rank_cost_s = adm, 10e-6  # 10 us a candidate, 12.5 with the margin
+    rec.admission, rec.batcher, rec._rank_cost_s = adm, None, 10e-6  # 10 us a candidate, 12.5 with the margin
 
     class Left(Deadline):  # 10 ms left whenever asked: the arithmetic without the clock
         def remaining(self) -> float:

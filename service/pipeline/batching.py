@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -106,6 +107,17 @@ class CandidateBatcher:
         self._calls: set[asyncio.Task] = set()
         self.calls = 0  # counters for /metrics and the bench: calls made, rows and users they carried
         self.rows = 0
+        self.cand_cost_s = 10e-6  # EWMA: a call's wall time per candidate it carried (at least a microbatch's worth)
+        self._inflight_cands = 0  # candidates in calls running now
+
+    def backlog(self) -> tuple[float, float]:
+        """(seconds until rows queued now start, seconds per candidate of their own): the rows queued and running
+        ahead, drained by `parallel` workers, at the learned cost. Ranking m candidates takes about
+        start + m x per; planned from this, ranking times out less than from an average over all loads (under
+        bursts the rows of a newcomer wait behind the queue, which the average learns only later)."""
+        queued = sum(len(r.cand_token) for r in self._queue if not r.future.done())
+        per = self.cand_cost_s / self.parallel
+        return (queued + self._inflight_cands / 2) * per, per
 
     async def score(self, user: dict[str, np.ndarray], cand_token: np.ndarray) -> tuple[np.ndarray, str | None]:
         """Scores [m] of this user's candidates, and a degradation reason if a fallback computed them."""
@@ -148,14 +160,20 @@ class CandidateBatcher:
             self._queue = deque(live[take:])
             if not self._queue:
                 self._wake.clear()
+            self._inflight_cands += sum(len(r.cand_token) for r in batch)
             task = asyncio.ensure_future(self._call(batch))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
     async def _call(self, batch: list[_Row]) -> None:
+        cands = sum(len(r.cand_token) for r in batch)
         try:
+            t0 = time.perf_counter()
             inputs, where = stack_rows(batch)
             outs, reason = await self._run(inputs)
+            # Charged as at least one microbatch: a call over a few candidates costs about as much (fixed overhead).
+            per = (time.perf_counter() - t0) / max(cands, self.microbatch)
+            self.cand_cost_s = 0.8 * self.cand_cost_s + 0.2 * per
             scores = outs["scores"]
             self.calls += 1
             self.rows += len(batch)
@@ -167,6 +185,7 @@ class CandidateBatcher:
                 if not r.future.done():
                     r.future.set_exception(e)
         finally:
+            self._inflight_cands -= cands
             self._free.release()
 
     async def close(self) -> None:

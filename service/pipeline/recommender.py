@@ -278,7 +278,8 @@ class Recommender:
                 return cand_idx, scores
             t0 = deadline.elapsed()
             ranked = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
-            self._learn_rank_cost(deadline.elapsed() - t0, m)
+            if self.batcher is None:  # the batcher learns its calls' cost itself
+                self._learn_rank_cost(deadline.elapsed() - t0, m)
             res.candidates_ranked = m
             return cand_idx[:m], ranked
         except (TimeoutError, BackendUnavailable) as e:
@@ -307,10 +308,12 @@ class Recommender:
         return RESPONSE_RESERVE_S + self.admission.lateness_s
 
     def _affordable(self, recalled: int, deadline: Deadline) -> int:
-        """How many candidates ranking can take in what is left of the budget (with a margin over the learned
-        cost per candidate: it varies with the CPU's state)."""
-        budget_for_rank = deadline.remaining() - self.reserve_s()
-        affordable = int(budget_for_rank / (RANK_COST_MARGIN * self._rank_cost_s)) if budget_for_rank > 0 else 0
+        """How many candidates ranking can take in what is left of the budget, with a margin over the learned cost
+        (it varies with the CPU's state): after the batcher's queue ahead, at its cost per candidate; without the
+        batcher, at the cost per candidate of this process's rankings."""
+        start_s, per_s = self.batcher.backlog() if self.batcher is not None else (0.0, self._rank_cost_s)
+        budget_for_rank = (deadline.remaining() - self.reserve_s()) / RANK_COST_MARGIN - start_s
+        affordable = int(budget_for_rank / per_s) if budget_for_rank > 0 else 0
         return min(recalled, max(affordable, 0))
 
     def _top_k(self, cand_idx: np.ndarray, scores: np.ndarray, k: int) -> list[dict]:
