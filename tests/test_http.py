@@ -179,17 +179,45 @@ def test_overload_gives_fast_503(tiny_build, catalog):
 def test_rank_cost_estimate_is_not_inflated_by_small_rankings():
     """A ranking of a few candidates costs about one microbatch call. Learning per-candidate cost from it
     as time/m would make the next request afford fewer, and so on: the service ranked ~15 of 1,000 under
-    load until this was charged per microbatch."""
-    from service.pipeline.recommender import Recommender
+    load until this was charged per microbatch. (The unbatched path's estimate; the batcher learns per call.)"""
+    from service.pipeline.rank_plan import RankPlanner
 
-    r = Recommender.__new__(Recommender)  # only the estimator's state is needed
-    r.microbatch, r._rank_cost_s = 128, 5e-6
+    r = RankPlanner(None, microbatch=128)
+    r.cost_s = 5e-6
     for _ in range(50):
-        r._learn_rank_cost(seconds=0.6e-3, m=10)  # a 10-candidate call: 0.6 ms of fixed overhead
-    assert r._rank_cost_s <= 0.6e-3 / 128 + 1e-9  # 15 ms still affords thousands, not 250
+        r.learn(m=10, seconds=0.6e-3, timed_out=False)  # a 10-candidate call: 0.6 ms of fixed overhead
+    assert r.cost_s <= 0.6e-3 / 128 + 1e-9  # 15 ms still affords thousands, not 250
     for _ in range(50):
-        r._learn_rank_cost(seconds=40e-3, m=1000)  # and it does follow a slow machine up
-    assert r._rank_cost_s == pytest.approx(40e-6, rel=1e-3)
+        r.learn(m=1000, seconds=40e-3, timed_out=False)  # and it does follow a slow machine up
+    assert r.cost_s == pytest.approx(40e-6, rel=1e-3)
+
+
+def test_the_rank_margin_keeps_about_one_ranking_in_a_hundred_timing_out():
+    """Issue 26: a ranking that times out loses all its work (recall order) while ranking fewer candidates costs
+    little, so the plan's margin grows 10 % at each timeout and shrinks slowly after each ranking in time: one
+    timeout in a hundred rankings leaves it where it was; fewer lets it fall back to the floor."""
+    from service.pipeline.rank_plan import MAX_MARGIN, MIN_MARGIN, TIMEOUT_TARGET, RankPlanner
+
+    r = RankPlanner(None, microbatch=128)
+    r.cost_s = 10e-6
+    assert r.affordable(1000, 0.0115) == (800, pytest.approx(8e-3))  # (11.5 - 1.5 reserve) ms / 1.25 / 10 us
+    for _ in range(5):
+        r.learn(m=800, seconds=0.0115, timed_out=True)
+    assert r.margin == pytest.approx(MIN_MARGIN * 1.1**5)
+    assert r.affordable(1000, 0.0115)[0] < 800 / 1.1**4  # fewer planned now
+    start = r.margin
+    for _ in range(10):  # ten rounds at the target rate: 1 timeout, 99 in time
+        r.learn(m=500, seconds=0.004, timed_out=True)
+        for _ in range(round(1 / TIMEOUT_TARGET) - 1):
+            r.learn(m=500, seconds=0.004, timed_out=False)
+    assert r.margin == pytest.approx(start, rel=1e-6)
+    for _ in range(3000):
+        r.learn(m=500, seconds=0.004, timed_out=False)
+    assert r.margin == MIN_MARGIN
+    for _ in range(100):
+        r.learn(m=500, seconds=0.004, timed_out=True)
+    assert r.margin == MAX_MARGIN
+    assert r.affordable(1000, 0.001) == (0, 0.0)  # nothing left after the reserve
 
 
 def test_no_route_dependency_runs_in_the_thread_pool():

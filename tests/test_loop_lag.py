@@ -36,7 +36,8 @@ def test_recent_lateness_reaches_admission_and_shortens_ranking():
     300 req/s, and the answers behind it ran past the budget."""
     from service.pipeline.admission import Admission
     from service.pipeline.deadline import Deadline
-    from service.pipeline.recommender import RESPONSE_RESERVE_S, Recommender
+    from service.pipeline.rank_plan import RESPONSE_RESERVE_S, RankPlanner
+    from service.pipeline.recommender import Recommender
 
     adm = Admission(max_active=2)
     lag = LoopLag(Metrics(), report=adm.note_lateness)
@@ -50,14 +51,14 @@ def test_recent_lateness_reaches_admission_and_shortens_ranking():
     assert adm.lateness_s == 0.004
 
     rec = Recommender.__new__(Recommender)  # the planning arithmetic alone, no models
-    rec.admission, rec.batcher, rec._rank_cost_s = adm, None, 10e-6  # 10 us a candidate, 12.5 with the margin
+    rec.admission, rec.planner = adm, RankPlanner(None, microbatch=128)
+    rec.planner.cost_s = 10e-6  # 10 us a candidate, 12.5 with the margin
 
     class Left(Deadline):  # 10 ms left whenever asked: the arithmetic without the clock
         def remaining(self) -> float:
             return 0.010
 
     left = Left(1.0)  # 4.5 ms for ranking after the 4 ms lateness and the response reserve: 360 candidates
-    assert rec.reserve_s() == RESPONSE_RESERVE_S + 0.004
-    assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S - 0.004) / 12.5e-6) == 360
+    assert rec._affordable(1000, left)[0] == int((0.010 - RESPONSE_RESERVE_S - 0.004) / 12.5e-6) == 360
     adm.note_lateness(0.0)
-    assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S) / 12.5e-6) == 680
+    assert rec._affordable(1000, left)[0] == int((0.010 - RESPONSE_RESERVE_S) / 12.5e-6) == 680

@@ -23,12 +23,11 @@ from service.errors import BadRequest
 from service.pipeline.admission import Admission
 from service.pipeline.batching import CandidateBatcher
 from service.pipeline.deadline import Deadline, StageTimer
+from service.pipeline.rank_plan import RESPONSE_RESERVE_S, RankPlanner
 from service.pipeline.serving import REQUIRED_STAGE_FLOOR_S, Serving
 from service.pipeline.user_state import History, UserState, UserStates
 
 log = logging.getLogger("falconrec.pipeline")
-RESPONSE_RESERVE_S = 0.0015  # top K, the response body and its serialisation, after ranking
-RANK_COST_MARGIN = 1.25
 
 
 def _retrieve(task: asyncio.Future) -> None:
@@ -77,7 +76,6 @@ class Recommender:
         self.inflight = 0  # requests using this version (in_use)
         self.num_candidates = s.num_candidates or sv.manifest.num_candidates
         self.microbatch = s.microbatch or sv.manifest.microbatch
-        self._rank_cost_s = 20e-6  # EWMA of ranking seconds per candidate, learned online
         self.batcher = (
             CandidateBatcher(
                 self._run_candidates,
@@ -89,6 +87,7 @@ class Recommender:
             if s.rank_batching
             else None
         )
+        self.planner = RankPlanner(self.batcher, self.microbatch)
 
     @contextmanager
     def in_use(self) -> Iterator[None]:
@@ -128,13 +127,6 @@ class Recommender:
             log.warning("warm-up of %s failed: %r", USER_TOWER_EXTEND, e)
         self.admission.reset_base()
 
-    def _learn_rank_cost(self, seconds: float, m: int) -> None:
-        # Charged as at least one full microbatch: a call over a few candidates costs about as much as one
-        # over b_m (fixed per-call overhead). Dividing by the few would inflate the per-candidate estimate,
-        # shrink the next request's m further and lock the service into ranking a handful (seen under load).
-        per = seconds / max(m, self.microbatch)
-        self._rank_cost_s = 0.8 * self._rank_cost_s + 0.2 * per
-
     async def rank(
         self,
         st: UserState,
@@ -148,8 +140,8 @@ class Recommender:
         other requests' (self.batcher), or this request's own calls run concurrently. `required`: the answer is
         these scores (/v1/score), so they get the required stages' floor of time, as the user tower does."""
         assert st.kv is not None
-        if not required:  # ranking's timer leaves the time _affordable did: the response's, the loop's lateness
-            deadline = deadline.less(self.reserve_s())
+        if not required:  # ranking's timer leaves the time its plan did: the response's, the loop's lateness
+            deadline = deadline.less(RESPONSE_RESERVE_S + self.admission.lateness_s)
         base = {
             "hist_k": st.kv["hist_k"],
             "hist_v": st.kv["hist_v"],
@@ -266,20 +258,23 @@ class Recommender:
         deg, tm = res.degraded, res.timings
         n = len(cand_idx)
         try:
-            m = self._affordable(n, deadline)
+            m, _ = self._affordable(n, deadline)
             if m >= k:
                 await kv_task
                 tm.mark("ranker_history")
-                m = min(m, self._affordable(n, deadline))
+                m = min(m, self._affordable(n, deadline)[0])
             if m < n:
                 cut = f"budget: ranked {m} of {n} candidates" if m >= k else "budget: ranking skipped, recall order"
                 deg.append(cut)
             if m < k or m == 0:
                 return cand_idx, scores
             t0 = deadline.elapsed()
-            ranked = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
-            if self.batcher is None:  # the batcher learns its calls' cost itself
-                self._learn_rank_cost(deadline.elapsed() - t0, m)
+            try:
+                ranked = await self.rank(st, cand_idx[:m], query_ts, deadline, deg)
+            except TimeoutError:
+                self.planner.learn(m, deadline.elapsed() - t0, timed_out=True)
+                raise
+            self.planner.learn(m, deadline.elapsed() - t0, timed_out=False)
             res.candidates_ranked = m
             return cand_idx[:m], ranked
         except (TimeoutError, BackendUnavailable) as e:
@@ -302,19 +297,10 @@ class Recommender:
             keep &= ~np.isin(ids[0], seen)
         return ids[0][keep][:n].astype(np.int64), sims[0][keep][:n].astype(np.float32)
 
-    def reserve_s(self) -> float:
-        """What ranking leaves of the budget: top k and the response after it, and how late the loop's timers
-        fire lately (ranking's own timer among them)."""
-        return RESPONSE_RESERVE_S + self.admission.lateness_s
-
-    def _affordable(self, recalled: int, deadline: Deadline) -> int:
-        """How many candidates ranking can take in what is left of the budget, with a margin over the learned cost
-        (it varies with the CPU's state): after the batcher's queue ahead, at its cost per candidate; without the
-        batcher, at the cost per candidate of this process's rankings."""
-        start_s, per_s = self.batcher.backlog() if self.batcher is not None else (0.0, self._rank_cost_s)
-        budget_for_rank = (deadline.remaining() - self.reserve_s()) / RANK_COST_MARGIN - start_s
-        affordable = int(budget_for_rank / per_s) if budget_for_rank > 0 else 0
-        return min(recalled, max(affordable, 0))
+    def _affordable(self, recalled: int, deadline: Deadline) -> tuple[int, float]:
+        """How many candidates ranking can take in what is left of the budget (rank_plan.py), less how late the
+        loop's timers fire lately: ranking's own timer among them."""
+        return self.planner.affordable(recalled, deadline.remaining() - self.admission.lateness_s)
 
     def _top_k(self, cand_idx: np.ndarray, scores: np.ndarray, k: int) -> list[dict]:
         top = np.argsort(-scores, kind="stable")[:k]
