@@ -152,12 +152,22 @@ def reason_kinds(rate: float, samples: list[Sample], top: int = 3, status: int =
         if status != 200:
             same = [s.stages.get("total", float("nan")) for s in group if k in _masked(s.reasons)]
             cell += f" (server p50 {pct(same, 50, 1)} ms)"
+        elif "N" in k:  # the numbers' medians: how many candidates "ranked N of N" kept, say
+            values = [_numbers(r) for s in group for r in s.reasons if _masked((r,))[0] == k]
+            cell += f" (median {' / '.join(f'{np.median(col):g}' for col in zip(*values, strict=True))})"
         cells.append(cell)
     return f"| {rate:g} | {'; '.join(cells) or '-'} |"
 
 
+NUMBER = r"\d+(\.\d+)?"
+
+
 def _masked(reasons: tuple[str, ...]) -> list[str]:
-    return [re.sub(r"\d+(\.\d+)?", "N", r) for r in reasons]
+    return [re.sub(NUMBER, "N", r) for r in reasons]
+
+
+def _numbers(reason: str) -> list[float]:
+    return [float(m.group()) for m in re.finditer(NUMBER, reason)]
 
 
 def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path) -> int:

@@ -40,7 +40,9 @@ def test_openloop_keeps_why_an_answer_was_degraded(server, tiny_build):
     answered = [x for x in samples if x.status == 200]
     assert answered and all(x.degraded and x.reasons for x in answered)
     table = reason_kinds(20, samples)
-    assert table.startswith("| 20 | budget: ") and table.endswith(" % |"), table
+    assert table.startswith("| 20 | budget: ") and table.endswith(" |"), table
+    cut = [openloop.Sample(200, 5.0, 4.0, True, {}, (f"budget: ranked {m} of 1000 candidates",)) for m in (3, 5, 9)]
+    assert reason_kinds(200, cut) == "| 200 | budget: ranked N of N candidates: 100.0 % (median 5 / 1000) |"
 
 
 def test_deadline_reads_a_process_groups_cpu_time_across_threads():
