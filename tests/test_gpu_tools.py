@@ -213,3 +213,12 @@ def test_deadline_tallies_refusals_and_reads_loop_lag_and_steal():
     assert lag_cell(after, after) == "-"
     assert steal_cell([0] * 8, [60, 0, 10, 20, 0, 0, 0, 10]) == "10 %"
     assert steal_cell([], [1] * 8) == "-"
+    from loadtest.deadline import row
+
+    answers = [
+        Sample(200, 5.0, 4.0, True, {}, ("budget: ranked 500 of 1000 candidates",)),
+        Sample(200, 5.0, 4.0, True, {}, ("ranking failed (timed out); recall order",)),
+        Sample(200, 5.0, 4.0, False, {}),
+        Sample(200, 5.0, 4.0, False, {}),
+    ]
+    assert " 50.0 % (25.0 %) " in row(200, 1.0, answers, 0.0)  # degraded, and of all answers in recall order
