@@ -327,19 +327,16 @@ def test_shed_at_once_when_the_queue_ahead_cannot_finish_in_time(tiny_build, cat
         srv.stop()
 
 
-def test_overload_is_shed_at_arrival_with_its_server_time(tiny_build, catalog):
-    """Round 3, point 9: with the only pipeline slot taken and a queue that cannot drain within 20 ms, a newcomer
-    is answered 503 by the HTTP guard on arrival, before FastAPI parses it (shed by admission after parsing and
-    validation, those 503s took p50 29.8 ms at 4x load), its server time in `Server-Timing: total`, counted as
-    a 503 of `recommend`. One with a budget the queue can meet is not shed: it waits and is served."""
+def _one_slot_held(tiny_build, **overrides):
+    """A real server with one pipeline slot, held by a patient request until `release` is set: (server, its
+    admission, release, the holder's future)."""
     import asyncio
-    import math
     import threading
 
     from service.pipeline.deadline import Deadline
     from tests.conftest import RunningServer, server_settings
 
-    srv = RunningServer(server_settings(tiny_build, max_active=1, max_concurrency=500, grpc_port=0, budget_ms=20.0))
+    srv = RunningServer(server_settings(tiny_build, max_active=1, grpc_port=0, **overrides))
     adm = srv.components.recommender.admission
     loop = srv.server.servers[0].get_loop()
     release = threading.Event()
@@ -348,7 +345,18 @@ def test_overload_is_shed_at_arrival_with_its_server_time(tiny_build, catalog):
         async with adm.admitted(Deadline(120.0), patient=True):
             await loop.run_in_executor(None, release.wait)
 
-    held = asyncio.run_coroutine_threadsafe(hold_the_slot(), loop)
+    return srv, adm, release, asyncio.run_coroutine_threadsafe(hold_the_slot(), loop)
+
+
+def test_overload_is_shed_at_arrival_with_its_server_time(tiny_build, catalog):
+    """Round 3, point 9: with the only pipeline slot taken and a queue that cannot drain within 20 ms, a newcomer
+    is answered 503 by the HTTP guard on arrival, before FastAPI parses it (shed by admission after parsing and
+    validation, those 503s took p50 29.8 ms at 4x load), its server time in `Server-Timing: total`, counted as
+    a 503 of `recommend`. One with a budget the queue can meet is not shed: it waits and is served."""
+    import asyncio
+    import math
+
+    srv, adm, release, held = _one_slot_held(tiny_build, max_concurrency=500, budget_ms=20.0)
     users = list(catalog.user_histories)
     # Enough patient requests queued that (queue + 1/2) x the slot's hold time is well over 20 ms.
     n_queued = math.ceil(0.05 / adm.hold_s) + 2
@@ -393,13 +401,11 @@ def test_a_recommendation_let_into_the_queue_is_answered_not_refused_late(tiny_b
     frees in time (the queue drained slower than expected) is answered with the shortest answer, recall order, and
     says why; a late 503 took most of the budget for nothing. A score (no shorter answer) is still refused."""
     import asyncio
-    import threading
     import time
 
     from service.errors import Overloaded
     from service.pipeline.admission import Admission
     from service.pipeline.deadline import Deadline
-    from tests.conftest import RunningServer, server_settings
 
     async def unit() -> tuple[bool, str]:
         adm = Admission(max_active=1)
@@ -425,16 +431,7 @@ def test_a_recommendation_let_into_the_queue_is_answered_not_refused_late(tiny_b
     slot, refused = asyncio.run(unit())
     assert slot is False and "no pipeline slot within the 50 ms budget" in refused
 
-    srv = RunningServer(server_settings(tiny_build, max_active=1, grpc_port=0))
-    adm = srv.components.recommender.admission
-    loop = srv.server.servers[0].get_loop()
-    release = threading.Event()
-
-    async def hold_the_slot() -> None:
-        async with adm.admitted(Deadline(120.0), patient=True):
-            await loop.run_in_executor(None, release.wait)
-
-    held = asyncio.run_coroutine_threadsafe(hold_the_slot(), loop)
+    srv, adm, release, held = _one_slot_held(tiny_build)
     try:
         while adm.active == 0:
             time.sleep(0.01)

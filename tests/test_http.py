@@ -81,6 +81,17 @@ def test_score_batch_invariance_through_the_api(client, catalog):
     assert abs(among["scores"][123]["score"] - alone["scores"][0]["score"]) <= 1e-5
 
 
+def test_fewer_candidates_than_k_are_still_ranked(client, catalog):
+    """Recall returning fewer candidates than k (a small catalog, a small num_candidates) used to skip ranking
+    silently and answer in recall order: the ranker needed k candidates to fill an answer it could not fill anyway."""
+    uid = _user(catalog)
+    body = client.post("/v1/recommend", json={"user_id": uid, "k": 10, "num_candidates": 4}).json()
+    assert body["candidates_recalled"] == body["candidates_ranked"] == len(body["items"]) == 4
+    assert not body["degraded"]
+    sc = client.post("/v1/score", json={"user_id": uid, "item_ids": [i["item_id"] for i in body["items"]]}).json()
+    assert np.allclose([i["score"] for i in body["items"]], [s["score"] for s in sc["scores"]], atol=1e-5)
+
+
 def test_score_agrees_with_recommend(client, catalog):
     uid = _user(catalog)
     rec = client.post("/v1/recommend", json={"user_id": uid, "k": 3}).json()["items"]

@@ -257,16 +257,17 @@ class Recommender:
         recall: waiting for it can take part of what was left (answers that planned before it ran past the budget)."""
         deg, tm = res.degraded, res.timings
         n = len(cand_idx)
+        need = min(k, n)  # fewer ranked than this would not fill the answer: recall order instead
         try:
             m, _ = self._affordable(n, deadline)
-            if m >= k:
+            if m >= need:
                 await kv_task
                 tm.mark("ranker_history")
                 m = min(m, self._affordable(n, deadline)[0])
             if m < n:
-                cut = f"budget: ranked {m} of {n} candidates" if m >= k else "budget: ranking skipped, recall order"
+                cut = f"budget: ranked {m} of {n} candidates" if m >= need else "budget: ranking skipped, recall order"
                 deg.append(cut)
-            if m < k or m == 0:
+            if m < need or m == 0:
                 return cand_idx, scores
             t0 = deadline.elapsed()
             try:
