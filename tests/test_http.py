@@ -211,11 +211,11 @@ def test_the_rank_margin_keeps_about_one_ranking_in_a_hundred_timing_out():
 
     r = RankPlanner(None, microbatch=128)
     r.cost_s = 10e-6
-    assert r.affordable(1000, 0.0115) == (800, pytest.approx(8e-3))  # (11.5 - 1.5 reserve) ms / 1.25 / 10 us
+    assert r.affordable(1000, 0.0115) == 800  # (11.5 - 1.5 reserve) ms / 1.25 / 10 us
     for _ in range(5):
         r.learn(m=800, seconds=0.0115, timed_out=True)
     assert r.margin == pytest.approx(MIN_MARGIN * 1.1**5)
-    assert r.affordable(1000, 0.0115)[0] < 800 / 1.1**4  # fewer planned now
+    assert r.affordable(1000, 0.0115) < 800 / 1.1**4  # fewer planned now
     start = r.margin
     for _ in range(10):  # ten rounds at the target rate: 1 timeout, 99 in time
         r.learn(m=500, seconds=0.004, timed_out=True)
@@ -228,7 +228,7 @@ def test_the_rank_margin_keeps_about_one_ranking_in_a_hundred_timing_out():
     for _ in range(100):
         r.learn(m=500, seconds=0.004, timed_out=True)
     assert r.margin == MAX_MARGIN
-    assert r.affordable(1000, 0.001) == (0, 0.0)  # nothing left after the reserve
+    assert r.affordable(1000, 0.001) == 0  # nothing left after the reserve
 
 
 def test_no_route_dependency_runs_in_the_thread_pool():

@@ -59,6 +59,6 @@ def test_recent_lateness_reaches_admission_and_shortens_ranking():
             return 0.010
 
     left = Left(1.0)  # 4.5 ms for ranking after the 4 ms lateness and the response reserve: 360 candidates
-    assert rec._affordable(1000, left)[0] == int((0.010 - RESPONSE_RESERVE_S - 0.004) / 12.5e-6) == 360
+    assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S - 0.004) / 12.5e-6) == 360
     adm.note_lateness(0.0)
-    assert rec._affordable(1000, left)[0] == int((0.010 - RESPONSE_RESERVE_S) / 12.5e-6) == 680
+    assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S) / 12.5e-6) == 680

@@ -29,13 +29,12 @@ class RankPlanner:
         self.cost_s = 20e-6  # without the batcher: EWMA of ranking seconds per candidate, learned online
         self.margin = MIN_MARGIN
 
-    def affordable(self, recalled: int, remaining_s: float) -> tuple[int, float]:
-        """(m, seconds planned for them without the margin): as many of the `recalled` candidates as fit in
-        `remaining_s` less the response's reserve, planned with the margin."""
+    def affordable(self, recalled: int, remaining_s: float) -> int:
+        """As many of the `recalled` candidates as fit in `remaining_s` less the response's reserve, planned with
+        the margin."""
         start_s, per_s = self.batcher.backlog() if self.batcher is not None else (0.0, self.cost_s)
         budget = (remaining_s - RESPONSE_RESERVE_S) / self.margin - start_s
-        m = min(recalled, max(int(budget / per_s), 0)) if budget > 0 else 0
-        return m, start_s + m * per_s
+        return min(recalled, max(int(budget / per_s), 0)) if budget > 0 else 0
 
     def learn(self, m: int, seconds: float, timed_out: bool) -> None:
         """After a ranking of m candidates that took `seconds` (or timed out): the margin, and the unbatched cost."""

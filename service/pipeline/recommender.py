@@ -259,11 +259,11 @@ class Recommender:
         n = len(cand_idx)
         need = min(k, n)  # fewer ranked than this would not fill the answer: recall order instead
         try:
-            m, _ = self._affordable(n, deadline)
+            m = self._affordable(n, deadline)
             if m >= need:
                 await kv_task
                 tm.mark("ranker_history")
-                m = min(m, self._affordable(n, deadline)[0])
+                m = min(m, self._affordable(n, deadline))
             if m < n:
                 cut = f"budget: ranked {m} of {n} candidates" if m >= need else "budget: ranking skipped, recall order"
                 deg.append(cut)
@@ -298,7 +298,7 @@ class Recommender:
             keep &= ~np.isin(ids[0], seen)
         return ids[0][keep][:n].astype(np.int64), sims[0][keep][:n].astype(np.float32)
 
-    def _affordable(self, recalled: int, deadline: Deadline) -> tuple[int, float]:
+    def _affordable(self, recalled: int, deadline: Deadline) -> int:
         """How many candidates ranking can take in what is left of the budget (rank_plan.py), less how late the
         loop's timers fire lately: ranking's own timer among them."""
         return self.planner.affordable(recalled, deadline.remaining() - self.admission.lateness_s)
