@@ -6,7 +6,8 @@ process's rankings. The plan is stretched by a margin that is not a constant but
 TIMEOUT_TARGET of rankings run out of time: a ranking that times out answers in recall order (all of its work lost),
 while ranking fewer candidates costs little (the cascade at 200 candidates was within 0.003 HR@10 of 1,000), so the
 margin grows at once after a timeout and shrinks slowly while rankings finish. With a fixed 1.25x, 7-27 % of
-rankings timed out at 300 req/s on two cores: under load they took a median 1.3x, p90 3.1x their plan.
+rankings timed out at 300 req/s on two cores: under load they took a median 1.3x, p90 3.1x their plan (since then
+the plan itself is better: CandidateBatcher.backlog).
 """
 
 from __future__ import annotations
