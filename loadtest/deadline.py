@@ -148,15 +148,15 @@ def reason_kinds(rate: float, samples: list[Sample], top: int = 3, status: int =
     refusals' reasons, each as a share of the refusals, with its median server time (shed on arrival, or after a
     wait in the queue?)."""
     group = [s for s in samples if s.status == status]
-    kinds = Counter(k for s in group for k in _masked(s.reasons))
+    kinds = Counter(_mask(r) for s in group for r in s.reasons)
     cells = []
     for k, n in kinds.most_common(top):
         cell = f"{k}: {100 * n / max(len(group), 1):.1f} %"
         if status != 200:
-            same = [s.stages.get("total", float("nan")) for s in group if k in _masked(s.reasons)]
+            same = [s.stages.get("total", float("nan")) for s in group if any(_mask(r) == k for r in s.reasons)]
             cell += f" (server p50 {pct(same, 50, 1)} ms)"
         elif "N" in k:  # the numbers' medians: how many candidates "ranked N of N" kept, say
-            values = [_numbers(r) for s in group for r in s.reasons if _masked((r,))[0] == k]
+            values = [_numbers(r) for s in group for r in s.reasons if _mask(r) == k]
             cell += f" (median {' / '.join(f'{np.median(col):g}' for col in zip(*values, strict=True))})"
         cells.append(cell)
     return f"| {rate:g} | {'; '.join(cells) or '-'} |"
@@ -165,8 +165,9 @@ def reason_kinds(rate: float, samples: list[Sample], top: int = 3, status: int =
 NUMBER = r"\d+(\.\d+)?"
 
 
-def _masked(reasons: tuple[str, ...]) -> list[str]:
-    return [re.sub(NUMBER, "N", r) for r in reasons]
+def _mask(reason: str) -> str:
+    """A reason with its numbers as N: reasons of one kind compare equal."""
+    return re.sub(NUMBER, "N", reason)
 
 
 def _numbers(reason: str) -> list[float]:

@@ -162,13 +162,14 @@ class CandidateBatcher:
             self._queue = deque(live[take:])
             if not self._queue:
                 self._wake.clear()
-            self._inflight_cands += sum(len(r.cand_token) for r in batch)
-            task = asyncio.ensure_future(self._call(batch))
+            cands = sum(len(r.cand_token) for r in batch)
+            self._inflight_cands += cands
+            task = asyncio.ensure_future(self._call(batch, cands))
             self._calls.add(task)
             task.add_done_callback(self._calls.discard)
 
-    async def _call(self, batch: list[_Row]) -> None:
-        cands = sum(len(r.cand_token) for r in batch)
+    async def _call(self, batch: list[_Row], cands: int) -> None:
+        """One call over `batch` (`cands` candidates in all, counted in _inflight_cands until it ends)."""
         try:
             t0 = time.perf_counter()
             inputs, where = stack_rows(batch)
