@@ -4,17 +4,17 @@ A task sleeps `interval_s` again and again and records how much later than asked
 step holds the loop (a catalog add, a JSON encode, a model call that forgot its thread), every timer and every
 socket waits that long. Prometheus: `falconrec_event_loop_lag_seconds` (histogram) and
 `falconrec_event_loop_lag_max_seconds` (the longest since start). A CPU shared with other processes shows here too:
-a lag is a stall of this process, whatever its cause. Costs ~100 wake-ups a second (~0.3 % of a core).
+a lag is a stall of this process, whatever its cause. Costs ~100 wake-ups a second: ~2 % of a core on an idle
+2-core VM, where a bare `asyncio.sleep(0.01)` loop alone costs 1.4 % (the timer's wake-up, not Python).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections import deque
 from collections.abc import Callable
-
-import numpy as np
 
 from service.metrics import Metrics
 
@@ -33,7 +33,8 @@ class LoopLag:
         self.report = report
         self.longest_s = 0.0
         self.recent_s = 0.0  # RECENT_QUANTILE of the last RECENT_TICKS lags
-        self._recent: deque[float] = deque(maxlen=RECENT_TICKS)
+        self._recent: deque[float] = deque()  # the last RECENT_TICKS lags, oldest first
+        self._sorted: list[float] = []  # the same, sorted: the quantile is one index
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -52,10 +53,22 @@ class LoopLag:
         if lag > self.longest_s:
             self.longest_s = lag
             self.metrics.loop_lag_max.set(lag)
-        self._recent.append(lag)
-        self.recent_s = float(np.percentile(self._recent, RECENT_QUANTILE))
+        self._remember(lag)
         if self.report is not None:
             self.report(self.recent_s)
+
+    def _remember(self, lag: float) -> None:
+        """The window moves by one tick: ~2 us. np.percentile over the window cost ~350 us a tick on an idle
+        2-core VM (cold caches at 100 calls a second: 3.5 % of a core, more than the ticks themselves)."""
+        if len(self._recent) == RECENT_TICKS:
+            del self._sorted[bisect.bisect_left(self._sorted, self._recent.popleft())]
+        self._recent.append(lag)
+        bisect.insort(self._sorted, lag)
+        # numpy's default (linear) percentile: between the two order statistics around the quantile's position
+        pos = (len(self._sorted) - 1) * RECENT_QUANTILE / 100
+        lo = int(pos)
+        hi = min(lo + 1, len(self._sorted) - 1)
+        self.recent_s = self._sorted[lo] + (self._sorted[hi] - self._sorted[lo]) * (pos - lo)
 
     async def close(self) -> None:
         if self._task is not None:

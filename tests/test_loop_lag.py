@@ -62,3 +62,19 @@ def test_recent_lateness_reaches_admission_and_shortens_ranking():
     assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S - 0.004) / 12.5e-6) == 360
     adm.note_lateness(0.0)
     assert rec._affordable(1000, left) == int((0.010 - RESPONSE_RESERVE_S) / 12.5e-6) == 680
+
+
+def test_recent_lateness_is_numpys_percentile_of_the_last_second():
+    """The rolling window (a sorted list moved one tick at a time) gives what np.percentile over the same window
+    gives, through the window's filling and its sliding."""
+    import numpy as np
+
+    from service.loop_lag import RECENT_QUANTILE, RECENT_TICKS
+
+    rng = np.random.default_rng(7)
+    lag = LoopLag(Metrics())
+    lags = np.concatenate([rng.exponential(0.002, 250), np.full(30, 0.001), rng.exponential(0.02, 60)]).tolist()
+    for i, x in enumerate(lags):
+        lag.observe(x)
+        window = lags[max(0, i + 1 - RECENT_TICKS) : i + 1]
+        assert abs(lag.recent_s - float(np.percentile(window, RECENT_QUANTILE))) < 1e-12
