@@ -103,6 +103,8 @@ def test_read_key_setting_locks_reads(read_locked, catalog):
     uid = next(iter(catalog.user_histories))
     with httpx.Client(base_url=read_locked.url, timeout=30) as c:
         assert c.post("/v1/recommend", json={"user_id": uid}).status_code == 401
+        r = c.post("/v1/recommend", json={"user_id": uid, "k": 0})  # no key and a bad body: the key comes first
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert c.post("/v1/recommend", json={"user_id": uid}, headers=bearer(WRITE_SECRET)).status_code == 403
         assert c.post("/v1/recommend", json={"user_id": uid}, headers=bearer(READ_SECRET)).status_code == 200
         r = c.post("/v1/score", json={"user_id": uid, "item_ids": [int(catalog.raw_ids[0])]})

@@ -274,3 +274,77 @@ def test_the_started_server_is_out_of_the_garbage_collectors_view(server):
     assert gc.is_tracked(catalog) and gc.get_freeze_count() > 0
     # gc.get_objects() lists generations 0-2, not the frozen ones: the catalog is in none of them.
     assert all(o is not catalog for o in gc.get_objects())
+
+
+def _asgi_post(app, path: str, body: bytes, server) -> tuple[int, dict, bytes]:
+    """One POST through an ASGI app (the whole server's or a part of it) on the server's own event loop, where its
+    models and batcher live; the scope names the server's app, as Starlette's does (the handlers are in its state)."""
+    loop = server.components.loop_lag._task.get_loop()
+
+    async def go():
+        from contextlib import AsyncExitStack
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "app": server.app,
+            "fastapi_middleware_astack": AsyncExitStack(),  # FastAPI's router asks for its middleware's stack
+        }  # fmt: skip
+        given, out = False, []
+
+        async def receive():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(60)
+
+        async def send(msg):
+            out.append(msg)
+
+        await app(scope, receive, send)
+        head = {k.decode(): v.decode() for k, v in out[0]["headers"]}
+        return out[0]["status"], head, b"".join(m.get("body", b"") for m in out[1:])
+
+    return asyncio.run_coroutine_threadsafe(go(), loop).result(30)
+
+
+def test_the_recommend_lane_answers_as_the_fastapi_route_does(server, catalog):
+    """POST /v1/recommend's lane (service/api/recommend_lane.py) answers a valid request itself, as FastAPI's route
+    answers it (same items, same fields; a refusal: same status, detail and headers), and passes everything that
+    does not validate on to FastAPI, body unchanged, so its 422s stay FastAPI's own."""
+    import json
+
+    from fastapi import HTTPException
+
+    from service.api.recommend_lane import RecommendLane
+
+    passed: list[bytes] = []
+
+    async def fastapi_stand_in(scope, receive, send):  # what reached the app behind the lane
+        passed.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    lane = RecommendLane(fastapi_stand_in, require_read_key=False)
+    uid = _user(catalog)
+    for body in ({"user_id": uid, "k": 5}, {"user_id": uid, "k": 3, "exclude_seen": False}):
+        raw = json.dumps(body).encode()
+        s1, h1, b1 = _asgi_post(lane, "/v1/recommend", raw, server)
+        s2, h2, b2 = _asgi_post(server.app.router, "/v1/recommend", raw, server)  # FastAPI's route alone
+        assert (s1, s2) == (200, 200) and not passed
+        a, b = json.loads(b1), json.loads(b2)
+        assert [i["item_id"] for i in a["items"]] == [i["item_id"] for i in b["items"]]
+        assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-4)
+        assert a.keys() == b.keys() and a["model_version"] == b["model_version"] and a["degraded"] == b["degraded"]
+        assert h1["content-type"] == h2["content-type"] == "application/json"
+        assert int(h1["content-length"]) == len(b1) and "ranking;dur=" in h1["server-timing"]
+    refused = json.dumps({"user_id": 10**12}).encode()  # unknown user: the handler refuses (404)
+    s1, h1, b1 = _asgi_post(lane, "/v1/recommend", refused, server)
+    with pytest.raises(HTTPException) as e:  # the route raises it; FastAPI's exception middleware writes it
+        _asgi_post(server.app.router, "/v1/recommend", refused, server)
+    assert s1 == e.value.status_code == 404 and json.loads(b1) == {"detail": e.value.detail} and not passed
+    for bad in (b'{"user_id": 1, "k": 0}', b'{"user_id": "1", "extra": true}', b"[]", b"{"):
+        assert _asgi_post(lane, "/v1/recommend", bad, server)[0] == 299 and passed[-1] == bad
+    assert _asgi_post(lane, "/v1/score", b'{"user_id": 1, "item_ids": [1]}', server)[0] == 299

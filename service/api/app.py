@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import ENDPOINTS
 from service.api.handlers import Handlers
 from service.api.http_guard import GuardMiddleware
+from service.api.recommend_lane import RecommendLane
 from service.api.routes import health, reads, writes
 from service.api.validation import document_limits, field_errors
 from service.components import Components, build_components, close_components
@@ -57,6 +58,8 @@ def create_app(settings: Settings | None = None, components: Components | None =
         lifespan=lifespan,
         description="LLM-embedding two-tower recall + HSTU ranking (M-FALCON) within a latency budget.",
     )
+    # Added first, so inside the guard (which reads the body, sheds and counts): see recommend_lane.py.
+    app.add_middleware(RecommendLane, require_read_key=settings.require_read_key)
     app.add_middleware(
         GuardMiddleware,
         settings=settings,
