@@ -4,8 +4,8 @@ A task sleeps `interval_s` again and again and records how much later than asked
 step holds the loop (a catalog add, a JSON encode, a model call that forgot its thread), every timer and every
 socket waits that long. Prometheus: `falconrec_event_loop_lag_seconds` (histogram) and
 `falconrec_event_loop_lag_max_seconds` (the longest since start). A CPU shared with other processes shows here too:
-a lag is a stall of this process, whatever its cause. Costs ~100 wake-ups a second: ~2 % of a core on an idle
-2-core VM, where a bare `asyncio.sleep(0.01)` loop alone costs 1.4 % (the timer's wake-up, not Python).
+a lag is a stall of this process, whatever its cause. Costs ~100 wake-ups a second: ~1.3 % of a core on an idle
+2-core VM, about what a bare `asyncio.sleep(0.01)` loop costs there (the timer's wake-up, not Python).
 """
 
 from __future__ import annotations

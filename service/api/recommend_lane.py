@@ -31,8 +31,10 @@ class RecommendLane:
         self.require_read_key = require_read_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != RECOMMEND_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
         h: Handlers | None = getattr(scope["app"].state, "handlers", None) if "app" in scope else None
-        if scope["type"] != "http" or scope["path"] != RECOMMEND_PATH or scope["method"] != "POST" or h is None:
+        if h is None:  # starting or stopping: the route answers (503 "service is starting")
             return await self.app(scope, receive, send)
         first = await receive()  # the guard has read the body whole: it replays it as one message
         if first.get("more_body") or first["type"] != "http.request":
