@@ -7,6 +7,7 @@ through `for_log` (credentials removed, addresses kept).
 
 from __future__ import annotations
 
+import functools
 import re
 
 import redis.exceptions as rx
@@ -22,8 +23,10 @@ def strip_credentials(text: str) -> str:
     return _CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
+@functools.lru_cache(maxsize=4096)
 def redact(text: str) -> str:
-    """For responses: no URL, credential, host:port or filesystem path."""
+    """For responses: no URL, credential, host:port or filesystem path. Memoised: every degraded answer redacts its
+    reasons, and they repeat (four regexes, 9 us a reason, were 2.5 % of the event loop's Python under load)."""
     text = _URL.sub("<url>", strip_credentials(text))
     text = _HOST_PORT.sub("<address>", text)
     return _PATH.sub("<path>", text)

@@ -36,6 +36,13 @@ def _retrieve(task: asyncio.Future) -> None:
         task.exception()
 
 
+def _in_sorted(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Which of x are in `values` (sorted, unique): a binary search each. np.isin sorts both arrays on every call:
+    5 % of the event loop's Python under load in a profile of the served path, 19.9 vs 15.4 us in isolation."""
+    at = np.searchsorted(values, x).clip(max=len(values) - 1)
+    return values[at] == x
+
+
 # The stages every answer runs, ranked or not: what admission must leave room for (service/pipeline/admission.py).
 BASE_STAGES = ("history", "user_state", "user_tower", "retrieval", "topk")
 
@@ -291,11 +298,11 @@ class Recommender:
         """The FAISS candidates (item indices) and their similarities, the user's own items left out if asked (their
         indices: the history's token-table rows; an item the catalog lacks was dropped there and cannot be recalled)."""
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
-        seen = np.unique(st.hist_rows) if exclude_seen else np.empty(0, np.int64)
+        seen = np.unique(st.hist_rows) if exclude_seen else np.empty(0, np.int64)  # sorted
         ids, sims = self.retriever.search(user_vec, n + len(seen))
         keep = ids[0] > 0
-        if exclude_seen:
-            keep &= ~np.isin(ids[0], seen)
+        if len(seen):
+            keep &= ~_in_sorted(seen, ids[0])
         return ids[0][keep][:n].astype(np.int64), sims[0][keep][:n].astype(np.float32)
 
     def _affordable(self, recalled: int, deadline: Deadline) -> int:
