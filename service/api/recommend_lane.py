@@ -14,6 +14,7 @@ import time
 
 import orjson
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import to_http
@@ -42,7 +43,7 @@ class RecommendLane:
         arrival = scope.get(ARRIVAL) or time.perf_counter()
         try:
             if self.require_read_key:  # before the body, as FastAPI's dependency: a 401 wins over a 422
-                h.authorize(_header(scope, b"authorization"), READ, "recommend", "http")
+                h.authorize(Headers(scope=scope).get("authorization"), READ, "recommend", "http")
         except Refused as e:
             return await _refused(send, e, arrival)
         try:
@@ -59,13 +60,6 @@ class RecommendLane:
             headers.append((b"server-timing", answer.timings.server_timing().encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for k, v in scope.get("headers") or ():
-        if k.lower() == name:
-            return v.decode("latin-1")
-    return None
 
 
 def _replay(first: Message, receive: Receive) -> Receive:
