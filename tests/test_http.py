@@ -351,13 +351,30 @@ def test_the_recommend_lane_answers_as_the_fastapi_route_does(server, catalog):
 
 
 def test_the_seen_filter_agrees_with_isin():
-    """_recall leaves the user's own items out with a binary search in their sorted rows instead of np.isin (which
-    sorts both arrays on every request): the same mask, for rows that repeat, are absent, or lie past either end."""
-    from service.pipeline.recommender import _in_sorted
+    """Recall leaves the user's own items out with a binary search in their sorted rows instead of np.isin (which
+    sorts both arrays on every request): the same mask, for rows that repeat, are absent, or lie past either end;
+    the sorted rows themselves come from a sort and a mask instead of np.unique."""
+    from service.pipeline.recommender import sorted_unique
+    from service.pipeline.retrieval import in_sorted
 
     rng = np.random.default_rng(3)
     for _ in range(200):
-        hist = rng.integers(0, 60, rng.integers(1, 40))
+        hist = rng.integers(0, 60, rng.integers(0, 40))
         ids = rng.integers(-1, 70, rng.integers(0, 80))
-        seen = np.unique(hist)
-        assert np.array_equal(_in_sorted(seen, ids), np.isin(ids, seen))
+        seen = sorted_unique(hist)
+        assert np.array_equal(seen, np.unique(hist))
+        assert np.array_equal(in_sorted(seen, ids), np.isin(ids, seen))
+
+
+def test_top_k_orders_as_a_stable_full_sort():
+    """The answer's top k from a partial sort: the same items in the same order as a stable sort of all scores,
+    ties at the k-th score included (the first ones by position win), k past the end and NaN included."""
+    from service.pipeline.recommender import top_k
+
+    rng = np.random.default_rng(4)
+    for trial in range(2000):
+        n, k = int(rng.integers(1, 300)), int(rng.integers(1, 40))
+        s = (rng.integers(0, 5, n) if trial % 2 else rng.standard_normal(n)).astype(np.float32)
+        if trial % 7 == 0:
+            s[rng.integers(0, n)] = np.nan
+        assert np.array_equal(top_k(s, k), np.argsort(-s, kind="stable")[:k]), (n, k, trial)
