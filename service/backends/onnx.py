@@ -6,13 +6,13 @@ import asyncio
 import ctypes
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from service.backends.base import InferenceBackend
+from service.backends.threads import WorkerThreads
 from service.contract import MODEL_NAMES, ModelDims, fp32_graph_path, model_specs, onnx_path
 
 log = logging.getLogger("falconrec.onnx")
@@ -98,7 +98,7 @@ class OnnxBackend(InferenceBackend):
             log.warning("asked for %s, running on %s: see ONNX Runtime's load error above", wanted, self.providers[0])
         # workers == 0: calls run inline on the caller's thread (one process per core, no hand-off per call).
         n = (os.cpu_count() or 2) if workers is None else workers
-        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ort") if n > 0 else None
+        self._pool = WorkerThreads(n, "ort") if n > 0 else None
 
     def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs[model]
@@ -109,7 +109,7 @@ class OnnxBackend(InferenceBackend):
         if self._pool is None:
             return self.run(model, inputs)
         # Off the event loop: ORT releases the GIL while it computes.
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, self.run, model, inputs)
+        fut = self._pool.submit(self.run, model, inputs)
         return await (asyncio.wait_for(fut, timeout_s) if timeout_s else fut)
 
     def describe(self) -> dict:
@@ -122,4 +122,4 @@ class OnnxBackend(InferenceBackend):
 
     async def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
