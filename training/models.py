@@ -378,6 +378,8 @@ class HSTURanker(nn.Module):
         - Per-candidate tensors are 2-D [B*M, d]: each linear becomes one Gemm with its bias inside, and the
           fused u/v/q/k projection is four Gemms instead of one MatMul, an Add and a Split that copies.
         - The next-item term is one matrix-vector product divided by the token norms (no normalised copy)."""
+        if self.h == 1:
+            return self._at_end_one_head(hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_token)
         B, M, d = cand_token.shape
         L, H, dqk, dv = hist_ts.shape[1], self.h, self.dqk, self.dv
         abs_pos = hist_valid.sum(1, keepdim=True).to(torch.int64)  # [B,1]: every valid history item is before
@@ -400,6 +402,42 @@ class HSTURanker(nn.Module):
             a_self = self._pointwise((qh * kh).sum(-1) + self_rab)  # [B,M,H]
             attn = (_av(a, hv) + a_self.unsqueeze(-1) * vh).reshape(B * M, H * dv)
             x = x + layer.out(u * layer.ln_attn(attn))  # layer.finish(), dropout being off
+        base = (cand_token @ hist_q.transpose(1, 2)).squeeze(-1)  # [B,M]: next-item query . token
+        base = base / cand_token.norm(dim=-1).clamp(min=1e-12) / self.temperature  # F.normalize's eps
+        return base + self.cand_head(self.ln_out(x)).reshape(B, M)
+
+    def _at_end_one_head(
+        self,
+        hist_k: torch.Tensor,  # [B,NL,L,dqk]
+        hist_v: torch.Tensor,  # [B,NL,L,dv]
+        hist_q: torch.Tensor,  # [B,1,d]
+        hist_ts: torch.Tensor,  # [B,L]
+        hist_valid: torch.Tensor,  # [B,L]
+        query_ts: torch.Tensor,  # [B,1]
+        cand_token: torch.Tensor,  # [B,M,d]
+    ) -> torch.Tensor:
+        """candidates_at_end() with one head (the ml1m model): no head axis, so the attention is two batched
+        matmuls over [B,M,.] with no transposes or reshapes of per-candidate tensors around them, and the
+        self-attention bias (dist = 0, dt = 0) is a constant of the weights instead of a lookup per call."""
+        B, M, d = cand_token.shape
+        L, dqk, dv = hist_ts.shape[1], self.dqk, self.dv
+        abs_pos = hist_valid.sum(1, keepdim=True).to(torch.int64)  # [B,1]: every valid history item is before
+        x = cand_token * self.input_scale + (self.pos(abs_pos.clamp(0, self.max_len)) + self.cand_type)
+        x = x.reshape(B * M, d)
+        dist = torch.full_like(hist_ts, L) - torch.arange(L, device=hist_ts.device)  # [B,L], all > 0
+        rab = self.rab(dist, query_ts - hist_ts).unsqueeze(-1)  # [B,L,1]
+        self_rab = self.rab.pos_w[0] + self.rab.ts_w[0]  # rab(0, 0): |dt| clamps to 1, log 1 = bucket 0
+        value_scale = (hist_valid / self.max_len).unsqueeze(-1)  # [B,L,1]
+        ones = torch.ones(B, M, 1, dtype=x.dtype, device=x.device)
+        cuts = [0, dv, 2 * dv, 2 * dv + dqk, 2 * (dv + dqk)]  # u, v, q, k as in project()
+        for li, layer in enumerate(self.layers):
+            h, w, b = layer.ln_in(x), layer.uvqk.weight, layer.uvqk.bias
+            u, v, q, k = (F.silu(F.linear(h, w[a:c], b[a:c])) for a, c in zip(cuts[:-1], cuts[1:], strict=True))
+            hk = torch.cat([hist_k[:, li], rab], -1)  # [B,L,dqk+1]
+            a = F.silu(torch.cat([q.reshape(B, M, dqk), ones], -1) @ hk.transpose(1, 2))  # [B,M,L]
+            attn = (a @ (hist_v[:, li] * value_scale)).reshape(B * M, dv)
+            a_self = self._pointwise((q * k).sum(-1, keepdim=True) + self_rab)  # [B*M,1]
+            x = x + layer.out(u * layer.ln_attn(attn + a_self * v))  # layer.finish(), dropout being off
         base = (cand_token @ hist_q.transpose(1, 2)).squeeze(-1)  # [B,M]: next-item query . token
         base = base / cand_token.norm(dim=-1).clamp(min=1e-12) / self.temperature  # F.normalize's eps
         return base + self.cand_head(self.ln_out(x)).reshape(B, M)
