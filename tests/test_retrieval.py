@@ -76,3 +76,17 @@ def test_the_scan_itself_on_ids_that_are_not_rows():
     scan = ExactScan(vecs, np.array([40, 10, 30, 20]))
     ids, sims = scan.top(np.array([1, 2, 3, 4], np.float32), 3, np.array([20, 99]))
     assert ids.tolist() == [30, 10, 40] and sims.tolist() == [3, 2, 1]
+
+
+def test_the_scan_in_blocks_scores_every_row(monkeypatch):
+    """The products run in blocks (a large one would spin up OpenBLAS's threads): blocks of 7 rows give the
+    scores of one product over all rows."""
+    from service.pipeline import retrieval
+
+    rng = np.random.default_rng(2)
+    vecs, q = rng.standard_normal((100, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    monkeypatch.setattr(retrieval, "SCAN_BLOCK", 7 * 8)
+    ids, sims = ExactScan(vecs, np.arange(1, 101)).top(q, 100, np.empty(0, np.int64))
+    want = vecs @ q
+    assert np.allclose(sims, want[ids - 1], atol=1e-6) and np.array_equal(np.sort(ids), np.arange(1, 101))
+    assert np.all(np.diff(sims) <= 0)
