@@ -275,3 +275,38 @@ def test_backlog_counts_the_candidates_ahead_at_the_learned_cost(backend, tiny_b
     assert busy[1] == 1e-5 and busy[0] == pytest.approx((300 + 200 / 2) * 1e-5)
     assert b.calls == 3 and b.cand_cost_s != 1e-5  # each call's cost learned
     assert b.backlog() == (0.0, b.cand_cost_s)  # drained
+
+
+def test_a_budget_that_runs_out_keeps_the_first_rows_ranked(backend, tiny_build):
+    """A ranking cut short by its timer keeps the scores of its first rows when asked for partial results (the
+    recommend path: the best-recalled candidates ranked, not all of them thrown away for recall order); rows
+    never sent are dropped; without `partial`, or with no row ranked, it is a timeout as before."""
+    dims = Manifest.read(tiny_build.repo).dims
+    rng = np.random.default_rng(5)
+    user = _user(backend, dims, rng, 20, 10**9)
+    tokens = rng.standard_normal((300, dims.d_model)).astype(np.float32)
+
+    async def go(partial: bool, first_ranks: bool) -> tuple[np.ndarray | None, list[int]]:
+        sent: list[int] = []
+        stuck = asyncio.Event()  # never set: the calls after the first never finish
+
+        async def run(inputs):
+            sent.append(inputs["cand_token"].shape[1])
+            if len(sent) > 1 or not first_ranks:
+                await stuck.wait()
+            return {"scores": np.arange(inputs["cand_token"].shape[1], dtype=np.float32)[None]}, None
+
+        b = CandidateBatcher(run, microbatch=100, parallel=1, max_rows=1)
+        try:
+            scores, _ = await b.score(user, tokens, timeout_s=0.2, partial=partial)
+            return scores, sent
+        except TimeoutError:
+            return None, sent
+        finally:
+            await b.close()
+
+    scores, sent = asyncio.run(go(partial=True, first_ranks=True))
+    assert scores is not None and scores.tolist() == list(range(100))  # the first row's 100, not all 300
+    assert sent == [100, 100]  # the third row never went out
+    assert asyncio.run(go(partial=False, first_ranks=True))[0] is None
+    assert asyncio.run(go(partial=True, first_ranks=False))[0] is None

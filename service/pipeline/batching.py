@@ -14,6 +14,7 @@ float summation order (tests: <= 1e-5 against the same request alone).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -121,8 +122,13 @@ class CandidateBatcher:
         start = (queued + self._inflight_cands / 2) * self.cand_cost_s / self.parallel
         return start, self.cand_cost_s
 
-    async def score(self, user: dict[str, np.ndarray], cand_token: np.ndarray) -> tuple[np.ndarray, str | None]:
-        """Scores [m] of this user's candidates, and a degradation reason if a fallback computed them."""
+    async def score(
+        self, user: dict[str, np.ndarray], cand_token: np.ndarray, timeout_s: float | None = None, partial: bool = False
+    ) -> tuple[np.ndarray, str | None]:
+        """Scores [m] of this user's candidates, and a degradation reason if a fallback computed them. When
+        `timeout_s` runs out: TimeoutError, or with `partial` the scores of the rows ranked by then from the first
+        on (fewer than m; still TimeoutError when the first was not), so that a ranking the budget cuts short keeps
+        its best-recalled candidates' scores instead of answering in recall order. Rows not sent yet are dropped."""
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.ensure_future(self._dispatch())
         loop = asyncio.get_running_loop()
@@ -130,12 +136,18 @@ class CandidateBatcher:
         rows = [_Row(user, cand_token[a : a + bm], loop.create_future()) for a in range(0, len(cand_token), bm)]
         self._queue.extend(rows)
         self._wake.set()
+        futures = [r.future for r in rows]
         try:
-            outs = await asyncio.gather(*(r.future for r in rows))
-        except BaseException:
-            for r in rows:  # timed out or cancelled: rows not yet sent are dropped at dispatch
-                r.future.cancel()
-            raise
+            done, _ = await asyncio.wait(futures, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for f in futures:  # no-op for those done; those queued are dropped at dispatch
+                f.cancel()
+        failed = [f.exception() for f in done if f.exception() is not None]
+        if failed:
+            raise failed[0]
+        outs = [f.result() for f in itertools.takewhile(lambda f: not f.cancelled(), futures)]
+        if not outs or (len(outs) < len(rows) and not partial):
+            raise TimeoutError
         reason = next((why for _, why in outs if why), None)
         return np.concatenate([s for s, _ in outs]), reason
 

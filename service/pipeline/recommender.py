@@ -159,7 +159,8 @@ class Recommender:
     ) -> np.ndarray:
         """Scores for the candidates (item indices), in microbatches, each one isolated (M-FALCON): batched with
         other requests' (self.batcher), or this request's own calls run concurrently. `required`: the answer is
-        these scores (/v1/score), so they get the required stages' floor of time, as the user tower does."""
+        these scores (/v1/score), so they get the required stages' floor of time, as the user tower does; else, with
+        the batcher, a budget that runs out leaves the scores of the first microbatches ranked (fewer scores)."""
         assert st.kv is not None
         if not required:  # ranking's timer leaves the time its plan did: the response's, the loop's lateness
             deadline = deadline.less(RESPONSE_RESERVE_S + self.admission.lateness_s)
@@ -174,7 +175,8 @@ class Recommender:
         tokens = self.tokens.ranker.gather(cand_idx)  # [m, d]: content + ID already projected, per item at build time
         if self.batcher is not None:
             floor = REQUIRED_STAGE_FLOOR_S if required else 1e-3
-            scores, reason = await asyncio.wait_for(self.batcher.score(base, tokens), max(deadline.remaining(), floor))
+            timeout = max(deadline.remaining(), floor)
+            scores, reason = await self.batcher.score(base, tokens, timeout, partial=not required)
             if reason and reason not in degraded:
                 degraded.append(reason)
             return scores
@@ -285,8 +287,8 @@ class Recommender:
                 await kv_task
                 tm.mark("ranker_history")
                 m = min(m, self._affordable(n, deadline))
+            cut = f"budget: ranked {m} of {n} candidates" if m >= need else "budget: ranking skipped, recall order"
             if m < n:
-                cut = f"budget: ranked {m} of {n} candidates" if m >= need else "budget: ranking skipped, recall order"
                 deg.append(cut)
             if m < need or m == 0:
                 return cand_idx, scores
@@ -296,7 +298,12 @@ class Recommender:
             except TimeoutError:
                 self.planner.learn(m, deadline.elapsed() - t0, timed_out=True)
                 raise
-            self.planner.learn(m, deadline.elapsed() - t0, timed_out=False)
+            self.planner.learn(m, deadline.elapsed() - t0, timed_out=len(ranked) < m)
+            if len(ranked) < m:  # time ran out with the first rows ranked (rows of >= k): keep those
+                if cut in deg:
+                    deg.remove(cut)
+                m = len(ranked)
+                deg.append(f"budget: ranked {m} of {n} candidates (time ran out)")
             res.candidates_ranked = m
             return cand_idx[:m], ranked
         except (TimeoutError, BackendUnavailable) as e:
