@@ -316,8 +316,9 @@ class Recommender:
     def _recall(
         self, st: UserState, user_vec: np.ndarray, num_candidates: int | None, exclude_seen: bool
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The FAISS candidates (item indices) and their similarities, the user's own items left out if asked (their
-        indices: the history's token-table rows; an item the catalog lacks was dropped there and cannot be recalled)."""
+        """The recalled candidates (item indices) and their similarities, the user's own items left out if asked
+        (their indices: the history's token-table rows; an item the catalog lacks was dropped there and cannot be
+        recalled)."""
         n = min(num_candidates or self.num_candidates, self.s.max_candidates, self.retriever.size)
         seen = sorted_unique(st.hist_rows) if exclude_seen else np.empty(0, np.int64)
         ids, sims = self.retriever.recall(user_vec, n, seen)
