@@ -377,70 +377,51 @@ class HSTURanker(nn.Module):
           the weights take one pass (x * sigmoid(x), which ONNX Runtime fuses) instead of five.
         - Per-candidate tensors are 2-D [B*M, d]: each linear becomes one Gemm with its bias inside, and the
           fused u/v/q/k projection is four Gemms instead of one MatMul, an Add and a Split that copies.
-        - The next-item term is one matrix-vector product divided by the token norms (no normalised copy)."""
-        if self.h == 1:
-            return self._at_end_one_head(hist_k, hist_v, hist_q, hist_ts, hist_valid, query_ts, cand_token)
+        - The next-item term is one matrix-vector product divided by the token norms (no normalised copy).
+        - The self-attention bias rab(0, 0) is a constant of the weights; one head has its own attention step."""
         B, M, d = cand_token.shape
         L, H, dqk, dv = hist_ts.shape[1], self.h, self.dqk, self.dv
         abs_pos = hist_valid.sum(1, keepdim=True).to(torch.int64)  # [B,1]: every valid history item is before
-        x = cand_token * self.input_scale + self.pos(abs_pos.clamp(0, self.max_len)) + self.cand_type
+        x = cand_token * self.input_scale + (self.pos(abs_pos.clamp(0, self.max_len)) + self.cand_type)
         x = x.reshape(B * M, d)
         dist = torch.full_like(hist_ts, L) - torch.arange(L, device=hist_ts.device)  # [B,L], all > 0
         rab = self.rab(dist, query_ts - hist_ts)  # [B,L]
-        self_rab = self.rab(torch.zeros_like(query_ts), torch.zeros_like(query_ts)).unsqueeze(-1)  # [B,1,1]
-        key_bias = rab.reshape(B, L, 1, 1).expand(B, L, H, 1)
-        value_scale = (hist_valid / self.max_len).reshape(B, L, 1, 1)
-        ones = torch.ones(B, M, H, 1, dtype=x.dtype, device=x.device)
+        self_rab = self.rab.pos_w[0] + self.rab.ts_w[0]  # rab(0, 0): |dt| clamps to 1, log 1 = bucket 0
+        value_scale = hist_valid / self.max_len  # [B,L]
+        attend = self._attend_one_head if H == 1 else self._attend_heads
         cuts = [0, H * dv, 2 * H * dv, 2 * H * dv + H * dqk, 2 * H * (dv + dqk)]  # u, v, q, k as in project()
         for li, layer in enumerate(self.layers):
             h, w, b = layer.ln_in(x), layer.uvqk.weight, layer.uvqk.bias
             u, v, q, k = (F.silu(F.linear(h, w[a:c], b[a:c])) for a, c in zip(cuts[:-1], cuts[1:], strict=True))
-            qh, kh, vh = q.reshape(B, M, H, dqk), k.reshape(B, M, H, dqk), v.reshape(B, M, H, dv)
-            hk = torch.cat([self._heads(hist_k[:, li], dqk), key_bias], -1)  # [B,L,H,dqk+1]
-            hv = self._heads(hist_v[:, li], dv) * value_scale
-            a = F.silu(_qk(torch.cat([qh, ones], -1), hk))  # [B,H,M,L] = silu(q.k + rab)
-            a_self = self._pointwise((qh * kh).sum(-1) + self_rab)  # [B,M,H]
-            attn = (_av(a, hv) + a_self.unsqueeze(-1) * vh).reshape(B * M, H * dv)
+            attn = attend(q.reshape(B, M, -1), k, v, hist_k[:, li], hist_v[:, li], rab, self_rab, value_scale)
             x = x + layer.out(u * layer.ln_attn(attn))  # layer.finish(), dropout being off
         base = (cand_token @ hist_q.transpose(1, 2)).squeeze(-1)  # [B,M]: next-item query . token
         base = base / cand_token.norm(dim=-1).clamp(min=1e-12) / self.temperature  # F.normalize's eps
         return base + self.cand_head(self.ln_out(x)).reshape(B, M)
 
-    def _at_end_one_head(
-        self,
-        hist_k: torch.Tensor,  # [B,NL,L,dqk]
-        hist_v: torch.Tensor,  # [B,NL,L,dv]
-        hist_q: torch.Tensor,  # [B,1,d]
-        hist_ts: torch.Tensor,  # [B,L]
-        hist_valid: torch.Tensor,  # [B,L]
-        query_ts: torch.Tensor,  # [B,1]
-        cand_token: torch.Tensor,  # [B,M,d]
-    ) -> torch.Tensor:
-        """candidates_at_end() with one head (the ml1m model): no head axis, so the attention is two batched
-        matmuls over [B,M,.] with no transposes or reshapes of per-candidate tensors around them, and the
-        self-attention bias (dist = 0, dt = 0) is a constant of the weights instead of a lookup per call."""
-        B, M, d = cand_token.shape
-        L, dqk, dv = hist_ts.shape[1], self.dqk, self.dv
-        abs_pos = hist_valid.sum(1, keepdim=True).to(torch.int64)  # [B,1]: every valid history item is before
-        x = cand_token * self.input_scale + (self.pos(abs_pos.clamp(0, self.max_len)) + self.cand_type)
-        x = x.reshape(B * M, d)
-        dist = torch.full_like(hist_ts, L) - torch.arange(L, device=hist_ts.device)  # [B,L], all > 0
-        rab = self.rab(dist, query_ts - hist_ts).unsqueeze(-1)  # [B,L,1]
-        self_rab = self.rab.pos_w[0] + self.rab.ts_w[0]  # rab(0, 0): |dt| clamps to 1, log 1 = bucket 0
-        value_scale = (hist_valid / self.max_len).unsqueeze(-1)  # [B,L,1]
-        ones = torch.ones(B, M, 1, dtype=x.dtype, device=x.device)
-        cuts = [0, dv, 2 * dv, 2 * dv + dqk, 2 * (dv + dqk)]  # u, v, q, k as in project()
-        for li, layer in enumerate(self.layers):
-            h, w, b = layer.ln_in(x), layer.uvqk.weight, layer.uvqk.bias
-            u, v, q, k = (F.silu(F.linear(h, w[a:c], b[a:c])) for a, c in zip(cuts[:-1], cuts[1:], strict=True))
-            hk = torch.cat([hist_k[:, li], rab], -1)  # [B,L,dqk+1]
-            a = F.silu(torch.cat([q.reshape(B, M, dqk), ones], -1) @ hk.transpose(1, 2))  # [B,M,L]
-            attn = (a @ (hist_v[:, li] * value_scale)).reshape(B * M, dv)
-            a_self = self._pointwise((q * k).sum(-1, keepdim=True) + self_rab)  # [B*M,1]
-            x = x + layer.out(u * layer.ln_attn(attn + a_self * v))  # layer.finish(), dropout being off
-        base = (cand_token @ hist_q.transpose(1, 2)).squeeze(-1)  # [B,M]: next-item query . token
-        base = base / cand_token.norm(dim=-1).clamp(min=1e-12) / self.temperature  # F.normalize's eps
-        return base + self.cand_head(self.ln_out(x)).reshape(B, M)
+    def _attend_heads(self, q, k, v, hk, hv, rab, self_rab, value_scale) -> torch.Tensor:
+        """candidates_at_end()'s attention of candidates q [B,M,H*dqk] (k, v [B*M,.]) over one layer's history K/V
+        [B,L,H*d] and themselves: [B*M,H*dv]."""
+        (B, M, _), (L, H, dqk, dv) = q.shape, (rab.shape[1], self.h, self.dqk, self.dv)
+        qh, kh, vh = q.reshape(B, M, H, dqk), k.reshape(B, M, H, dqk), v.reshape(B, M, H, dv)
+        hk = torch.cat([self._heads(hk, dqk), rab.reshape(B, L, 1, 1).expand(B, L, H, 1)], -1)  # [B,L,H,dqk+1]
+        hv = self._heads(hv, dv) * value_scale.reshape(B, L, 1, 1)
+        ones = torch.ones(B, M, H, 1, dtype=q.dtype, device=q.device)
+        a = F.silu(_qk(torch.cat([qh, ones], -1), hk))  # [B,H,M,L] = silu(q.k + rab)
+        a_self = self._pointwise((qh * kh).sum(-1) + self_rab)  # [B,M,H]
+        return (_av(a, hv) + a_self.unsqueeze(-1) * vh).reshape(B * M, H * dv)
+
+    def _attend_one_head(self, q, k, v, hk, hv, rab, self_rab, value_scale) -> torch.Tensor:
+        """_attend_heads() with one head (the ml1m model): no head axis, so the attention is two batched matmuls
+        over [B,M,.] with no transposes or reshapes of per-candidate tensors around them (170 -> 135 nodes in the
+        exported graph, docs/performance.md)."""
+        B, M, _ = q.shape
+        hk = torch.cat([hk, rab.unsqueeze(-1)], -1)  # [B,L,dqk+1]
+        ones = torch.ones(B, M, 1, dtype=q.dtype, device=q.device)
+        a = F.silu(torch.cat([q, ones], -1) @ hk.transpose(1, 2))  # [B,M,L] = silu(q.k + rab)
+        attn = (a @ (hv * value_scale.unsqueeze(-1))).reshape(B * M, self.dv)
+        a_self = self._pointwise((q.reshape(B * M, -1) * k).sum(-1, keepdim=True) + self_rab)  # [B*M,1]
+        return attn + a_self * v
 
     def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
         """Autoregressive head on history outputs (auxiliary training signal, as in plain HSTU)."""
