@@ -298,7 +298,7 @@ def test_a_budget_that_runs_out_keeps_the_first_rows_ranked(backend, tiny_build)
 
         b = CandidateBatcher(run, microbatch=100, parallel=1, max_rows=1)
         try:
-            scores, _ = await b.score(user, tokens, timeout_s=0.2, partial=partial)
+            scores, _ = await b.score(user, tokens, timeout_s=0.5, partial=partial)
             return scores, sent
         except TimeoutError:
             return None, sent
