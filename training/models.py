@@ -399,7 +399,17 @@ class HSTURanker(nn.Module):
         base = base / cand_token.norm(dim=-1).clamp(min=1e-12) / self.temperature  # F.normalize's eps
         return base + self.cand_head(self.ln_out(x)).reshape(B, M)
 
-    def _attend_heads(self, q, k, v, hk, hv, rab, self_rab, value_scale) -> torch.Tensor:
+    def _attend_heads(
+        self,
+        q: torch.Tensor,  # [B,M,H*dqk]
+        k: torch.Tensor,  # [B*M,H*dqk]
+        v: torch.Tensor,  # [B*M,H*dv]
+        hk: torch.Tensor,  # [B,L,H*dqk]: one layer's history keys
+        hv: torch.Tensor,  # [B,L,H*dv]
+        rab: torch.Tensor,  # [B,L]
+        self_rab: torch.Tensor,  # []
+        value_scale: torch.Tensor,  # [B,L]
+    ) -> torch.Tensor:
         """candidates_at_end()'s attention of candidates q [B,M,H*dqk] (k, v [B*M,.]) over one layer's history K/V
         [B,L,H*d] and themselves: [B*M,H*dv]."""
         (B, M, _), (L, H, dqk, dv) = q.shape, (rab.shape[1], self.h, self.dqk, self.dv)
@@ -411,7 +421,17 @@ class HSTURanker(nn.Module):
         a_self = self._pointwise((qh * kh).sum(-1) + self_rab)  # [B,M,H]
         return (_av(a, hv) + a_self.unsqueeze(-1) * vh).reshape(B * M, H * dv)
 
-    def _attend_one_head(self, q, k, v, hk, hv, rab, self_rab, value_scale) -> torch.Tensor:
+    def _attend_one_head(
+        self,
+        q: torch.Tensor,  # [B,M,H*dqk]
+        k: torch.Tensor,  # [B*M,H*dqk]
+        v: torch.Tensor,  # [B*M,H*dv]
+        hk: torch.Tensor,  # [B,L,H*dqk]: one layer's history keys
+        hv: torch.Tensor,  # [B,L,H*dv]
+        rab: torch.Tensor,  # [B,L]
+        self_rab: torch.Tensor,  # []
+        value_scale: torch.Tensor,  # [B,L]
+    ) -> torch.Tensor:
         """_attend_heads() with one head (the ml1m model): no head axis, so the attention is two batched matmuls
         over [B,M,.] with no transposes or reshapes of per-candidate tensors around them (170 -> 135 nodes in the
         exported graph, docs/performance.md)."""
