@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from service.contract import LOG_BUCKET  # one definition: the service keys its K/V cache on these buckets
 
@@ -400,46 +400,31 @@ class HSTURanker(nn.Module):
         return base + self.cand_head(self.ln_out(x)).reshape(B, M)
 
     def _attend_heads(
-        self,
-        q: torch.Tensor,  # [B,M,H*dqk]
-        k: torch.Tensor,  # [B*M,H*dqk]
-        v: torch.Tensor,  # [B*M,H*dv]
-        hk: torch.Tensor,  # [B,L,H*dqk]: one layer's history keys
-        hv: torch.Tensor,  # [B,L,H*dv]
-        rab: torch.Tensor,  # [B,L]
-        self_rab: torch.Tensor,  # []
-        value_scale: torch.Tensor,  # [B,L]
-    ) -> torch.Tensor:
+        self, q: Tensor, k: Tensor, v: Tensor, hk: Tensor, hv: Tensor, rab: Tensor, self_rab: Tensor, scale: Tensor
+    ) -> Tensor:
         """candidates_at_end()'s attention of candidates q [B,M,H*dqk] (k, v [B*M,.]) over one layer's history K/V
-        [B,L,H*d] and themselves: [B*M,H*dv]."""
+        hk, hv [B,L,H*d] (the relative bias rab [B,L], the value scale [B,L]) and themselves (rab(0, 0) a scalar):
+        [B*M,H*dv]."""
         (B, M, _), (L, H, dqk, dv) = q.shape, (rab.shape[1], self.h, self.dqk, self.dv)
         qh, kh, vh = q.reshape(B, M, H, dqk), k.reshape(B, M, H, dqk), v.reshape(B, M, H, dv)
         hk = torch.cat([self._heads(hk, dqk), rab.reshape(B, L, 1, 1).expand(B, L, H, 1)], -1)  # [B,L,H,dqk+1]
-        hv = self._heads(hv, dv) * value_scale.reshape(B, L, 1, 1)
+        hv = self._heads(hv, dv) * scale.reshape(B, L, 1, 1)
         ones = torch.ones(B, M, H, 1, dtype=q.dtype, device=q.device)
         a = F.silu(_qk(torch.cat([qh, ones], -1), hk))  # [B,H,M,L] = silu(q.k + rab)
         a_self = self._pointwise((qh * kh).sum(-1) + self_rab)  # [B,M,H]
         return (_av(a, hv) + a_self.unsqueeze(-1) * vh).reshape(B * M, H * dv)
 
     def _attend_one_head(
-        self,
-        q: torch.Tensor,  # [B,M,H*dqk]
-        k: torch.Tensor,  # [B*M,H*dqk]
-        v: torch.Tensor,  # [B*M,H*dv]
-        hk: torch.Tensor,  # [B,L,H*dqk]: one layer's history keys
-        hv: torch.Tensor,  # [B,L,H*dv]
-        rab: torch.Tensor,  # [B,L]
-        self_rab: torch.Tensor,  # []
-        value_scale: torch.Tensor,  # [B,L]
-    ) -> torch.Tensor:
-        """_attend_heads() with one head (the ml1m model): no head axis, so the attention is two batched matmuls
-        over [B,M,.] with no transposes or reshapes of per-candidate tensors around them (170 -> 135 nodes in the
-        exported graph, docs/performance.md)."""
+        self, q: Tensor, k: Tensor, v: Tensor, hk: Tensor, hv: Tensor, rab: Tensor, self_rab: Tensor, scale: Tensor
+    ) -> Tensor:
+        """_attend_heads() with one head (the ml1m model; same arguments and shapes): no head axis, so the attention
+        is two batched matmuls over [B,M,.] with no transposes or reshapes of per-candidate tensors around them
+        (170 -> 137 nodes in the exported graph, docs/performance.md)."""
         B, M, _ = q.shape
         hk = torch.cat([hk, rab.unsqueeze(-1)], -1)  # [B,L,dqk+1]
         ones = torch.ones(B, M, 1, dtype=q.dtype, device=q.device)
         a = F.silu(torch.cat([q, ones], -1) @ hk.transpose(1, 2))  # [B,M,L] = silu(q.k + rab)
-        attn = (a @ (hv * value_scale.unsqueeze(-1))).reshape(B * M, self.dv)
+        attn = (a @ (hv * scale.unsqueeze(-1))).reshape(B * M, self.dv)
         a_self = self._pointwise((q.reshape(B * M, -1) * k).sum(-1, keepdim=True) + self_rab)  # [B*M,1]
         return attn + a_self * v
 
