@@ -238,9 +238,13 @@ def deadline(
     rates: Annotated[str, typer.Option(help="comma-separated req/s, run one after another")] = "100,150,200,250,300",
     seconds: Annotated[float, typer.Option(help="seconds at each rate")] = 60.0,
     out: Annotated[Path, typer.Option(help="where deadline.md and the server log go")] = Path("loadtest/results"),
+    locust_seconds: Annotated[
+        float | None, typer.Option(help="Locust at each rate after the open loop (default: --seconds; 0: none)")
+    ] = None,
 ) -> None:
     """Open-loop load at several rates against a real server: client and service p99, degraded and 503 shares, the
-    503s' latency, beside the GEMM peak (issue 26)."""
+    503s' latency, beside the GEMM peak and Locust at the same rates (issue 26)."""
     from loadtest.deadline import main
 
-    raise typer.Exit(main(config, artifacts, repo, [float(r) for r in rates.split(",")], seconds, out))
+    locust_s = seconds if locust_seconds is None else locust_seconds
+    raise typer.Exit(main(config, artifacts, repo, [float(r) for r in rates.split(",")], seconds, out, locust_s))

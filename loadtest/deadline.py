@@ -8,6 +8,8 @@ the share of its event-loop ticks that ran late, and the machine's CPU steal (a 
 the machine's single-thread GEMM peak measured in the same run; then where the late answers spent their time, why
 answers were degraded and why requests were refused. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms).
 Before the first rate every user is asked once (100 req/s): the rows measure a warm server, not its first seconds.
+Beside each rate, Locust at the same rate right after (`--locust-seconds`, 0: none), over the same users with a Zipf
+skew: its numbers include its own CPU on the server's two cores (gevent, a third of a core or more at 300 req/s).
 
     falconrec deadline --config ml1m --rates 100,150,200,250,300 --seconds 60
 """
@@ -27,10 +29,14 @@ import numpy as np
 from loadtest.bench import gemm_peak_gflops
 from loadtest.openloop import Sample, build_requests, run
 from loadtest.procs import pct, start_serve, stop_group
+from loadtest.report import summarize
+from loadtest.run import run_locust
 from service.artifacts import ArtifactPaths
 from service.settings import Settings
 
 WARM_RATE = 100.0  # req/s of the warm-up pass over every user
+ACTIVE_USERS = 2000  # the users asked: the most active ones (the longest histories), as returning users
+LOCUST_USERS = 20  # Locust's concurrency (`falconrec loadtest`'s default): each a Poisson source at rate / users
 LATE_MS = 2.0  # the issue's allowed overshoot: an answer later than budget + this is late
 
 
@@ -126,6 +132,17 @@ def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float, lag: s
     return "| " + " | ".join(cells) + " |"
 
 
+def locust_row(url: str, data: Path, rate: float, seconds: float, out: Path) -> str:
+    """Locust at `rate` for `seconds` against the same server: achieved rate, p50 / p99 of every answer, the service's
+    p99, degraded and non-200 shares (its exact latencies in out/locust-RATE.csv)."""
+    csv_path = out / f"locust-{rate:g}.csv"
+    run_locust(url, data, rate, round(seconds), LOCUST_USERS, csv_path, 10, None, None, active_users=ACTIVE_USERS)
+    s = summarize(csv_path)
+    srv = "-" if s.server_p99 is None else f"{s.server_p99:.1f}"
+    cells = [f"{rate:g}", f"{s.rate:.0f}", f"{s.p50:.1f} / {s.p99:.1f}", srv, f"{100 * s.degraded_rate:.1f} %"]
+    return "| " + " | ".join([*cells, f"{100 * s.error_rate:.1f} %"]) + " |"
+
+
 def late_stages(rate: float, samples: list[Sample], budget_ms: float) -> str:
     """Where the answers over budget + LATE_MS spent their time: each stage's median among them beside its median
     among all answers, so the stage that overshoots stands out (issue 26: is it the queue, the ranking wait, or
@@ -174,12 +191,15 @@ def _numbers(reason: str) -> list[float]:
     return [float(m.group()) for m in re.finditer(NUMBER, reason)]
 
 
-def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path) -> int:
+def main(
+    config: str, artifacts: Path, repo: Path, rates: list[float], seconds: float, out: Path, locust_seconds: float = 0.0
+) -> int:
     out.mkdir(parents=True, exist_ok=True)
     peak = gemm_peak_gflops()
     budget_ms = Settings().budget_ms  # the server's (FALCONREC_BUDGET_MS), as start() passes the environment on
-    z = np.load(ArtifactPaths.for_config(config, artifacts).data)
-    users = [int(u) for u in z["user_raw_ids"][np.argsort(-z["lengths"], kind="stable")][:2000]]
+    data = ArtifactPaths.for_config(config, artifacts).data
+    z = np.load(data)
+    users = [int(u) for u in z["user_raw_ids"][np.argsort(-z["lengths"], kind="stable")][:ACTIVE_USERS]]
     proc, url = start(config, artifacts, repo, out / "server.log")
     lines = [
         f"## The budget under load: {config}, open loop, {seconds:g} s a rate, GEMM peak {peak:.1f} GFLOP/s",
@@ -189,12 +209,12 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         f"| loop ticks late > {' / '.join(f'{1000 * o:g}' for o in LAG_OVER_S)} ms | CPU steal |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    late, kinds, refusals, beside = [], [], [], []
     try:
         reqs = build_requests(url, users, 10, None)
         # Warm: every user once at a rate the server holds, so the rates below measure the steady state (each user's
         # history K/V and vector cached, as for returning users), not the first seconds' cold caches.
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
-        late, kinds, refusals = [], [], []
         for rate in rates:
             cpu, lag, ticks = group_cpu_s(proc.pid), loop_lag_counts(url), cpu_ticks()
             samples, _ = asyncio.run(run(url, rate, seconds, reqs))
@@ -205,9 +225,32 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
             kinds.append(reason_kinds(rate, samples))
             refusals.append(reason_kinds(rate, samples, status=503))
             print(lines[-1], flush=True)
+            if locust_seconds > 0:
+                beside.append(locust_row(url, data, rate, locust_seconds, out))
+                print(f"Locust: {beside[-1]}", flush=True)
     finally:
         stop_group(proc)
-    lines += [
+    text = "\n".join(lines + _tail(budget_ms, late, kinds, refusals, beside, locust_seconds))
+    (out / "deadline.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _tail(
+    budget_ms: float, late: list[str], kinds: list[str], refusals: list[str], beside: list[str], locust_s: float
+) -> list[str]:
+    """The tables after the main one: Locust beside (where it ran), late answers, degraded and refused ones."""
+    locust = [
+        "",
+        f"Locust beside (right after each rate, {locust_s:g} s, {LOCUST_USERS} users, Zipf over the same users; its "
+        "own CPU shares the server's cores)",
+        "",
+        "| target req/s | achieved | p50 / p99 ms (all answers) | service p99 ms | degraded | non-200 |",
+        "|---|---|---|---|---|---|",
+        *beside,
+    ]
+    return [
+        *(locust if beside else []),
         "",
         f"Answers over the budget + {LATE_MS:g} ms ({budget_ms:g} + {LATE_MS:g}): each stage's median among them "
         "(among all answers)",
@@ -228,7 +271,3 @@ def main(config: str, artifacts: Path, repo: Path, rates: list[float], seconds: 
         "|---|---|",
         *refusals,
     ]
-    text = "\n".join(lines)
-    (out / "deadline.md").write_text(text + "\n")
-    print(text)
-    return 0

@@ -9,6 +9,7 @@ Run through `falconrec loadtest` (loadtest/run.py), which sets:
   FALCONREC_LT_K / _CANDIDATES / _BUDGET_MS  request parameters
   FALCONREC_LT_WRITE_FRACTION  share of requests that are POST /v1/events (the mixed profile; default 0)
   FALCONREC_LT_API_KEY  the write key those need (an environment variable, never a command-line argument)
+  FALCONREC_LT_ACTIVE_USERS  draw only from this many of the most active users (default 0: all of them)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _AUTH = {"authorization": f"Bearer {os.environ.get('FALCONREC_LT_API_KEY', '')}"
 
 _z = np.load(os.environ["FALCONREC_LT_DATA"], allow_pickle=False)
 _order = np.argsort(-_z["lengths"], kind="stable")  # most active users first
+_order = _order[: int(os.environ.get("FALCONREC_LT_ACTIVE_USERS", "0")) or None]
 # The catalog's own ids as a client sends them: its strings when it has them (issue 24), else the integers.
 USER_IDS = (_z["user_keys"] if "user_keys" in _z.files else _z["user_raw_ids"])[_order].tolist()
 _w = 1.0 / np.arange(1, len(USER_IDS) + 1) ** 1.07

@@ -16,7 +16,7 @@ from loadtest.report import plot, summarize
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
 
-def _locust(
+def run_locust(
     host: str,
     data: Path,
     rate: float,
@@ -28,7 +28,9 @@ def _locust(
     request_budget_ms: float | None,
     write_fraction: float = 0.0,
     api_key: str | None = None,
+    active_users: int = 0,
 ) -> None:
+    """One headless Locust run at `rate` for `duration_s`: every request's exact latency in `csv_path`."""
     env = {
         **os.environ,
         "FALCONREC_LT_DATA": str(data),
@@ -40,6 +42,7 @@ def _locust(
         "FALCONREC_LT_BUDGET_MS": str(request_budget_ms or 0),
         "FALCONREC_LT_WRITE_FRACTION": str(write_fraction),
         "FALCONREC_LT_API_KEY": api_key or "",  # the environment, not argv: `ps` shows argv
+        "FALCONREC_LT_ACTIVE_USERS": str(active_users),
     }
     cmd = [
         sys.executable,
@@ -90,7 +93,7 @@ def run_loadtest(
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "latencies.csv"
     params = (k, num_candidates, request_budget_ms)
-    _locust(host, data, rate, duration_s, users, csv_path, *params)
+    run_locust(host, data, rate, duration_s, users, csv_path, *params)
     s = summarize(csv_path)
     plot(csv_path, out_dir / "latency.png", budget_ms)
     md = s.markdown(title, budget_ms) + f"\nTarget rate {rate:g} req/s, {users} Locust users, {duration_s} s.\n"
@@ -98,7 +101,7 @@ def run_loadtest(
     if write_fraction > 0:
         mixed_csv = out_dir / "mixed.csv"
         total = rate / (1.0 - write_fraction)  # the read rate stays `rate`; writes come on top
-        _locust(host, data, total, duration_s, users, mixed_csv, *params, write_fraction, api_key)
+        run_locust(host, data, total, duration_s, users, mixed_csv, *params, write_fraction, api_key)
         reads = summarize(mixed_csv, "/v1/recommend")
         writes = summarize(mixed_csv, "/v1/events")
         plot(mixed_csv, out_dir / "mixed.png", budget_ms)

@@ -64,3 +64,23 @@ def test_mixed_profile_reports_reads_alone_beside_reads_with_writes(tiny_build, 
     writes = summarize(tmp_path / "mixed.csv", "/v1/events")
     assert writes.requests > 0 and writes.error_rate == 0.0 and events == writes.requests
     assert summarize(tmp_path / "mixed.csv", "/v1/recommend").requests > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("locust") is None, reason="locust not installed")
+def test_locust_beside_the_open_loop_asks_only_the_same_active_users(tiny_build, tmp_path, monkeypatch):
+    """`falconrec deadline`'s Locust row: a real Locust run, its numbers as a table row, drawn from the open loop's
+    users only (here the 3 most active: a Zipf draw over every tiny user would reach more than 3 in 60 requests)."""
+    import loadtest.deadline as deadline
+    from tests.conftest import RunningServer, server_settings
+
+    monkeypatch.setattr(deadline, "ACTIVE_USERS", 3)
+    srv = RunningServer(server_settings(tiny_build, grpc_port=0))
+    try:
+        line = deadline.locust_row(srv.url, tiny_build.paths.data, rate=20, seconds=3, out=tmp_path)
+        histories = len(srv.components.recommender.users.user_vec_cache)
+    finally:
+        srv.stop()
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == 6 and cells[0] == "20" and cells[-1] == "0.0 %", line
+    assert summarize(tmp_path / "locust-20.csv").requests >= 20
+    assert 1 <= histories <= 3
