@@ -100,6 +100,7 @@ def bench(
     require_offline()
     from loadtest.bench import efficiency_table, ranking_table, stage_breakdown
     from service.contract import Manifest
+    from service.settings import Settings
 
     manifest = Manifest.read(repo)
     precision = f"int8: {', '.join(manifest.int8)}" if manifest.int8 else "fp32"  # the numbers depend on it
@@ -114,7 +115,7 @@ def bench(
         t.add_row(k, *(fmt(d[k]) if k in d else "-" for d in (cold, warm)))
     Console().print(t)
     mb = manifest.microbatch
-    eff = efficiency_table(config, artifacts, repo, mb)
+    eff = efficiency_table(config, artifacts, repo, mb * Settings().rank_batch_max_rows)
     t = Table(
         title=f"served graphs ({precision}) on 1 thread vs this machine's GEMM peak ({eff['gemm_peak_gflops']:.1f} "
         "GFLOP/s, torch float32 512^3, 1 thread, same run)"

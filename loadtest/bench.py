@@ -204,10 +204,11 @@ def _graph_flops(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> int:
 
 @torch.inference_mode()
 def efficiency_table(
-    config: str, artifacts: Path, repo: Path, microbatch: int, n: int = 200, m: int = 1000, repeat: int = 20
+    config: str, artifacts: Path, repo: Path, call: int, n: int = 200, m: int = 1000, repeat: int = 20
 ) -> dict:
     """FLOPs (torch's counter on the served graphs), ONNX Runtime time on one thread, and the fraction of the
-    GEMM peak measured in the same run, for the user tower and the ranker (history pass + m candidates)."""
+    GEMM peak measured in the same run, for the user tower and the ranker (history pass + m candidates in calls of
+    `call`, as the server makes them: a request's microbatches ride one call, up to rank_batch_max_rows)."""
     from exporters.onnx_export import served_graphs
     from service.contract import USER_TOWER, USER_TOWER_EXTEND
     from training.models import TwoTower
@@ -242,9 +243,9 @@ def efficiency_table(
             "hist_ts": hist["hist_ts"],
             "hist_valid": hist["hist_valid"],
             "query_ts": hist["query_ts"],
-            "cand_token": rng.standard_normal((1, min(microbatch, m - a), manifest.dims.d_model)).astype(np.float32),
+            "cand_token": rng.standard_normal((1, min(call, m - a), manifest.dims.d_model)).astype(np.float32),
         }
-        for a in range(0, m, microbatch)
+        for a in range(0, m, call)
     ]
     peak = gemm_peak_gflops()
     rows = {}
@@ -252,7 +253,7 @@ def efficiency_table(
         (f"user tower (n={n})", USER_TOWER, [ut_in]),
         (f"user tower extended by 1 (n={n})", USER_TOWER_EXTEND, [ext_in]),
         (f"ranker history (n={n})", RANKER_HISTORY, [hist]),
-        (f"ranker candidates (m={m})", RANKER_CANDIDATES, cands),
+        (f"ranker candidates (m={m}, calls of {call})", RANKER_CANDIDATES, cands),
     ):
         flops = sum(_graph_flops(graphs[model], c) for c in calls)
         ms = _median_ms(lambda calls=calls, model=model: [sess[model].run(None, c) for c in calls], repeat)

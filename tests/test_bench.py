@@ -28,7 +28,7 @@ def test_bench_takes_a_toml_path_and_reports_efficiency(tiny_build, tmp_path):
 
     toml = tmp_path / "tiny.toml"
     toml.write_text((CONFIG_DIR / "tiny.toml").read_text())
-    eff = efficiency_table(str(toml), tiny_build.artifacts, tiny_build.repo, microbatch=128, n=32, m=300, repeat=3)
+    eff = efficiency_table(str(toml), tiny_build.artifacts, tiny_build.repo, call=128, n=32, m=300, repeat=3)
     assert eff["gemm_peak_gflops"] > 0
     assert len(eff["rows"]) == 4
     full, one = eff["rows"]["user tower (n=32)"], eff["rows"]["user tower extended by 1 (n=32)"]
