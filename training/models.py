@@ -425,8 +425,9 @@ class HSTURanker(nn.Module):
         ones = torch.ones(B, M, 1, dtype=q.dtype, device=q.device)
         a = F.silu(torch.cat([q, ones], -1) @ hk.transpose(1, 2))  # [B,M,L] = silu(q.k + rab)
         attn = (a @ (hv * scale.unsqueeze(-1))).reshape(B * M, self.dv)
-        a_self = self._pointwise((q.reshape(B * M, -1) * k).sum(-1, keepdim=True) + self_rab)  # [B*M,1]
-        return attn + a_self * v
+        # [B*M], not [B*M,1]: ONNX Runtime's Add/Div of a scalar into an [N,1] tensor took ~3x its time on [N].
+        a_self = self._pointwise((q.reshape(B * M, -1) * k).sum(-1) + self_rab)
+        return attn + a_self.unsqueeze(-1) * v
 
     def next_item_query(self, hidden: torch.Tensor) -> torch.Tensor:
         """Autoregressive head on history outputs (auxiliary training signal, as in plain HSTU)."""
