@@ -4,7 +4,8 @@
 Prints, per rate: achieved rate, client p50/p99 of the 200s, the service's own p99 (the sum of Server-Timing stages),
 degraded share, 503 share, 503 client p50 and the 503s' server time (Server-Timing total), the server process's CPU
 time per request at that rate (all its threads and worker processes, from /proc: HTTP, the pipeline and the models),
-the share of its event-loop ticks that ran late, and the machine's CPU steal (a VM's cores given to others), beside
+the share of its event-loop ticks that ran late, the machine's CPU steal (a VM's cores given to others) and how far
+the generator's own sends fell behind their schedule (a client latency includes that), beside
 the machine's single-thread GEMM peak measured in the same run; then where the late answers spent their time, why
 answers were degraded and why requests were refused. The budget is the server's (FALCONREC_BUDGET_MS, 20 ms).
 Before the first rate every user is asked once (100 req/s): the rows measure a warm server, not its first seconds.
@@ -106,7 +107,17 @@ def lag_cell(before: dict[str, float], after: dict[str, float]) -> str:
     return " / ".join(shares)
 
 
-def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float, lag: str = "-", steal: str = "-") -> str:
+def row(
+    rate: float,
+    seconds: float,
+    samples: list[Sample],
+    cpu_s: float,
+    lag: str = "-",
+    steal: str = "-",
+    behind_s: float | None = None,
+) -> str:
+    """One rate's cells; `behind_s`: how far the generator's sends fell behind their schedule at most (its own lag,
+    which a client latency includes: on two cores a saturated server starves the generator too)."""
     ok = [s for s in samples if s.status == 200]
     shed = [s for s in samples if s.status == 503]
     lat = [s.latency_ms for s in ok]
@@ -128,6 +139,7 @@ def row(rate: float, seconds: float, samples: list[Sample], cpu_s: float, lag: s
         f"{1000 * cpu_s / n:.2f}",
         lag,
         steal,
+        "-" if behind_s is None else f"{1000 * behind_s:.1f}",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -206,8 +218,9 @@ def main(
         "",
         "| target req/s | achieved | client p50 / p99 ms (200) | service p99 ms | degraded (in recall order) | 503 "
         "| 503 client p50 / server p50 ms | other | server CPU ms / request "
-        f"| loop ticks late > {' / '.join(f'{1000 * o:g}' for o in LAG_OVER_S)} ms | CPU steal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| loop ticks late > {' / '.join(f'{1000 * o:g}' for o in LAG_OVER_S)} ms | CPU steal "
+        "| generator behind, max ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     late, kinds, refusals, beside = [], [], [], []
     try:
@@ -217,10 +230,10 @@ def main(
         asyncio.run(run(url, WARM_RATE, len(reqs) / WARM_RATE, reqs))
         for rate in rates:
             cpu, lag, ticks = group_cpu_s(proc.pid), loop_lag_counts(url), cpu_ticks()
-            samples, _ = asyncio.run(run(url, rate, seconds, reqs))
+            samples, behind = asyncio.run(run(url, rate, seconds, reqs))
             steal = steal_cell(ticks, cpu_ticks())
             cpu = group_cpu_s(proc.pid) - cpu
-            lines.append(row(rate, seconds, samples, cpu, lag_cell(lag, loop_lag_counts(url)), steal))
+            lines.append(row(rate, seconds, samples, cpu, lag_cell(lag, loop_lag_counts(url)), steal, behind))
             late.append(late_stages(rate, samples, budget_ms))
             kinds.append(reason_kinds(rate, samples))
             refusals.append(reason_kinds(rate, samples, status=503))

@@ -222,3 +222,5 @@ def test_deadline_tallies_refusals_and_reads_loop_lag_and_steal():
         Sample(200, 5.0, 4.0, False, {}),
     ]
     assert " 50.0 % (25.0 %) " in row(200, 1.0, answers, 0.0)  # degraded, and of all answers in recall order
+    assert row(200, 1.0, answers, 0.0).endswith("| - |")
+    assert row(200, 1.0, answers, 0.0, behind_s=0.0123).endswith("| 12.3 |")  # the generator's own lag
