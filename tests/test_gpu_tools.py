@@ -15,6 +15,15 @@ from loadtest import openloop
 from loadtest.gpu import pack, unpack
 
 
+def test_the_open_loop_sends_without_gc_pauses():
+    """The generator's own pauses would count against the server (its latency runs from the scheduled time)."""
+    import gc
+
+    with openloop.no_gc_pauses():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled()
+
+
 def test_openloop_measures_every_request_against_the_real_server(server, tiny_build):
     users = list(np.load(tiny_build.paths.data)["user_raw_ids"][:5])
     reqs = openloop.build_requests(server.url, [int(u) for u in users], k=5, num_candidates=None)
