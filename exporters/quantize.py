@@ -6,7 +6,8 @@ What gets quantized, and why only that (ONNX Runtime 1.32's profile of `ranker_c
 candidate head) ran at ~72 GFLOP/s as fp32 Gemms (766 us) and as int8 MatMulIntegerToFloat with the activation
 quantized once per layer input in ~425 us. The attention matmuls against the history's K/V (activations on both
 sides) were slower in int8 (dynamic quantization of a [1000, 200] tensor per call) and stay fp32, as does
-everything else. Weights are quantized per output channel (half the score error of one scale per matrix, same speed).
+everything else, and so does a weight with one output column (the candidate head's last layer: gemms_as_matmuls).
+Weights are quantized per output channel (half the score error of one scale per matrix, same speed).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def refusal_detail(body: bytes) -> tuple[str, ...]:
 @contextmanager
 def no_gc_pauses() -> Iterator[None]:
     """The cyclic garbage collector off while a run sends, and what exists before it frozen: at 600 req/s its pauses
-    held the generator's sends up to 104 ms behind schedule (two 20 s runs; 2.4-3.8 ms in three runs without it),
+    held the generator's sends up to 104 ms behind schedule (two 20 s runs; 2.4-3.8 ms in three runs with it off),
     and the sends it then fired at once came back as a burst of 503s. Reference counting still frees the
     samples' garbage; the cycles wait for the collector after the run. What was frozen stays frozen (a server in the
     same process, as in the tests, froze its own objects at startup)."""
