@@ -98,7 +98,7 @@ def bench(
 ) -> None:
     """Per-stage latency of one request; M-FALCON vs naive vs per-candidate; ORT vs torch eager."""
     require_offline()
-    from loadtest.bench import efficiency_table, ranking_table, stage_breakdown
+    from loadtest.bench import cpu_summary, efficiency_table, ranking_table, stage_breakdown
     from service.contract import Manifest
     from service.settings import Settings
 
@@ -118,7 +118,7 @@ def bench(
     eff = efficiency_table(config, artifacts, repo, mb * Settings().rank_batch_max_rows)
     t = Table(
         title=f"served graphs ({precision}) on 1 thread vs this machine's GEMM peak ({eff['gemm_peak_gflops']:.1f} "
-        "GFLOP/s, torch float32 512^3, 1 thread, same run)"
+        f"GFLOP/s, torch float32 512^3, 1 thread, same run; {cpu_summary()})"
     )
     for col in ("graph", "MFLOP", "ms", "GFLOP/s", "of peak"):
         t.add_column(col, justify="right")

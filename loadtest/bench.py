@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -192,6 +194,33 @@ def gemm_peak_gflops(size: int = 512, repeat: int = 20) -> float:
     finally:
         torch.set_num_threads(threads)
     return 2 * size**3 / (ms / 1000) / 1e9
+
+
+# What ONNX Runtime's kernels are picked by. The GEMM peak alone hid it: an AVX-512 + VNNI machine (102-118 GFLOP/s)
+# and an AVX2-only one (67-94) differed 2.5x in CPU per request on the same code (docs/performance.md, 2026-12-07).
+_EXTRAS = {"avx512f": (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX")),
+           "avx2": (("fma", "FMA"), ("avx_vnni", "AVX-VNNI"))}  # fmt: skip
+
+
+def cpu_summary(cpuinfo: str | None = None, l2: str | None = None) -> str:
+    """'AMD EPYC, 2 cores, AVX-512 (VNNI, BF16), L2 1024K a core': this machine's CPU model, cores, widest vector
+    instruction set with the extensions the kernels use, and per-core L2, from /proc/cpuinfo and sysfs."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if l2 is None:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+        l2 = size.read_text().strip() if size.is_file() else "-"
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    found = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = set(found.group(1).split()) if found else set()
+    isa = "no AVX2"
+    for base, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if base in flags:
+            extras = [label for flag, label in _EXTRAS[base] if flag in flags]
+            isa = f"{name} ({', '.join(extras)})" if extras else name
+            break
+    name = model.group(1).strip() if model else "-"
+    return f"{name}, {os.cpu_count()} cores, {isa}, L2 {l2} a core"
 
 
 def _graph_flops(module: torch.nn.Module, inputs: dict[str, np.ndarray]) -> int:

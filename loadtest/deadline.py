@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.bench import gemm_peak_gflops
+from loadtest.bench import cpu_summary, gemm_peak_gflops
 from loadtest.openloop import Sample, build_requests, run
 from loadtest.procs import pct, start_serve, stop_group
 from loadtest.report import summarize
@@ -215,6 +215,8 @@ def main(
     proc, url = start(config, artifacts, repo, out / "server.log")
     lines = [
         f"## The budget under load: {config}, open loop, {seconds:g} s a rate, GEMM peak {peak:.1f} GFLOP/s",
+        "",
+        f"CPU: {cpu_summary()}",
         "",
         "| target req/s | achieved | client p50 / p99 ms (200) | service p99 ms | degraded (in recall order) | 503 "
         "| 503 client p50 / server p50 ms | other | server CPU ms / request "

@@ -77,3 +77,16 @@ def test_hnsw_retrieval_recalls_the_whole_candidate_set(tmp_path):
     found, _ = Retriever(tmp_path, use_gpu=False).search(q, 1000)
     recall = np.mean([len(np.intersect1d(a, b)) / 1000 for a, b in zip(found, exact, strict=True)])
     assert recall >= 0.97, recall  # efSearch 128 here: 0.84
+
+
+def test_cpu_summary_names_the_instruction_set_the_kernels_pick():
+    from loadtest.bench import cpu_summary
+
+    epyc = "model name\t: AMD EPYC\nflags\t\t: fpu sse avx fma avx2 avx_vnni avx512f avx512_vnni avx512_bf16\n"
+    assert cpu_summary(epyc, "1024K").startswith("AMD EPYC, ")
+    assert cpu_summary(epyc, "1024K").endswith(", AVX-512 (VNNI, BF16), L2 1024K a core")
+    assert cpu_summary(epyc.replace(" avx512f avx512_vnni avx512_bf16", ""), "512K").endswith(
+        ", AVX2 (FMA, AVX-VNNI), L2 512K a core"
+    )
+    assert cpu_summary("processor\t: 0\nFeatures\t: fp asimd\n", "-").endswith(", no AVX2, L2 - a core")  # aarch64
+    assert cpu_summary().count(",") >= 3  # this machine's, whatever it is
