@@ -148,7 +148,18 @@ def locust_row(url: str, data: Path, rate: float, seconds: float, out: Path) -> 
     """Locust at `rate` for `seconds` against the same server: achieved rate, p50 / p99 of every answer, the service's
     p99, degraded and non-200 shares (its exact latencies in out/locust-RATE.csv)."""
     csv_path = out / f"locust-{rate:g}.csv"
-    run_locust(url, data, rate, round(seconds), LOCUST_USERS, csv_path, 10, None, None, active_users=ACTIVE_USERS)
+    run_locust(
+        url,
+        data,
+        rate,
+        round(seconds),
+        LOCUST_USERS,
+        csv_path,
+        k=10,
+        num_candidates=None,
+        request_budget_ms=None,
+        active_users=ACTIVE_USERS,
+    )
     s = summarize(csv_path)
     srv = "-" if s.server_p99 is None else f"{s.server_p99:.1f}"
     cells = [f"{rate:g}", f"{s.rate:.0f}", f"{s.p50:.1f} / {s.p99:.1f}", srv, f"{100 * s.degraded_rate:.1f} %"]

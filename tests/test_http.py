@@ -369,7 +369,7 @@ def test_the_seen_filter_agrees_with_isin():
 def test_top_k_orders_as_a_stable_full_sort():
     """The answer's top k from a partial sort: the same items in the same order as a stable sort of all scores,
     ties at the k-th score included (the first ones by position win), k past the end and NaN included."""
-    from service.pipeline.recommender import top_k
+    from service.pipeline.top_k import top_k
 
     rng = np.random.default_rng(4)
     for trial in range(2000):

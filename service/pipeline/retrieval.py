@@ -10,6 +10,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from service.pipeline.top_k import top_k
+
 log = logging.getLogger("falconrec.faiss")
 INDEX_FILE = "items.faiss"  # written by exporters/faiss_index.py
 INDEX_META = "index.json"
@@ -72,9 +74,7 @@ class ExactScan:
         if len(exclude):
             rows = self._row_of[exclude[(exclude >= 0) & (exclude < len(self._row_of))]]
             s[rows[rows >= 0]] = -np.inf
-        n = min(n, len(s))
-        top = np.argpartition(s, len(s) - n)[len(s) - n :] if n < len(s) else np.arange(len(s))
-        top = top[np.argsort(-s[top], kind="stable")]
+        top = top_k(s, n)
         top = top[s[top] > -np.inf]
         return self.ids[top], s[top]
 
